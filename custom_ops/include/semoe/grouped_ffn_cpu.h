@@ -1,0 +1,118 @@
+// Grouped expert FFN on the CPU: for each expert e, over its contiguous block of rows
+//   h = x_e @ w1[e] + b1[e];  a = act(h);  y_e = a @ w2[e] + b2[e]
+// Rows are expert-major: expert e owns rows [off_e, off_e + counts[e]), off = prefix sum.
+// Rows past sum(counts) produce zeros. Paddle-free; GEMMs through a caller-given SgemmFn.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "semoe/activation.h"
+#include "semoe/cpu_gemm.h"
+#include "semoe/parallel.h"
+
+namespace semoe {
+
+inline std::vector<int64_t> prefix_offsets(const int32_t* counts, int64_t E) {
+  std::vector<int64_t> off(static_cast<size_t>(E) + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[e];
+  return off;
+}
+
+template <Activation A>
+inline void bias_act_parallel(float* h, float* a, const float* bias, int64_t rows, int64_t cols) {
+  parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+    bias_act_rows<A>(h + r0 * cols, a + r0 * cols, bias, r1 - r0, cols);
+  });
+}
+
+inline void broadcast_rows(float* y, const float* bias, int64_t rows, int64_t cols) {
+  parallel_for(rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * cols, bias, sizeof(float) * cols);
+  });
+}
+
+// out[c] = sum_r g[r, c] for a [rows, cols] block (deterministic: fixed order per column).
+inline void column_sum(const float* g, int64_t rows, int64_t cols, float* out) {
+  parallel_for(cols, 64, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<float> acc(static_cast<size_t>(w), 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = g + r * cols + c0;
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) acc[c] += gr[c];
+    }
+    std::memcpy(out + c0, acc.data(), sizeof(float) * w);
+  });
+}
+
+// Forward. hidden_pre[R_all, F] receives h (pre-activation) for the backward pass; scratch
+// must hold counts[e] * F floats for the largest expert.
+template <Activation A>
+void grouped_ffn_fwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, const float* w1,
+                         const float* b1, const float* w2, const float* b2, int64_t n_rows,
+                         int64_t E, int64_t D, int64_t F, float* out, float* hidden_pre,
+                         float* scratch) {
+  const std::vector<int64_t> off = prefix_offsets(counts, E);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e];
+    if (n == 0) continue;
+    const float* xe = x + off[e] * D;
+    float* he = hidden_pre + off[e] * F;
+    float* ye = out + off[e] * D;
+    gemm(false, false, n, F, D, 1.f, xe, D, w1 + e * D * F, F, 0.f, he, F);
+    bias_act_parallel<A>(he, scratch, b1 + e * F, n, F);
+    broadcast_rows(ye, b2 + e * D, n, D);
+    gemm(false, false, n, D, F, 1.f, scratch, F, w2 + e * F * D, D, 1.f, ye, D);
+  }
+  const int64_t used = off[E];
+  if (n_rows > used) {
+    std::memset(out + used * D, 0, sizeof(float) * (n_rows - used) * D);
+    std::memset(hidden_pre + used * F, 0, sizeof(float) * (n_rows - used) * F);
+  }
+}
+
+// Backward. grad_out [R_all, D]. Writes grad_x [R_all, D] (zeros past the used rows) and
+// all weight/bias grads (experts with no rows get zero grads). scratch_a and scratch_g must
+// hold counts[e] * F floats for the largest expert.
+template <Activation A>
+void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, const float* w1,
+                         const float* w2, const float* hidden_pre, const float* grad_out,
+                         int64_t n_rows, int64_t E, int64_t D, int64_t F, float* grad_x,
+                         float* grad_w1, float* grad_b1, float* grad_w2, float* grad_b2,
+                         float* scratch_a, float* scratch_g) {
+  const std::vector<int64_t> off = prefix_offsets(counts, E);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e];
+    float* gw1 = grad_w1 + e * D * F;
+    float* gw2 = grad_w2 + e * F * D;
+    if (n == 0) {
+      std::memset(gw1, 0, sizeof(float) * D * F);
+      std::memset(gw2, 0, sizeof(float) * F * D);
+      std::memset(grad_b1 + e * F, 0, sizeof(float) * F);
+      std::memset(grad_b2 + e * D, 0, sizeof(float) * D);
+      continue;
+    }
+    const float* xe = x + off[e] * D;
+    const float* he = hidden_pre + off[e] * F;
+    const float* gy = grad_out + off[e] * D;
+    // dA = gy @ w2^T  -> scratch_g [n, F]
+    gemm(false, true, n, F, D, 1.f, gy, D, w2 + e * F * D, D, 0.f, scratch_g, F);
+    // a = act(h) -> scratch_a, dH = dA * act'(h) -> scratch_g
+    parallel_for(n, 16, [&](int64_t r0, int64_t r1) {
+      act_bwd_rows<A>(he + r0 * F, scratch_a + r0 * F, scratch_g + r0 * F, (r1 - r0) * F);
+    });
+    // dW2 = a^T @ gy ; db2 = colsum(gy)
+    gemm(true, false, F, D, n, 1.f, scratch_a, F, gy, D, 0.f, gw2, D);
+    column_sum(gy, n, D, grad_b2 + e * D);
+    // dW1 = x^T @ dH ; db1 = colsum(dH) ; dX = dH @ w1^T
+    gemm(true, false, D, F, n, 1.f, xe, D, scratch_g, F, 0.f, gw1, F);
+    column_sum(scratch_g, n, F, grad_b1 + e * F);
+    gemm(false, true, n, D, F, 1.f, scratch_g, F, w1 + e * D * F, F, 0.f, grad_x + off[e] * D, D);
+  }
+  const int64_t used = off[E];
+  if (n_rows > used) std::memset(grad_x + used * D, 0, sizeof(float) * (n_rows - used) * D);
+}
+
+}  // namespace semoe
