@@ -91,11 +91,11 @@ void check_gate_inputs(const char* op, const Tensor& x, const Tensor& logits, co
 }
 
 std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Tensor& noise,
-                                 int64_t top_k, float capacity_factor, bool normalize) {
+                                 int64_t top_k, int64_t capacity_factor_micro, bool normalize) {
   constexpr const char* kOp = "semoe_gate_dispatch";
   check_gate_inputs(kOp, x, logits, noise, top_k);
   const int64_t T = x.shape()[0], D = x.shape()[1], E = logits.shape()[1], K = top_k;
-  const int64_t cap = semoe::expert_capacity(T, E, K, capacity_factor);
+  const int64_t cap = semoe::expert_capacity(T, E, K, capacity_factor_micro);
   const int64_t n_rows = semoe::dispatch_rows(T, E, K, cap);
   const auto place = x.place();
   Tensor rows = paddle::empty({n_rows, D}, x.dtype(), place);
@@ -130,12 +130,12 @@ std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Te
 std::vector<std::vector<int64_t>> GateDispatchShape(const std::vector<int64_t>& x,
                                                     const std::vector<int64_t>& logits,
                                                     const std::vector<int64_t>&, int64_t top_k,
-                                                    float capacity_factor, bool) {
+                                                    int64_t capacity_factor_micro, bool) {
   const int64_t T = x[0], D = x[1], E = logits[1];
   int64_t n_rows = -1;
   if (T >= 0 && E > 0) {
     n_rows = semoe::dispatch_rows(T, E, top_k, semoe::expert_capacity(T, E, top_k,
-                                                                      capacity_factor));
+                                                                      capacity_factor_micro));
   }
   return {{n_rows, D}, {T, top_k}, {T, top_k}, {T, top_k}, {E}, {T, E}};
 }
@@ -148,7 +148,7 @@ std::vector<DataType> GateDispatchDtype(const DataType& x, const DataType&, cons
 std::vector<Tensor> GateDispatchGrad(const Tensor& x, const Tensor& probs, const Tensor& weights,
                                      const Tensor& ids, const Tensor& pos,
                                      const Tensor& grad_rows, const Tensor& grad_weights,
-                                     const Tensor& grad_probs, int64_t top_k, float,
+                                     const Tensor& grad_probs, int64_t top_k, int64_t,
                                      bool normalize) {
   constexpr const char* kOp = "semoe_gate_dispatch_grad";
   const int64_t T = x.shape()[0], D = x.shape()[1], E = probs.shape()[1], K = top_k;
@@ -270,7 +270,7 @@ PD_BUILD_OP(semoe_expert_count)
 PD_BUILD_OP(semoe_gate_dispatch)
     .Inputs({"X", "Logits", "Noise"})
     .Outputs({"Rows", "Weights", "Ids", "Pos", "Counts", "Probs"})
-    .Attrs({"top_k: int64_t", "capacity_factor: float", "normalize: bool"})
+    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool"})
     .SetKernelFn(PD_KERNEL(GateDispatch))
     .SetInferShapeFn(PD_INFER_SHAPE(GateDispatchShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(GateDispatchDtype));
@@ -279,7 +279,7 @@ PD_BUILD_GRAD_OP(semoe_gate_dispatch)
     .Inputs({"X", "Probs", "Weights", "Ids", "Pos", paddle::Grad("Rows"), paddle::Grad("Weights"),
              paddle::Grad("Probs")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Logits")})
-    .Attrs({"top_k: int64_t", "capacity_factor: float", "normalize: bool"})
+    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool"})
     .SetKernelFn(PD_KERNEL(GateDispatchGrad));
 
 PD_BUILD_OP(semoe_combine)

@@ -23,7 +23,7 @@ import paddle
 
 from paddle_semoe.ops import reference
 from paddle_semoe.ops._build import OpsBuildError, build_and_load
-from paddle_semoe.ops.reference import ACTIVATIONS, dispatch_rows, expert_capacity
+from paddle_semoe.ops.reference import ACTIVATIONS, capacity_factor_micro, dispatch_rows, expert_capacity
 
 __all__ = [
     "ACTIVATIONS",
@@ -33,6 +33,7 @@ __all__ = [
     "combine",
     "cpu_gemm_backend",
     "dispatch_rows",
+    "capacity_factor_micro",
     "expert_capacity",
     "expert_count",
     "gate_dispatch",
@@ -129,9 +130,9 @@ def expert_count(ids: paddle.Tensor, num_experts: int, *, backend: str | None = 
     if num_experts <= 0:
         raise ValueError(f"{op}: num_experts must be positive, got {num_experts}")
     lib = resolve_backend(backend)
-    if lib is None:
-        return reference.expert_count(ids, num_experts)
-    return lib.semoe_expert_count(ids, num_experts)
+    counts = reference.expert_count(ids, num_experts) if lib is None else lib.semoe_expert_count(ids, num_experts)
+    counts.stop_gradient = True
+    return counts
 
 
 def gate_dispatch(
@@ -150,7 +151,8 @@ def gate_dispatch(
         x: [T, D] token rows (float32 on CPU; also float16/bfloat16 on GPU).
         logits: [T, E] float32 router logits.
         top_k: experts per token, 1 <= K <= E.
-        capacity_factor: capacity = ceil(cf * T * K / E) rows per expert; <= 0 is dropless.
+        capacity_factor: capacity = ceil(cf * T * K / E) rows per expert (cf to 1e-6, exact
+            integer arithmetic); <= 0 is dropless.
         normalize: divide the K selected probabilities by their sum.
         noise: optional [T] float32 uniform draws enabling GShard random routing of the
             experts after the first.
@@ -172,11 +174,23 @@ def gate_dispatch(
         noise = noise.reshape([T])
     lib = resolve_backend(backend)
     if lib is None:
-        return GateDispatchResult(*reference.gate_dispatch(x, logits, noise, top_k, capacity_factor, normalize))
+        return _without_int_grads(
+            GateDispatchResult(*reference.gate_dispatch(x, logits, noise, top_k, capacity_factor, normalize))
+        )
     if noise is None:
         noise = paddle.zeros([0], dtype="float32")
-    out = lib.semoe_gate_dispatch(x, logits, noise, int(top_k), float(capacity_factor), bool(normalize))
-    return GateDispatchResult(*out)
+    out = lib.semoe_gate_dispatch(
+        x, logits, noise, int(top_k), capacity_factor_micro(capacity_factor), bool(normalize)
+    )
+    return _without_int_grads(GateDispatchResult(*out))
+
+
+def _without_int_grads(r: GateDispatchResult) -> GateDispatchResult:
+    """Integer outputs carry no gradient; marking them keeps Paddle's autograd from expecting one
+    (an int tensor that looks differentiable cuts the graph where another custom op consumes it)."""
+    for t in (r.ids, r.positions, r.counts):
+        t.stop_gradient = True
+    return r
 
 
 def combine(

@@ -7,19 +7,27 @@ compiled ops are unavailable and as the oracle in tests. Slow but obviously corr
 
 from __future__ import annotations
 
-import math
-
 import paddle
 import paddle.nn.functional as F
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
+CAPACITY_SCALE = 1_000_000
+
+
+def capacity_factor_micro(capacity_factor: float) -> int:
+    """The capacity factor in millionths, as the ops take it (<= 0: dropless)."""
+    return int(round(capacity_factor * CAPACITY_SCALE)) if capacity_factor > 0 else 0
+
+
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """ceil(capacity_factor * T * K / E); 0 means dropless (capacity_factor <= 0)."""
-    if capacity_factor <= 0:
+    """ceil(capacity_factor * T * K / E) in exact integer arithmetic (cf to 1e-6); 0 = dropless."""
+    micro = capacity_factor_micro(capacity_factor)
+    if micro <= 0 or tokens <= 0:
         return 0
-    return int(math.ceil(capacity_factor * float(tokens) * top_k / num_experts))
+    den = num_experts * CAPACITY_SCALE
+    return (micro * tokens * top_k + den - 1) // den
 
 
 def dispatch_rows(tokens: int, num_experts: int, top_k: int, capacity: int) -> int:

@@ -33,12 +33,17 @@ inline int64_t dispatch_rows(int64_t tokens, int64_t num_experts, int64_t top_k,
   return cap_rows < all ? cap_rows : all;
 }
 
-// Capacity per expert: ceil(capacity_factor * T * K / E); <= 0 means dropless (returns 0).
+// Capacity factors travel as integers in millionths (cf_micro = round(cf * 1e6)) so the
+// capacity ceil(cf * T * K / E) is computed exactly, identically in C++, CUDA and Python:
+// C = ceil(cf_micro * T * K / (E * 1e6)). cf_micro <= 0 means dropless (returns 0).
+constexpr int64_t kCapacityScale = 1000000;
+
 inline int64_t expert_capacity(int64_t tokens, int64_t num_experts, int64_t top_k,
-                               double capacity_factor) {
-  if (capacity_factor <= 0.0) return 0;
-  return static_cast<int64_t>(
-      std::ceil(capacity_factor * static_cast<double>(tokens) * top_k / num_experts));
+                               int64_t capacity_factor_micro) {
+  if (capacity_factor_micro <= 0 || tokens <= 0) return 0;
+  const int64_t num = capacity_factor_micro * tokens * top_k;
+  const int64_t den = num_experts * kCapacityScale;
+  return (num + den - 1) / den;
 }
 
 // counts[e] = #{a : ids[a] == e}; ids outside [0, E) are ignored.

@@ -1,0 +1,70 @@
+"""Dispatch tokens to experts and combine expert outputs back, through the fused ops.
+
+``dispatch`` turns tokens and router logits into expert-major rows plus the routing record
+(:class:`Dispatch`) that ``combine`` consumes; no positional tuples cross this boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+
+from paddle_semoe import ops
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The routing of one batch of tokens.
+
+    Attributes:
+        rows: [R, D] token rows, expert-major: expert e owns rows [off_e, off_e + counts[e]),
+            off = exclusive prefix sum of counts; rows past sum(counts) are zero padding.
+        counts: [E] int32 rows kept per expert.
+        positions: [T, K] int32 row of each (token, choice) in ``rows``, -1 when dropped.
+        weights: [T, K] float32 combine weights (normalized probabilities if configured).
+        expert_ids: [T, K] int32 experts chosen by the gate (including dropped choices).
+        probs: [T, E] float32 router probabilities (for the load-balance loss).
+    """
+
+    rows: paddle.Tensor
+    counts: paddle.Tensor
+    positions: paddle.Tensor
+    weights: paddle.Tensor
+    expert_ids: paddle.Tensor
+    probs: paddle.Tensor
+
+
+def dispatch(
+    x_TD: paddle.Tensor,
+    logits_TE: paddle.Tensor,
+    *,
+    top_k: int,
+    capacity_factor: float,
+    normalize: bool,
+    noise_T: paddle.Tensor | None = None,
+    backend: str | None = None,
+) -> Dispatch:
+    """Softmax, top-k, capacity (``capacity_factor <= 0``: dropless) and permutation."""
+    r = ops.gate_dispatch(
+        x_TD,
+        logits_TE,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        normalize=normalize,
+        noise=noise_T,
+        backend=backend,
+    )
+    return Dispatch(
+        rows=r.rows,
+        counts=r.counts,
+        positions=r.positions,
+        weights=r.weights,
+        expert_ids=r.ids,
+        probs=r.probs,
+    )
+
+
+def combine(rows_RD: paddle.Tensor, d: Dispatch, *, backend: str | None = None) -> paddle.Tensor:
+    """Weighted un-permute of expert outputs laid out like ``d.rows``. -> [T, D]."""
+    return ops.combine(rows_RD, d.weights, d.positions, backend=backend)
