@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Type, TypeVar, Union
+from typing import Iterable, Mapping, Optional, Type, TypeVar, Union
 
 from .errors import ConfigError
 from .overrides import apply_overrides

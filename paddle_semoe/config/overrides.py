@@ -57,6 +57,8 @@ def apply_overrides(
     Raises:
         ConfigError: naming the override and the key that is in the way.
     """
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'KEY=VALUE' strings, not one string")
     result: Dict[str, Any] = copy.deepcopy(dict(config))
     for text in overrides:
         parts, value = parse_override(text)

@@ -22,7 +22,7 @@ annotation                         accepted YAML value
 ``list[T]`` / ``Sequence[T]``      a list; each item converted as ``T``
 ``tuple[T, ...]`` / ``tuple[A,B]`` a list (of that length for the fixed form); gives a tuple
 ``dict[str, T]`` / ``Mapping``     a mapping; each value converted as ``T``
-an ``Enum`` subclass               a member's name or value
+an ``Enum`` subclass               a member's value (or its name)
 ``pathlib.Path``                   a string
 a ``@dataclass``                   a mapping, converted recursively
 =================================  ==========================================================
@@ -41,7 +41,7 @@ from collections.abc import Mapping as AbcMapping
 from collections.abc import MutableMapping as AbcMutableMapping
 from collections.abc import MutableSequence, Sequence as AbcSequence
 from pathlib import Path
-from typing import Any, Dict, List, Type, TypeVar, Union
+from typing import Any, Dict, Type, TypeVar, Union
 
 from .errors import ConfigError
 
@@ -166,7 +166,14 @@ def _convert_union(value: Any, args: typing.Tuple[Any, ...], path: str) -> Any:
         return None
     options = [a for a in args if a is not _NoneType]
     if len(options) == 1:  # Optional[T] given a non-null value
-        return _convert(value, options[0], path)
+        try:
+            return _convert(value, options[0], path)
+        except ConfigError as err:
+            text = str(err)
+            marker = f"config key '{path}' must be "
+            if err.key != path or not text.startswith(marker):
+                raise
+            raise ConfigError(marker + "null or " + text[len(marker):], key=path) from None
     for option in options:
         try:
             return _convert(value, option, path)
@@ -198,7 +205,7 @@ def _convert_enum(value: Any, tp: Type[enum.Enum], path: str) -> enum.Enum:
             type(value) is type(member.value) and value == member.value
         ):
             return member
-    listed = ", ".join(repr(m.name) for m in tp)
+    listed = ", ".join(_short_repr(m.value) for m in tp)
     raise ConfigError(f"config key '{path}' must be one of {listed}; got {_short_repr(value)}", key=path)
 
 

@@ -32,8 +32,9 @@ dotted key, so validation errors can say where a bad key came from.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigError, ConfigFileNotFoundError
 from .yaml_syntax import parse_yaml
@@ -115,7 +116,8 @@ def _base_list(value: Any, source: str) -> List[str]:
 
 
 def _load(path: Path, stack: Tuple[Path, ...], referrer: Optional[Path]) -> Tuple[Dict[str, Any], Origins]:
-    resolved = path.expanduser().resolve()
+    as_named = Path(os.path.abspath(path.expanduser()))  # bases are relative to this (symlinks kept)
+    resolved = as_named.resolve()  # identity for cycle detection
     if resolved in stack:
         chain = " -> ".join(_display(p) for p in stack[stack.index(resolved):] + (resolved,))
         raise ConfigError(f"config {BASE_KEY} cycle: {chain}")
@@ -141,7 +143,7 @@ def _load(path: Path, stack: Tuple[Path, ...], referrer: Optional[Path]) -> Tupl
         for base in _base_list(own.pop(BASE_KEY), source):
             base_path = Path(base).expanduser()
             if not base_path.is_absolute():
-                base_path = resolved.parent / base_path
+                base_path = as_named.parent / base_path
             base_data, base_origins = _load(base_path, stack + (resolved,), resolved)
             merged = deep_merge(merged, base_data)
             origins = _combine_origins(merged, origins, base_origins)
