@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 namespace semoe {
@@ -25,7 +24,8 @@ inline bool parse_activation(const std::string& name, Activation* out) {
 // degree-6 Taylor polynomial, 2^n spliced into the exponent bits. Clamped to [-87, 88].
 inline float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = __builtin_roundf(x * 1.44269504088896341f);
+  // round-to-nearest via the 1.5 * 2^23 trick (vectorizes, unlike roundf)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // ln2 split in a high part exact in float and a low correction (Cody-Waite).
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.0f / 720.0f;
@@ -35,10 +35,8 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
 }
 
 // erf(x), |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), sign handled without branches.
@@ -95,27 +93,28 @@ inline void bias_act_rows(float* h, float* a, const float* bias, int64_t rows, i
   }
 }
 
-// a = act(h) and d = act'(h) together, sharing the transcendental work.
+struct ActPair {
+  float a;  // act(h)
+  float d;  // act'(h)
+};
+
+// act(h) and act'(h) together, sharing the transcendental work.
 template <Activation A>
-inline void act_fwd_grad(float h, float* a, float* d) {
+inline ActPair act_fwd_grad(float h) {
   if constexpr (A == Activation::kGelu) {
     const float cdf = 0.5f * (1.0f + fast_erf(h * kInvSqrt2));
     const float pdf = kInvSqrt2Pi * fast_exp(-0.5f * h * h);
-    *a = h * cdf;
-    *d = cdf + h * pdf;
+    return {h * cdf, cdf + h * pdf};
   } else if constexpr (A == Activation::kGeluTanh) {
     const float u = kSqrt2OverPi * (h + kGeluTanhC * h * h * h);
     const float th = tanh_via_exp(u);
     const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * h * h);
-    *a = 0.5f * h * (1.0f + th);
-    *d = 0.5f * (1.0f + th) + 0.5f * h * (1.0f - th * th) * du;
+    return {0.5f * h * (1.0f + th), 0.5f * (1.0f + th) + 0.5f * h * (1.0f - th * th) * du};
   } else if constexpr (A == Activation::kRelu) {
-    *a = h > 0.0f ? h : 0.0f;
-    *d = h > 0.0f ? 1.0f : 0.0f;
+    return {h > 0.0f ? h : 0.0f, h > 0.0f ? 1.0f : 0.0f};
   } else {
     const float s = 1.0f / (1.0f + fast_exp(-h));
-    *a = h * s;
-    *d = s * (1.0f + h * (1.0f - s));
+    return {h * s, s * (1.0f + h * (1.0f - s))};
   }
 }
 
@@ -125,10 +124,9 @@ template <Activation A>
 inline void act_bwd_rows(const float* h, float* a, float* g, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float av, dv;
-    act_fwd_grad<A>(h[i], &av, &dv);
-    a[i] = av;
-    g[i] = g[i] * dv;
+    const ActPair r = act_fwd_grad<A>(h[i]);
+    a[i] = r.a;
+    g[i] = g[i] * r.d;
   }
 }
 
