@@ -1,0 +1,1 @@
+"""The training engine: config schema, process groups, optimizer, checkpoints, metrics, trainer."""

@@ -1,0 +1,167 @@
+"""The training job's typed configuration (YAML schema of ``tools/train.py -c``).
+
+Every section is a frozen dataclass validated in ``__post_init__``; the loader
+(:mod:`paddle_semoe.config`) rejects unknown keys with the nearest valid one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paddle_semoe.models.gpt import GPTConfig
+
+A2A_BACKENDS = ("auto", "nccl", "gloo", "gloo_pairwise", "gloo_allgather")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+AMP_DTYPES = ("bfloat16", "float16")
+AMP_LEVELS = ("O1", "O2")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "python_docs"
+    val_fraction: float = 0.05
+    seq_len: int = 128
+    global_batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.seq_len <= 0 or self.global_batch_size <= 0:
+            raise ValueError("seq_len and global_batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees of the hybrid-parallel job.
+
+    ``dp_degree * sharding_degree`` must equal the world size (every rank holds different data;
+    dense parameters are replicated over all ranks). ``ep_degree`` divides the world size:
+    ranks ``[g*ep, (g+1)*ep)`` exchange tokens and each holds ``num_experts / ep`` experts.
+    """
+
+    dp_degree: int | None = None  # None: world_size / sharding_degree
+    ep_degree: int = 1
+    sharding_degree: int = 1
+    sharding_stage: int = 1
+    ranks_per_node: int | None = None  # None: the launcher's local world size
+    hierarchical_a2a: bool = False
+    a2a_backend: str = "auto"
+    fused_grad_buckets: bool = True
+    bucket_mb: float = 32.0
+    comm_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("ep_degree", "sharding_degree"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_degree is not None and self.dp_degree < 1:
+            raise ValueError(f"dp_degree must be >= 1, got {self.dp_degree}")
+        if self.sharding_stage not in (1, 2, 3):
+            raise ValueError(f"sharding_stage must be 1, 2 or 3, got {self.sharding_stage}")
+        if self.a2a_backend not in A2A_BACKENDS:
+            raise ValueError(f"a2a_backend must be one of {A2A_BACKENDS}, got {self.a2a_backend!r}")
+        if self.bucket_mb <= 0 or self.comm_timeout_s <= 0:
+            raise ValueError("bucket_mb and comm_timeout_s must be positive")
+
+    def resolve(self, world_size: int) -> "ParallelConfig":
+        """Check the degrees against the world size; fill ``dp_degree``."""
+        dp = self.dp_degree if self.dp_degree is not None else world_size // self.sharding_degree
+        if dp * self.sharding_degree != world_size:
+            raise ValueError(
+                f"parallel degrees do not multiply to the world size: dp_degree={dp} x "
+                f"sharding_degree={self.sharding_degree} = {dp * self.sharding_degree}, "
+                f"but {world_size} processes were launched"
+            )
+        if world_size % self.ep_degree:
+            raise ValueError(f"ep_degree={self.ep_degree} must divide the world size {world_size}")
+        return ParallelConfig(**{**self.__dict__, "dp_degree": dp})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.grad_clip < 0:
+            raise ValueError("warmup_steps >= 0, grad_accum_steps >= 1 and grad_clip >= 0 required")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class AmpConfig:
+    enabled: bool = False
+    dtype: str = "bfloat16"
+    level: str = "O1"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in AMP_DTYPES:
+            raise ValueError(f"dtype must be one of {AMP_DTYPES}, got {self.dtype!r}")
+        if self.level not in AMP_LEVELS:
+            raise ValueError(f"level must be one of {AMP_LEVELS}, got {self.level!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_steps: int = 200
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
+    recompute_experts: bool = False
+    nan_skip_limit: int = 5  # non-finite steps tolerated before stopping
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        for name in ("log_every", "eval_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.save_every < 0 or self.keep_checkpoints < 1 or self.nan_skip_limit < 0:
+            raise ValueError("save_every >= 0, keep_checkpoints >= 1 and nan_skip_limit >= 0 required")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    visualdl: bool = True
+    logdir: str | None = None  # default: <output_dir>/vdl
+    expert_histograms: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.moe_every > 0 and self.model.moe.num_experts % self.parallel.ep_degree:
+            raise ValueError(
+                f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "
+                f"parallel.ep_degree={self.parallel.ep_degree}"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

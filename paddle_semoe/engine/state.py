@@ -1,0 +1,214 @@
+"""What a rank saves and how it is restored, including expert resharding.
+
+Each rank's shard holds:
+
+* its expert parameters ``param/<name>`` ([E_local, ...] slices of the global expert stack,
+  global experts ``[expert_offset, expert_offset + E_local)``) and their AdamW state
+  ``opt/<name>/<accumulator>``;
+* on rank 0, every dense and gate parameter (replicated, so one copy suffices);
+* the dense AdamW state it holds (all of it, or its ZeRO-1 partition);
+* its RNG state and the job's progress (step, data position, counters) in the metadata.
+
+Restoring onto a different expert-parallel degree (EP=2 -> 1 -> 4 ...) slices and
+concatenates the expert stacks along dim 0 by global expert index; dense state is
+re-assembled by parameter name. Names are the structured ``named_parameters`` names, so they
+do not depend on Paddle's auto-generated tensor names.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import paddle
+
+from paddle_semoe.engine.checkpoint import CheckpointError, Manifest
+from paddle_semoe.engine.optim import MoEOptimizer
+from paddle_semoe.moe.params import classify_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where this rank's experts sit in the global expert index space."""
+
+    ep_degree: int
+    ep_rank: int
+    num_experts: int
+
+    @property
+    def num_local(self) -> int:
+        return self.num_experts // self.ep_degree
+
+    @property
+    def offset(self) -> int:
+        return self.ep_rank * self.num_local
+
+
+def _param_names(model: paddle.nn.Layer) -> dict[str, dict[str, paddle.Tensor]]:
+    groups = classify_parameters(model)
+    return {
+        "dense": {n: p for n, p in groups["dense"] + groups["gate"]},
+        "expert": {n: p for n, p in groups["expert"]},
+    }
+
+
+def _split_opt_state(state: dict, params: dict[str, paddle.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+    """Paddle optimizer state (keys ``<tensor name>_<acc>_0``) -> {structured name: {acc: array}}."""
+    by_tensor = {p.name: n for n, p in params.items()}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        if not hasattr(value, "numpy"):
+            continue  # LR scheduler entries etc.: the schedule is a pure function of the step
+        owner = max((t for t in by_tensor if key.startswith(t + "_")), key=len, default=None)
+        if owner is None:
+            continue
+        out.setdefault(by_tensor[owner], {})[key[len(owner) + 1 :]] = value.numpy()
+    return out
+
+
+def _join_opt_state(entries: dict[str, dict[str, np.ndarray]], params: dict[str, paddle.Tensor]) -> dict:
+    return {
+        f"{params[name].name}_{acc}": paddle.to_tensor(arr)
+        for name, accs in entries.items()
+        if name in params
+        for acc, arr in accs.items()
+    }
+
+
+def collect_rank_state(
+    model: paddle.nn.Layer,
+    optimizer: MoEOptimizer,
+    layout: ExpertLayout,
+    rank: int,
+    progress: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and metadata of this rank's shard."""
+    names = _param_names(model)
+    tensors: dict[str, np.ndarray] = {}
+    for n, p in names["expert"].items():
+        tensors[f"param/{n}"] = p.numpy()
+    if rank == 0:
+        for n, p in names["dense"].items():
+            tensors[f"param/{n}"] = p.numpy()
+    states = optimizer.state_dicts()
+    for part in ("dense", "expert"):
+        for n, accs in _split_opt_state(states.get(part, {}), names[part]).items():
+            for acc, arr in accs.items():
+                tensors[f"opt/{n}/{acc}"] = arr
+    tensors["rng/state"] = np.frombuffer(pickle.dumps(paddle.get_rng_state()), dtype=np.uint8)
+    meta = {
+        "rank": rank,
+        "ep_degree": layout.ep_degree,
+        "ep_rank": layout.ep_rank,
+        "num_experts": layout.num_experts,
+        "expert_offset": layout.offset,
+        "num_local_experts": layout.num_local,
+        "expert_params": sorted(names["expert"]),
+        "progress": progress,
+    }
+    return tensors, meta
+
+
+def _set_param(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None:
+    if list(arr.shape) != list(p.shape):
+        raise CheckpointError(
+            f"checkpoint {where}: parameter {name!r} has shape {list(arr.shape)}, the model expects "
+            f"{list(p.shape)} (was the model config changed?)"
+        )
+    p.set_value(arr.astype(np.dtype(str(p.dtype).replace("paddle.", ""))))
+
+
+def restore_rank_state(
+    manifest: Manifest,
+    model: paddle.nn.Layer,
+    optimizer: MoEOptimizer,
+    layout: ExpertLayout,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """Load parameters, optimizer state and RNG for this rank; returns rank 0's progress dict."""
+    names = _param_names(model)
+    where = str(manifest.path)
+    old_meta = manifest.meta
+    if old_meta.get("num_experts", layout.num_experts) != layout.num_experts:
+        raise CheckpointError(
+            f"checkpoint {where} has {old_meta.get('num_experts')} experts per MoE layer, the model has "
+            f"{layout.num_experts}: experts cannot be resharded across a different expert count"
+        )
+    cache: dict[int, tuple[dict, dict]] = {}
+
+    def shard(r: int):
+        if r not in cache:
+            cache[r] = manifest.shard(r)
+        return cache[r]
+
+    tensors0, meta0 = shard(0)
+    # dense parameters: rank 0 holds them all
+    for n, p in names["dense"].items():
+        key = f"param/{n}"
+        if key not in tensors0:
+            raise CheckpointError(f"checkpoint {where} lacks dense parameter {n!r} (different model?)")
+        _set_param(p, n, tensors0[key], where)
+    extra = sorted(k[6:] for k in tensors0 if k.startswith("param/") and k[6:] not in names["dense"] and k[6:] not in names["expert"])
+    if extra:
+        raise CheckpointError(f"checkpoint {where} has parameters the model lacks: {extra[:5]} (different model?)")
+
+    # experts: gather global expert range [offset, offset + num_local) from the old owners
+    old_ep = int(old_meta.get("ep_degree", 1))
+    old_local = layout.num_experts // old_ep
+    lo, hi = layout.offset, layout.offset + layout.num_local
+    expert_opt: dict[str, dict[str, np.ndarray]] = {}
+    for n, p in names["expert"].items():
+        pieces, opt_pieces = [], {}
+        for old_rank in range(lo // old_local, (hi - 1) // old_local + 1):
+            t, m = shard(old_rank)
+            start = lo - old_rank * old_local
+            a, b = max(start, 0), min(hi - old_rank * old_local, old_local)
+            key = f"param/{n}"
+            if key not in t:
+                raise CheckpointError(f"checkpoint {where} rank {old_rank} lacks expert parameter {n!r}")
+            pieces.append(t[key][a:b])
+            for k, arr in t.items():
+                if k.startswith(f"opt/{n}/"):
+                    acc = k[len(f"opt/{n}/") :]
+                    opt_pieces.setdefault(acc, []).append(arr[a:b] if arr.shape[:1] == (old_local,) and arr.ndim > 1 else arr)
+        _set_param(p, n, np.concatenate(pieces, axis=0), where)
+        expert_opt[n] = {
+            acc: (np.concatenate(v, axis=0) if v[0].ndim > 1 else v[0]) for acc, v in opt_pieces.items()
+        }
+
+    # dense optimizer state: merged by name from every shard that has some
+    dense_opt: dict[str, dict[str, np.ndarray]] = {}
+    for r in range(manifest.world_size):
+        t, _ = shard(r) if (r in cache or r == 0 or _has_dense_opt(manifest, r)) else ({}, {})
+        for k, arr in t.items():
+            if k.startswith("opt/"):
+                n, acc = k[4:].rsplit("/", 1)
+                if n in names["dense"]:
+                    dense_opt.setdefault(n, {})[acc] = arr
+    optimizer.load_state_dicts(
+        {"dense": _join_opt_state(dense_opt, names["dense"]), "expert": _join_opt_state(expert_opt, names["expert"])}
+    )
+
+    if manifest.world_size == world_size and int(old_meta.get("ep_degree", 1)) == layout.ep_degree:
+        t, _ = shard(rank)
+        paddle.set_rng_state(pickle.loads(t["rng/state"].tobytes()))
+    else:
+        progress = meta0["progress"]
+        seed = int(progress.get("seed", 0)) * 1_000_003 + int(progress.get("step", 0)) * 101 + rank
+        paddle.seed(seed)
+        logger.info(
+            "resharded restore (world %d -> %d, EP %d -> %d): RNG reseeded with %d",
+            manifest.world_size, world_size, old_ep, layout.ep_degree, seed,
+        )
+    return meta0["progress"]
+
+
+def _has_dense_opt(manifest: Manifest, rank: int) -> bool:
+    """Shards other than rank 0 carry dense optimizer state only under ZeRO-1 sharding."""
+    return bool(manifest.meta.get("sharded_dense_optimizer", False))

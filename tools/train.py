@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Train a GPT-MoE model.
+
+    python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c configs/gpt_moe_tiny.yaml
+    python tools/train.py -c configs/gpt_moe_1p3b_e64.yaml --dry_run --world_size 64
+    ... -o train.max_steps=500 -o parallel.ep_degree=2 -o train.resume=auto
+
+Several machines: run the same command on each with
+``--nnodes M --master <ip:port>`` added to ``paddle.distributed.launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="YAML config (supports _base_)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--dry_run", action="store_true", help="build the model lazily, print the plan and parameter counts, exit")
+    p.add_argument("--world_size", type=int, default=None, help="with --dry_run: plan for this many ranks")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / local processes)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    local = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(local, 1))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+
+    from paddle_semoe.config import ConfigError, format_config, load_config
+    from paddle_semoe.engine.config import TrainConfig
+
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    log = logging.getLogger("train")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.override)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        from paddle_semoe.engine.plan import format_plan
+        from paddle_semoe.engine.distributed import launched_world_size
+
+        world = args.world_size or cfg.parallel.dp_degree and cfg.parallel.dp_degree * cfg.parallel.sharding_degree or launched_world_size()
+        try:
+            print(format_config(cfg, title="resolved config"))
+            print(format_plan(cfg, world))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    from paddle_semoe.engine.distributed import init_distributed
+    from paddle_semoe.engine.trainer import Trainer, TrainingError
+    from paddle_semoe.engine.checkpoint import CheckpointError
+
+    try:
+        ctx = init_distributed(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        log.info("%s", format_config(cfg, title="resolved config"))
+    try:
+        Trainer(cfg, ctx).fit()
+    except (TrainingError, CheckpointError, ValueError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
