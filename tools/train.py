@@ -12,6 +12,7 @@ Several machines: run the same command on each with
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--dry_run", action="store_true", help="build the model lazily, print the plan and parameter counts, exit")
     p.add_argument("--world_size", type=int, default=None, help="with --dry_run: plan for this many ranks")
+    p.add_argument("--eval_only", action="store_true", help="load train.resume, print the held-out loss as JSON, exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / local processes)")
     return p.parse_args(argv)
 
@@ -79,7 +81,16 @@ def main(argv=None) -> int:
     if ctx.is_main:
         log.info("%s", format_config(cfg, title="resolved config"))
     try:
-        Trainer(cfg, ctx).fit()
+        trainer = Trainer(cfg, ctx)
+        if args.eval_only:
+            if not trainer.resume(cfg.train.resume):
+                raise CheckpointError("--eval_only needs -o train.resume=<checkpoint or auto> pointing at a checkpoint")
+            val = trainer.evaluate()
+            if ctx.is_main:
+                print(json.dumps({"step": trainer.step, "val_loss": val, "world_size": ctx.world_size,
+                                  "ep_degree": ctx.parallel.ep_degree}), flush=True)
+            return 0
+        trainer.fit()
     except (TrainingError, CheckpointError, ValueError) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)

@@ -280,6 +280,11 @@ class Trainer:
         cfg = self.cfg
         run = cfg.train
         resumed = self.resume(run.resume)
+        if not resumed and (self.ckpt_root / ckpt.LATEST).exists():
+            raise TrainingError(
+                f"{self.output_dir} already holds checkpoints ({(self.ckpt_root / ckpt.LATEST).read_text().strip()}); "
+                "resume with -o train.resume=auto or pick another -o train.output_dir (nothing was overwritten)"
+            )
         if self.ctx.is_main and not resumed:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
@@ -308,6 +313,9 @@ class Trainer:
                     logger.info("step %d: val loss %.4f (unigram baseline %.3f)", self.step, val_loss, self.unigram_baseline)
             if run.save_every and self.step % run.save_every == 0 and self.step < run.max_steps:
                 self.save_checkpoint()
+        if not math.isfinite(val_loss):  # nothing ran here (resumed at max_steps): still report
+            val_loss = self.evaluate()
+            self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
         final_ckpt = self.save_checkpoint()
         self.metrics.close()
         summary = {

@@ -1,0 +1,92 @@
+"""Run ``tools/train.py`` on 1 or N processes from tests, optionally in the background."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "tools" / "train.py"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOG_minloglevel="2",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for k in [k for k in env if k.startswith("PADDLE_")]:  # never inherit an outer launch
+        env.pop(k)
+    return env
+
+
+def command(nproc: int, config: Path, overrides: list[str], log_dir: Path, extra: list[str] = ()) -> list[str]:
+    args = [str(TRAIN), "-c", str(config), "--threads", "1", *extra]
+    for o in overrides:
+        args += ["-o", o]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
+            "--log_dir", str(log_dir), "--max_restart", "0", *args]
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    output: str
+
+    def json_lines(self) -> list[dict]:
+        out = []
+        for line in self.output.splitlines():
+            line = line.strip()
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+
+def run(nproc: int, config: Path, overrides: list[str], work: Path, extra: list[str] = (), timeout_s: float = 240) -> RunResult:
+    log_dir = work / f"launch_{len(list(work.glob('launch_*')))}"
+    proc = subprocess.Popen(command(nproc, config, overrides, log_dir, list(extra)), cwd=str(work), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        out += f"\n[train_runner] killed after {timeout_s}s"
+    logs = "".join(f"\n--- {p.name} ---\n" + p.read_text(errors="replace")[-4000:] for p in sorted(log_dir.glob("workerlog.*")))
+    return RunResult(proc.returncode, out + logs)
+
+
+def start(nproc: int, config: Path, overrides: list[str], work: Path) -> subprocess.Popen:
+    log_dir = work / f"launch_{len(list(work.glob('launch_*')))}"
+    return subprocess.Popen(command(nproc, config, overrides, log_dir), cwd=str(work), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole job (launcher and workers), as a crash would."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def metrics(path: Path, kind: str = "train", start_line: int = 0) -> dict[int, dict]:
+    """step -> the last record of that kind in metrics.jsonl (from ``start_line`` on)."""
+    out: dict[int, dict] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines()[start_line:]:
+        rec = json.loads(line)
+        if rec.get("kind") == kind:
+            out[rec["step"]] = rec
+    return out
