@@ -42,6 +42,13 @@ class MoESettings:
             raise ValueError(f"gate must be one of {GATE_KINDS}, got {self.gate!r}")
         if self.num_experts <= 0:
             raise ValueError(f"num_experts must be positive, got {self.num_experts}")
+        k = {"gshard": 2, "switch": 1}.get(self.gate, self.top_k)
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"top_k={k} must be in [1, num_experts={self.num_experts}] (gate={self.gate})")
+        if not self.dropless and (self.capacity_factor <= 0 or self.eval_capacity_factor <= 0):
+            raise ValueError("capacity_factor and eval_capacity_factor must be > 0 unless dropless=true")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"d_ff must be positive, got {self.d_ff}")
 
 
 @dataclass(frozen=True)
