@@ -11,7 +11,7 @@
 #include "semoe/grouped_ffn_cpu.h"
 
 #ifdef PADDLE_WITH_CUDA
-#include "semoe/cuda_launchers.h"
+#include "grouped_ffn_gpu.h"
 #endif
 
 namespace {
@@ -90,15 +90,6 @@ int64_t max_count(const std::vector<int32_t>& c) {
   return m;
 }
 
-#ifdef PADDLE_WITH_CUDA
-std::vector<Tensor> GroupedFfnGpu(const Tensor& x, const Tensor& counts, const Tensor& w1,
-                                  const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                  const std::string& activation);
-std::vector<Tensor> GroupedFfnGradGpu(const Tensor& x, const Tensor& counts, const Tensor& w1,
-                                      const Tensor& w2, const Tensor& hidden_pre,
-                                      const Tensor& grad_out, const std::string& activation);
-#endif
-
 std::vector<Tensor> GroupedFfn(const Tensor& x, const Tensor& counts, const Tensor& w1,
                                const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                const std::string& activation) {
@@ -106,7 +97,7 @@ std::vector<Tensor> GroupedFfn(const Tensor& x, const Tensor& counts, const Tens
   const Dims d = check_inputs(x, counts, w1, b1, w2, b2);
   if (x.is_gpu()) {
 #ifdef PADDLE_WITH_CUDA
-    return GroupedFfnGpu(x, counts, w1, b1, w2, b2, activation);
+    return semoe::GroupedFfnGpu(x, counts, w1, b1, w2, b2, activation);
 #else
     PD_THROW(kOp, ": GPU tensor given but the op library was built without CUDA");
 #endif
@@ -144,7 +135,7 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
   const semoe::Activation act = activation_of(activation);
   if (x.is_gpu()) {
 #ifdef PADDLE_WITH_CUDA
-    return GroupedFfnGradGpu(x, counts, w1, w2, hidden_pre, grad_out, activation);
+    return semoe::GroupedFfnGradGpu(x, counts, w1, w2, hidden_pre, grad_out, activation);
 #else
     PD_THROW(kOp, ": GPU tensor given but the op library was built without CUDA");
 #endif
@@ -173,7 +164,7 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
 
 // Which GEMM backs the CPU kernel ("onednn", "cblas" or "naive"), for the Python wrapper's
 // one-time report. Returned as a 1-element int32 tensor code to stay within op signatures.
-std::vector<Tensor> GemmBackend(const Tensor& dummy) {
+std::vector<Tensor> GemmBackend(const Tensor& /*dummy*/) {
   Tensor out = paddle::empty({1}, DataType::INT32, paddle::CPUPlace());
   const std::string name = semoe::cpu_gemm().name;
   out.data<int32_t>()[0] = name == "onednn" ? 0 : (name == "cblas" ? 1 : 2);

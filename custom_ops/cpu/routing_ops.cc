@@ -238,10 +238,13 @@ std::vector<Tensor> CombineGrad(const Tensor& rows, const Tensor& weights, const
   Tensor grad_weights = paddle::empty({T, K}, DataType::FLOAT32, rows.place());
   if (rows.is_gpu()) {
 #ifdef PADDLE_WITH_CUDA
+    const size_t ws_bytes = semoe::cuda::combine_grad_workspace_bytes(R);
+    Tensor ws = paddle::empty({static_cast<int64_t>(ws_bytes) + 1}, DataType::UINT8, rows.place());
     SEMOE_CUDA_OK(semoe::cuda::combine_grad(rows.data(), cuda_dtype(kOp, rows.dtype()),
                                             weights.data<float>(), pos.data<int32_t>(),
                                             grad_out.data(), T, K, D, R, grad_rows.data(),
-                                            grad_weights.data<float>(), rows.stream()),
+                                            grad_weights.data<float>(), ws.data(), ws_bytes,
+                                            rows.stream()),
                   kOp);
     return {grad_rows, grad_weights};
 #else
@@ -250,7 +253,9 @@ std::vector<Tensor> CombineGrad(const Tensor& rows, const Tensor& weights, const
   }
   std::vector<uint8_t> referenced(static_cast<size_t>(R));
   const int64_t bad = semoe::check_positions(pos.data<int32_t>(), T * K, R, referenced.data());
-  PD_CHECK(bad < 0, kOp, ": invalid positions (out of range or repeated)");
+  PD_CHECK(bad < 0, kOp, ": positions[", bad / K, ", ", bad % K, "] = ",
+           bad < 0 ? 0 : pos.data<int32_t>()[bad], " is out of range [-1, ", R,
+           ") or repeats an earlier position");
   semoe::combine_grad_cpu(rows.data<float>(), weights.data<float>(), pos.data<int32_t>(),
                           grad_out.data<float>(), referenced.data(), T, K, D, R,
                           grad_rows.data<float>(), grad_weights.data<float>());

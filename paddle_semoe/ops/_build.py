@@ -53,6 +53,22 @@ def _sources(root: Path, with_cuda: bool) -> tuple[list[Path], list[Path]]:
     return compiled, hashed
 
 
+def _gencode_flags() -> list[str]:
+    """Native code for every visible GPU's architecture (nvcc's default would be an old
+    virtual architecture, leaving Hopper to JIT-compile PTX at load time)."""
+    import paddle
+
+    archs = set()
+    try:
+        for i in range(paddle.device.cuda.device_count()):
+            major, minor = paddle.device.cuda.get_device_capability(i)
+            archs.add(f"{major}{minor}")
+    except Exception as exc:  # no driver at build time: fall back to the two targets CI checks
+        logger.warning("could not query GPU capabilities (%s); building for sm_80 and sm_90", exc)
+    archs = archs or {"80", "90"}
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
+
+
 def build_key(root: Path, with_cuda: bool, paddle_version: str) -> str:
     _, hashed = _sources(root, with_cuda)
     h = hashlib.sha256()
@@ -61,6 +77,8 @@ def build_key(root: Path, with_cuda: bool, paddle_version: str) -> str:
         h.update(p.read_bytes())
     h.update(" ".join(_CXX_FLAGS + _CUDA_FLAGS).encode())
     h.update(f"{paddle_version}|cuda={with_cuda}|py={sys.version_info[:2]}".encode())
+    if with_cuda:
+        h.update(" ".join(_gencode_flags()).encode())
     return h.hexdigest()[:16]
 
 
@@ -103,6 +121,7 @@ def build_and_load(verbose: bool = False) -> ModuleType:
                 marker.unlink(missing_ok=True)
         build_dir.mkdir(parents=True, exist_ok=True)
         compiled, _ = _sources(root, with_cuda)
+        cuda_flags = list(_CUDA_FLAGS) + (_gencode_flags() if with_cuda else [])
         t0 = time.perf_counter()
         logger.info("building paddle-semoe custom ops (%d sources) into %s", len(compiled), build_dir)
         try:
@@ -110,7 +129,7 @@ def build_and_load(verbose: bool = False) -> ModuleType:
                 name=name,
                 sources=[str(p) for p in compiled],
                 extra_cxx_cflags=list(_CXX_FLAGS),
-                extra_cuda_cflags=list(_CUDA_FLAGS),
+                extra_cuda_cflags=cuda_flags,
                 extra_include_paths=[str(root / "include"), str(root / "cpu")],
                 build_directory=str(build_dir),
                 verbose=verbose,
