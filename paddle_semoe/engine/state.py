@@ -158,28 +158,35 @@ def restore_rank_state(
     if extra:
         raise CheckpointError(f"checkpoint {where} has parameters the model lacks: {extra[:5]} (different model?)")
 
-    # experts: gather global expert range [offset, offset + num_local) from the old owners
+    # owned ("expert"-class) parameters: each EP rank holds an equal contiguous slice along the
+    # parameter's shard axis (0 for expert stacks, 1 for a partitioned embedding); re-cut the
+    # global tensor for this rank from the old owners' slices
     old_ep = int(old_meta.get("ep_degree", 1))
-    old_local = layout.num_experts // old_ep
-    lo, hi = layout.offset, layout.offset + layout.num_local
     expert_opt: dict[str, dict[str, np.ndarray]] = {}
     for n, p in names["expert"].items():
+        axis = shard_axis(p)
+        new_local = p.shape[axis]
+        total = new_local * layout.ep_degree
+        if total % old_ep:
+            raise CheckpointError(f"checkpoint {where}: {n!r} (global size {total}) cannot be split {old_ep} ways")
+        old_local = total // old_ep
+        lo, hi = layout.ep_rank * new_local, (layout.ep_rank + 1) * new_local
         pieces, opt_pieces = [], {}
         for old_rank in range(lo // old_local, (hi - 1) // old_local + 1):
-            t, m = shard(old_rank)
-            start = lo - old_rank * old_local
-            a, b = max(start, 0), min(hi - old_rank * old_local, old_local)
+            t, _ = shard(old_rank)
+            a, b = max(lo - old_rank * old_local, 0), min(hi - old_rank * old_local, old_local)
             key = f"param/{n}"
             if key not in t:
-                raise CheckpointError(f"checkpoint {where} rank {old_rank} lacks expert parameter {n!r}")
-            pieces.append(t[key][a:b])
+                raise CheckpointError(f"checkpoint {where} rank {old_rank} lacks owned parameter {n!r}")
+            pieces.append(_take(t[key], axis, a, b))
             for k, arr in t.items():
                 if k.startswith(f"opt/{n}/"):
                     acc = k[len(f"opt/{n}/") :]
-                    opt_pieces.setdefault(acc, []).append(arr[a:b] if arr.shape[:1] == (old_local,) and arr.ndim > 1 else arr)
-        _set_param(p, n, np.concatenate(pieces, axis=0), where)
+                    sliced = _take(arr, axis, a, b) if arr.shape == t[key].shape else arr  # moments vs scalars
+                    opt_pieces.setdefault(acc, []).append(sliced)
+        _set_param(p, n, np.concatenate(pieces, axis=axis), where)
         expert_opt[n] = {
-            acc: (np.concatenate(v, axis=0) if v[0].ndim > 1 else v[0]) for acc, v in opt_pieces.items()
+            acc: (np.concatenate(v, axis=axis) if v[0].ndim == p.ndim else v[0]) for acc, v in opt_pieces.items()
         }
 
     # dense optimizer state: merged by name from every shard that has some
@@ -207,6 +214,17 @@ def restore_rank_state(
             manifest.world_size, world_size, old_ep, layout.ep_degree, seed,
         )
     return meta0["progress"]
+
+
+def shard_axis(p: paddle.Tensor) -> int:
+    """Axis along which an owned parameter is split over the EP group (experts: 0)."""
+    return int(getattr(p, "semoe_shard_axis", 0))
+
+
+def _take(arr: np.ndarray, axis: int, a: int, b: int) -> np.ndarray:
+    index = [slice(None)] * arr.ndim
+    index[axis] = slice(a, b)
+    return arr[tuple(index)]
 
 
 def _has_dense_opt(manifest: Manifest, rank: int) -> bool:

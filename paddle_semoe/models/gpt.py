@@ -62,6 +62,7 @@ class GPTConfig:
     moe_every: int = 2
     moe: MoESettings = field(default_factory=MoESettings)
     activation: str = "gelu"
+    partition_embedding: bool = False  # split the token embedding along D over the EP group (untied head)
     dropout: float = 0.0
     init_std: float = 0.02
     ops_backend: str = "auto"
@@ -231,7 +232,18 @@ class GPTMoE(nn.Layer):
         super().__init__()
         self.config = cfg
         init = nn.initializer.Normal(std=cfg.init_std)
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
+        if cfg.partition_embedding:
+            from paddle_semoe.comm.topology import CommGroup
+            from paddle_semoe.models.embedding import PartitionedEmbedding
+
+            group = moe_exchange.topology.ep_group if moe_exchange is not None else CommGroup.solo("ep")
+            comm = moe_exchange.comm if moe_exchange is not None else None
+            self.tok_emb = PartitionedEmbedding(cfg.vocab_size, cfg.d_model, comm, group, cfg.init_std)
+            # the output projection needs the whole table: with a partitioned input table it is its own
+            self.lm_head = self.create_parameter([cfg.vocab_size, cfg.d_model], default_initializer=init)
+        else:
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
+            self.lm_head = None
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
         self.blocks = nn.LayerList([Block(cfg, i, moe_exchange, ep_size, recompute_moe) for i in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -244,7 +256,8 @@ class GPTMoE(nn.Layer):
         return self.tok_emb(tokens) + self.pos_emb(pos)
 
     def head(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.matmul(self.ln_f(x), self.tok_emb.weight, transpose_y=True)
+        table = self.lm_head if self.lm_head is not None else self.tok_emb.weight
+        return paddle.matmul(self.ln_f(x), table, transpose_y=True)
 
     def forward(
         self,

@@ -152,3 +152,17 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     )
     assert res.returncode != 0
     assert "3 non-finite steps (limit train.nan_skip_limit=2)" in res.output, res.output[-3000:]
+
+
+def test_partitioned_embedding_trains_and_reshards(tmp_path):
+    """SE-MoE's embedding partition (table split along D over the EP group) as a model option:
+    trains on 2 processes, and its checkpoint reloads on one process (slices re-joined along D)."""
+    common = ["model.partition_embedding=true", "train.max_steps=4"]
+    res = tr.run(2, CONFIG, common + [f"train.output_dir={tmp_path}/a"], tmp_path)
+    _ok(res)
+    a = tmp_path / "a" / "checkpoints" / "step_00000004"
+    tensors, _ = __import__("paddle_semoe.engine.checkpoint", fromlist=["read_manifest"]).read_manifest(a).shard(1)
+    assert tensors["param/tok_emb.weight"].shape == (256, 32)  # V x D/2 on each rank
+    res = tr.run(1, CONFIG, common + [f"train.output_dir={tmp_path}/b", "parallel.ep_degree=1", f"train.resume={a}"], tmp_path)
+    _ok(res)
+    assert abs(_val(tmp_path / "a") - _val(tmp_path / "b")) < 1e-5
