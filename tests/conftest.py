@@ -16,3 +16,13 @@ def _seed():
     paddle.seed(1234)
     np.random.seed(1234)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_ops():
+    """Build (or load) the custom ops once, before any multi-process test starts workers:
+    a worker that compiled for ~20 s inside a Gloo collective would hit Gloo's fixed timeout."""
+    from paddle_semoe import ops
+
+    ops.resolve_backend("custom")
+    yield

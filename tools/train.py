@@ -69,10 +69,14 @@ def main(argv=None) -> int:
             return 2
         return 0
 
+    from paddle_semoe import ops
     from paddle_semoe.engine.distributed import init_distributed
     from paddle_semoe.engine.trainer import Trainer, TrainingError
     from paddle_semoe.engine.checkpoint import CheckpointError
 
+    # Build/load the compiled ops before any collective: a first-time build (~20 s) inside a
+    # Gloo wait would run into Gloo's fixed 30 s timeout on the other ranks.
+    ops.resolve_backend(cfg.model.ops_backend)
     try:
         ctx = init_distributed(cfg)
     except ValueError as err:

@@ -78,7 +78,12 @@ def init_distributed(cfg: TrainConfig) -> DistContext:
         "pp_degree": 1,
         "sharding_degree": par.sharding_degree,
     }
-    fleet.init(is_collective=True, strategy=strategy)
+    from paddle_semoe.comm.gloo_groups import gloo_private_rendezvous
+
+    # Gloo groups otherwise rendezvous under shared keys and can connect to another group's
+    # stale address (seen with dp x sharding on 4 processes); a no-op under NCCL.
+    with gloo_private_rendezvous():
+        fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
     topology = topology_from_fleet(par.ep_degree, hcg=hcg, ranks_per_node=par.ranks_per_node)
     rank = paddle.distributed.get_rank()
