@@ -126,12 +126,14 @@ def _set_param(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None
 def restore_rank_state(
     manifest: Manifest,
     model: paddle.nn.Layer,
-    optimizer: MoEOptimizer,
+    optimizer: MoEOptimizer | None,
     layout: ExpertLayout,
     rank: int,
     world_size: int,
 ) -> dict[str, Any]:
-    """Load parameters, optimizer state and RNG for this rank; returns rank 0's progress dict."""
+    """Load parameters, optimizer state and RNG for this rank; returns rank 0's progress dict.
+
+    With ``optimizer=None`` only parameters are loaded (export, evaluation)."""
     names = _param_names(model)
     where = str(manifest.path)
     old_meta = manifest.meta
@@ -188,6 +190,9 @@ def restore_rank_state(
         expert_opt[n] = {
             acc: (np.concatenate(v, axis=axis) if v[0].ndim == p.ndim else v[0]) for acc, v in opt_pieces.items()
         }
+
+    if optimizer is None:
+        return meta0["progress"]
 
     # dense optimizer state: merged by name from every shard that has some
     dense_opt: dict[str, dict[str, np.ndarray]] = {}

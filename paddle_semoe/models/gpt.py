@@ -250,7 +250,7 @@ class GPTMoE(nn.Layer):
 
     def embed(self, tokens: paddle.Tensor, past: int = 0) -> paddle.Tensor:
         B, S = tokens.shape
-        if past + S > self.config.max_seq_len:
+        if isinstance(S, int) and past + S > self.config.max_seq_len:  # S is symbolic when traced
             raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.config.max_seq_len}")
         pos = paddle.arange(past, past + S, dtype="int64").unsqueeze(0)
         return self.tok_emb(tokens) + self.pos_emb(pos)

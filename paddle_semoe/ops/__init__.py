@@ -99,12 +99,23 @@ def cpu_gemm_backend(backend: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- validation
-def _shape(t: paddle.Tensor) -> list[int]:
-    return list(t.shape)
+def _shape(t: paddle.Tensor) -> list:
+    """Static shape, with None for dims unknown until run time (static graphs: -1 or a Value)."""
+    return [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
+
+
+def _same_dim(a, b) -> bool:
+    """Equal, or at least one unknown until run time."""
+    return a is None or b is None or a == b
 
 
 def _check_rows_dtype(op: str, arg: str, t: paddle.Tensor) -> None:
-    on_gpu = not t.place.is_cpu_place()
+    place = getattr(t, "place", None)
+    if place is None:  # static graph (export): the kernel checks the device dtype at run time
+        if t.dtype not in _ROW_DTYPES_GPU:
+            raise ValueError(f"{op}: '{arg}' must be float32, float16 or bfloat16, got {t.dtype}")
+        return
+    on_gpu = not place.is_cpu_place()
     allowed = _ROW_DTYPES_GPU if on_gpu else (paddle.float32,)
     if t.dtype not in allowed:
         where = "GPU" if on_gpu else "CPU"
@@ -123,6 +134,7 @@ def _check_dtype(op: str, arg: str, t: paddle.Tensor, dtype) -> None:
 
 
 # ----------------------------------------------------------------------------- ops
+@paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def expert_count(ids: paddle.Tensor, num_experts: int, *, backend: str | None = None) -> paddle.Tensor:
     """Tokens per expert. ids: int32 of any shape (entries outside [0, E) ignored) -> int32 [E]."""
     op = "expert_count"
@@ -135,6 +147,7 @@ def expert_count(ids: paddle.Tensor, num_experts: int, *, backend: str | None = 
     return counts
 
 
+@paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def gate_dispatch(
     x: paddle.Tensor,
     logits: paddle.Tensor,
@@ -162,16 +175,16 @@ def gate_dispatch(
     _check_rows_dtype(op, "x", x)
     _check_rank(op, "logits", logits, 2, "[T, E]")
     _check_dtype(op, "logits", logits, paddle.float32)
-    T, E = logits.shape
-    if T != x.shape[0]:
+    T, E = _shape(logits)
+    if not _same_dim(T, _shape(x)[0]):
         raise ValueError(f"{op}: logits {_shape(logits)} and x {_shape(x)} disagree on tokens T")
     if not 1 <= top_k <= E:
         raise ValueError(f"{op}: top_k must be in [1, num_experts={E}], got {top_k}")
     if noise is not None:
         _check_dtype(op, "noise", noise, paddle.float32)
-        if noise.size != T:
+        if T is not None and noise.size != T:
             raise ValueError(f"{op}: 'noise' must have T={T} elements, got shape {_shape(noise)}")
-        noise = noise.reshape([T])
+        noise = noise.reshape([-1])
     lib = resolve_backend(backend)
     if lib is None:
         return _without_int_grads(
@@ -193,6 +206,7 @@ def _without_int_grads(r: GateDispatchResult) -> GateDispatchResult:
     return r
 
 
+@paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def combine(
     rows: paddle.Tensor,
     weights: paddle.Tensor,
@@ -211,7 +225,8 @@ def combine(
     _check_dtype(op, "weights", weights, paddle.float32)
     _check_rank(op, "positions", positions, 2, "[T, K]")
     _check_dtype(op, "positions", positions, paddle.int32)
-    if _shape(weights) != _shape(positions):
+    ws, ps = _shape(weights), _shape(positions)
+    if not all(_same_dim(a, b) for a, b in zip(ws, ps)):
         raise ValueError(f"{op}: weights {_shape(weights)} and positions {_shape(positions)} differ")
     lib = resolve_backend(backend)
     if lib is None:
@@ -219,6 +234,7 @@ def combine(
     return lib.semoe_combine(rows, weights, positions)
 
 
+@paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def grouped_ffn(
     x: paddle.Tensor,
     counts: paddle.Tensor,
@@ -242,14 +258,16 @@ def grouped_ffn(
     _check_rank(op, "counts", counts, 1, "[E]")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    E = counts.shape[0]
-    R, D = x.shape
-    if len(w1.shape) != 3 or w1.shape[0] != E or w1.shape[1] != D:
-        raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {_shape(w1)}")
-    F_ = w1.shape[2]
+    E = _shape(counts)[0]
+    D = _shape(x)[1]
+    w1s = _shape(w1)
+    if len(w1s) != 3 or not _same_dim(w1s[0], E) or not _same_dim(w1s[1], D):
+        raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {w1s}")
+    F_ = w1s[2]
     for arg, t, want in (("b1", b1, [E, F_]), ("w2", w2, [E, F_, D]), ("b2", b2, [E, D])):
-        if _shape(t) != want:
-            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {_shape(t)}")
+        got = _shape(t)
+        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
+            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
     lib = resolve_backend(backend)
     if lib is None:
         return reference.grouped_ffn(x, counts, w1, b1, w2, b2, activation)

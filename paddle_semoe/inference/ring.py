@@ -1,0 +1,295 @@
+"""Where expert weights come from during inference: all-resident, a ring of K slots, or naive.
+
+Every provider hands out, for MoE layer ``j`` (0-based position among the model's MoE
+layers), the four expert tensors of that layer as Paddle tensors that share memory with a
+NumPy buffer (zero copy), and is told when the layer is done with them:
+
+* :class:`ResidentExperts` loads all N sections once and keeps them (the baseline).
+* :class:`RingExperts` holds K fixed slots (allocated once, never re-allocated). Slots start
+  with layers ``0..K-1``; when layer ``j`` releases its slot, a loader thread fills it with
+  layer ``(j + K) mod N``, so the copy of the next layers overlaps the compute of the current
+  ones, pass after pass (a generation step runs layers 0..N-1 again and again).
+* :class:`OnDemandExperts` has one buffer and loads each layer synchronously before it runs.
+
+Sources: :class:`HostSource` keeps every section in host memory (loaded from the package
+files once) and copies into slots; :class:`DiskSource` streams sections from the package
+files each time (``direct=True``: O_DIRECT, so the page cache cannot hide the disk).
+
+A trace of (event, layer, slot, time) records is kept when ``trace=True`` so tests can prove
+that no slot is computed on before its load finished and that no load overwrote a slot
+still in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import paddle
+
+from paddle_semoe.inference.package import Manifest, SectionFile, aligned_buffer, section_views
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- sources
+class ExpertSource(Protocol):
+    def load(self, index: int, out: np.ndarray) -> None:
+        """Fill ``out`` (uint8, >= section bytes, 4096-aligned) with section ``index``."""
+
+    def host_bytes(self) -> int:
+        """Bytes of expert weights this source keeps in host memory."""
+
+
+class HostSource:
+    """All sections in host memory (read from the package files once)."""
+
+    def __init__(self, manifest: Manifest):
+        self.sections = manifest.sections
+        self.buffers = []
+        for s in manifest.sections:
+            buf = aligned_buffer(s.nbytes)
+            SectionFile(manifest.root, s, direct=False).read_into(memoryview(buf))
+            self.buffers.append(buf)
+
+    def load(self, index: int, out: np.ndarray) -> None:
+        src = self.buffers[index]
+        np.copyto(out[: src.size], src)
+
+    def host_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+
+class DiskSource:
+    """Sections streamed from the package files on every load."""
+
+    def __init__(self, manifest: Manifest, direct: bool = True):
+        self.files = [SectionFile(manifest.root, s, direct) for s in manifest.sections]
+
+    def load(self, index: int, out: np.ndarray) -> None:
+        self.files[index].read_into(memoryview(out))
+
+    def host_bytes(self) -> int:
+        return 0
+
+
+# ----------------------------------------------------------------------------- providers
+@dataclass
+class ProviderStats:
+    loads: int = 0
+    load_s: float = 0.0  # time spent loading (loader thread or synchronous)
+    wait_s: float = 0.0  # time compute waited for a load to finish
+    bytes_loaded: int = 0
+
+    @property
+    def overlap_ratio(self) -> float:
+        """Share of the load time hidden behind compute (1.0: fully hidden)."""
+        if self.load_s <= 0:
+            return 1.0
+        return max(0.0, 1.0 - self.wait_s / self.load_s)
+
+
+@dataclass
+class _Slot:
+    buffer: np.ndarray
+    layer: int | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+    in_use: bool = False
+
+
+def _tensors(buffer: np.ndarray, manifest: Manifest, index: int) -> dict[str, paddle.Tensor]:
+    views = section_views(buffer, manifest.sections[index])
+    return {k: paddle.utils.dlpack.from_dlpack(v) for k, v in views.items()}
+
+
+class _Traced:
+    def __init__(self, trace: bool):
+        self.trace_enabled = trace
+        self.trace: list[tuple[str, int, int, float]] = []
+        self._trace_lock = threading.Lock()
+
+    def _event(self, kind: str, layer: int, slot: int) -> None:
+        if self.trace_enabled:
+            with self._trace_lock:
+                self.trace.append((kind, layer, slot, time.perf_counter()))
+
+
+class ResidentExperts(_Traced):
+    """Every layer's experts loaded once and kept: the all-resident baseline."""
+
+    def __init__(self, manifest: Manifest, source: ExpertSource, trace: bool = False):
+        super().__init__(trace)
+        self.manifest = manifest
+        self.stats = ProviderStats()
+        self.buffers = []
+        for i, s in enumerate(manifest.sections):
+            buf = aligned_buffer(s.nbytes)
+            t0 = time.perf_counter()
+            source.load(i, buf)
+            self.stats.load_s += time.perf_counter() - t0
+            self.stats.loads += 1
+            self.stats.bytes_loaded += s.nbytes
+            self.buffers.append(buf)
+        self._tensors = [_tensors(b, manifest, i) for i, b in enumerate(self.buffers)]
+        self.stats.load_s = 0.0  # start-up load is not part of serving
+
+    def acquire(self, j: int) -> dict[str, paddle.Tensor]:
+        self._event("compute_start", j, j)
+        return self._tensors[j]
+
+    def release(self, j: int) -> None:
+        self._event("compute_end", j, j)
+
+    def resident_expert_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def close(self) -> None:
+        pass
+
+
+class OnDemandExperts(_Traced):
+    """One buffer; each layer is loaded synchronously right before it runs (no overlap)."""
+
+    def __init__(self, manifest: Manifest, source: ExpertSource, trace: bool = False):
+        super().__init__(trace)
+        self.manifest = manifest
+        self.source = source
+        self.stats = ProviderStats()
+        self.buffer = aligned_buffer(manifest.max_section_bytes)
+
+    def acquire(self, j: int) -> dict[str, paddle.Tensor]:
+        self._event("load_start", j, 0)
+        t0 = time.perf_counter()
+        self.source.load(j, self.buffer)
+        dt = time.perf_counter() - t0
+        self._event("load_end", j, 0)
+        self.stats.loads += 1
+        self.stats.load_s += dt
+        self.stats.wait_s += dt
+        self.stats.bytes_loaded += self.manifest.sections[j].nbytes
+        self._event("compute_start", j, 0)
+        return _tensors(self.buffer, self.manifest, j)
+
+    def release(self, j: int) -> None:
+        self._event("compute_end", j, 0)
+
+    def resident_expert_bytes(self) -> int:
+        return self.buffer.nbytes
+
+    def close(self) -> None:
+        pass
+
+
+class RingExperts(_Traced):
+    """K fixed slots cycling through the N MoE layers, filled by a background loader thread.
+
+    Args:
+        manifest: the package (sections in MoE-layer order).
+        source: where sections come from (:class:`HostSource` or :class:`DiskSource`).
+        num_slots: K; ``K >= N`` keeps every layer resident after the first loads.
+    """
+
+    def __init__(self, manifest: Manifest, source: ExpertSource, num_slots: int, trace: bool = False):
+        super().__init__(trace)
+        n = len(manifest.sections)
+        if num_slots < 1:
+            raise ValueError(f"ring needs at least one slot, got num_slots={num_slots}")
+        self.manifest = manifest
+        self.source = source
+        self.n_layers = n
+        self.k = min(num_slots, n)
+        self.stats = ProviderStats()
+        size = manifest.max_section_bytes
+        self.slots = [_Slot(aligned_buffer(size)) for _ in range(self.k)]
+        self._slot_of: dict[int, int] = {}
+        self._queue: deque[tuple[int, int]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._loader = threading.Thread(target=self._run, name="expert-ring-loader", daemon=True)
+        self._loader.start()
+        for j in range(self.k):
+            self._schedule(j, j)
+
+    # -- loader thread --------------------------------------------------------------
+    def _schedule(self, layer: int, slot: int) -> None:
+        s = self.slots[slot]
+        with self._cv:
+            s.layer = layer
+            s.loaded.clear()
+            self._slot_of[layer] = slot
+            self._queue.append((layer, slot))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                layer, slot = self._queue.popleft()
+            s = self.slots[slot]
+            try:
+                if s.in_use:  # never happens by construction; fail loudly if it does
+                    raise RuntimeError(f"ring: slot {slot} is still in use while loading layer {layer}")
+                self._event("load_start", layer, slot)
+                t0 = time.perf_counter()
+                self.source.load(layer, s.buffer)
+                self.stats.load_s += time.perf_counter() - t0
+                self.stats.loads += 1
+                self.stats.bytes_loaded += self.manifest.sections[layer].nbytes
+                self._event("load_end", layer, slot)
+            except BaseException as exc:  # surface in the compute thread
+                self._error = exc
+            s.loaded.set()
+
+    # -- compute side ---------------------------------------------------------------
+    def acquire(self, j: int) -> dict[str, paddle.Tensor]:
+        slot = self._slot_of.get(j)
+        if slot is None:
+            raise RuntimeError(f"ring: layer {j} is not scheduled (layers must run in order 0..{self.n_layers - 1})")
+        s = self.slots[slot]
+        t0 = time.perf_counter()
+        s.loaded.wait()
+        self.stats.wait_s += time.perf_counter() - t0
+        if self._error is not None:
+            raise self._error
+        if s.layer != j:
+            raise RuntimeError(f"ring: slot {slot} holds layer {s.layer}, not {j}")
+        s.in_use = True
+        self._event("compute_start", j, slot)
+        return _tensors(s.buffer, self.manifest, j)
+
+    def release(self, j: int) -> None:
+        slot = self._slot_of[j]
+        s = self.slots[slot]
+        self._event("compute_end", j, slot)
+        s.in_use = False
+        if self.k < self.n_layers:
+            del self._slot_of[j]
+            self._schedule((j + self.k) % self.n_layers, slot)
+
+    def resident_expert_bytes(self) -> int:
+        return sum(s.buffer.nbytes for s in self.slots)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._loader.join(timeout=10)
+
+
+def slots_for_budget(manifest: Manifest, budget_bytes: int) -> int:
+    """K = how many of the largest sections fit the budget (at least 1, at most N)."""
+    per = manifest.max_section_bytes
+    if budget_bytes < per:
+        raise ValueError(
+            f"expert memory budget {budget_bytes} B is below one MoE layer's experts ({per} B): the ring needs >= 1 slot"
+        )
+    return max(1, min(len(manifest.sections), budget_bytes // per))
