@@ -74,6 +74,14 @@ class MoEOptimizer:
                 "ZeRO-1: dense optimizer states sharded over %d ranks", hcg.get_sharding_parallel_world_size()
             )
 
+    def replace_optimizers(self, opts: list) -> None:
+        """Adopt optimizers returned by ``paddle.amp.decorate`` (same order as ``optimizers()``)."""
+        it = iter(opts)
+        if self.dense is not None:
+            self.dense = next(it)
+        if self.expert is not None:
+            self.expert = next(it)
+
     def optimizers(self) -> Iterator[paddle.optimizer.Optimizer]:
         for opt in (self.dense, self.expert):
             if opt is not None:

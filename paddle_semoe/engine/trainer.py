@@ -29,6 +29,7 @@ from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.config import dump_yaml, to_dict
 from paddle_semoe.data import TokenBatcher, load_split, unigram_cross_entropy_nats, val_batches
 from paddle_semoe.engine import checkpoint as ckpt
+from paddle_semoe.engine.amp import autocast, scaler_for, unscale_
 from paddle_semoe.engine.config import TrainConfig
 from paddle_semoe.engine.distributed import DistContext
 from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta, peak_rss_bytes
@@ -111,6 +112,13 @@ class Trainer:
         init_experts_by_global_index(self.model, cfg.train.seed, self.layout, mcfg.init_std)
         paddle.seed(cfg.train.seed * 1_000_003 + 7919 * ctx.rank + 1)  # per-rank stream: dropout, gate noise
         self.optimizer = MoEOptimizer(self.model, cfg.optim, ctx.hcg if par.sharding_degree > 1 else None)
+        if cfg.amp.enabled and cfg.amp.level == "O2":
+            # parameters in low precision, fp32 master weights inside both optimizers
+            self.model, opts = paddle.amp.decorate(
+                models=self.model, optimizers=list(self.optimizer.optimizers()), level="O2", dtype=cfg.amp.dtype
+            )
+            self.optimizer.replace_optimizers(opts)
+        self.scaler = scaler_for(cfg.amp)
         params = [p for p in self.model.parameters() if not p.stop_gradient]
         self.params = params
         self.reducer = None
@@ -150,9 +158,11 @@ class Trainer:
         loss_sum = lm_sum = aux_sum = 0.0
         demand: list[np.ndarray] = []
         dropped = 0.0
+        scale = self.scaler.scale if self.scaler is not None else 1.0
         for x, y in self._micro_batches(batch):
-            out = self.model(x, y)
-            (out.loss / accum).backward()
+            with autocast(cfg.amp):
+                out = self.model(x, y)
+            (out.loss * (scale / accum)).backward()
             loss_sum += float(out.loss) / accum
             lm_sum += float(out.lm_loss) / accum
             aux_sum += float(out.aux_loss) / accum
@@ -168,6 +178,8 @@ class Trainer:
             self.reducer.reduce()
         elif self.ctx.world_size > 1:
             reduce_gradients_unfused(self.params, self.topology, self.comm)
+        if scale != 1.0:
+            unscale_(self.params, scale)
 
         # global norm (MoE-aware) for logging and clipping
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -175,7 +187,11 @@ class Trainer:
         bad = 0.0 if (math.isfinite(loss_sum) and math.isfinite(grad_norm)) else 1.0
         bad = self._all_reduce([bad], op="max")[0]
         skipped = bad > 0
-        if skipped:
+        if self.scaler is not None:
+            self.scaler.update(found_inf=skipped)
+        if skipped and self.scaler is not None and not self.scaler.at_minimum and math.isfinite(loss_sum):
+            logger.info("step %d: fp16 gradients overflowed; step skipped, loss scale -> %g", self.step, self.scaler.scale)
+        elif skipped:
             self.nan_skips += 1
             logger.warning(
                 "step %d: non-finite loss %.4g or grad norm %.4g: step skipped (%d/%d allowed)",
@@ -220,6 +236,7 @@ class Trainer:
             "nan_skips": self.nan_skips,
             "tokens_seen": self.tokens_seen,
             "corpus_sha256": self.split.sha256,
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def save_checkpoint(self) -> Path:
@@ -272,6 +289,8 @@ class Trainer:
         self.nan_skips = int(progress["nan_skips"])
         self.tokens_seen = int(progress["tokens_seen"])
         self.batcher.load_state_dict(progress["data"])
+        if self.scaler is not None and progress.get("loss_scaler"):
+            self.scaler.load_state_dict(progress["loss_scaler"])
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
