@@ -76,7 +76,9 @@ def launch(script: Path, nproc: int, out_dir: Path, args: list[str] | None = Non
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its workers
+        from tests.dist.train_runner import kill_tree
+
+        kill_tree(proc.pid)  # the launcher and its workers (each worker runs in its own session)
         output, _ = proc.communicate()
         output += f"\n[launch helper] killed after {timeout_s}s"
     elapsed = time.monotonic() - start

@@ -58,7 +58,7 @@ def run(nproc: int, config: Path, overrides: list[str], work: Path, extra: list[
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         out += f"\n[train_runner] killed after {timeout_s}s"
     logs = "".join(f"\n--- {p.name} ---\n" + p.read_text(errors="replace")[-4000:] for p in sorted(log_dir.glob("workerlog.*")))
@@ -71,12 +71,39 @@ def start(nproc: int, config: Path, overrides: list[str], work: Path) -> subproc
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. The launcher starts each worker in its own
+    session (setsid), so killing the launcher's process group would leave the workers running."""
+    for p in [*descendants(pid), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL the whole job (launcher and workers), as a crash would."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_tree(proc.pid)
     proc.wait()
 
 
