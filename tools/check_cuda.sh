@@ -2,6 +2,9 @@
 # Compile-checks every custom_ops/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU needed), and
 # syntax-checks custom_ops/cuda/*.cc against Paddle's headers when those are installed.
 # Warnings are errors (nvcc: all-warnings; host compiler: -Wall -Wextra -Werror).
+# NCCL (custom_ops/cuda/fused_a2a_nccl.cu): nccl.h comes from NCCL_INCLUDE_DIR, else the
+# nvidia-nccl-cu* wheel of $PYTHON, else the system; without one, the NCCL branch of that file
+# is not compiled (only its stubs) and the summary line says so.
 # Exit status: 0 all compiled; 1 a file failed; 0 with a SKIP line only when nvcc is absent.
 #
 # Usage: tools/check_cuda.sh [-j JOBS]     (NVCC=/path/to/nvcc to pick a compiler)
@@ -27,13 +30,36 @@ fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
+PY="${PYTHON:-python3}"
+
+# nccl.h for the fused all-to-all: NCCL_INCLUDE_DIR, else the nvidia-nccl-cu* wheel.
+NCCL_INC="${NCCL_INCLUDE_DIR:-}"
+if [[ -z "$NCCL_INC" ]]; then
+  NCCL_INC="$("$PY" -c '
+import os
+try:
+    import nvidia.nccl as m
+    print(next(os.path.join(p, "include") for p in m.__path__ if os.path.isfile(os.path.join(p, "include", "nccl.h"))))
+except Exception:
+    pass' 2>/dev/null || true)"
+fi
+if [[ -n "$NCCL_INC" && -f "$NCCL_INC/nccl.h" ]]; then
+  NCCL_VERSION="$(sed -n 's/^#define NCCL_\(MAJOR\|MINOR\|PATCH\) *\([0-9]*\).*/\2/p' "$NCCL_INC/nccl.h" | paste -sd. -)"
+  NCCL_NOTE="; NCCL ${NCCL_VERSION:-?} header from $NCCL_INC"
+elif [[ -f /usr/include/nccl.h || -f "${CUDA_HOME:-/usr/local/cuda}/include/nccl.h" ]]; then
+  NCCL_INC=""
+  NCCL_NOTE="; system nccl.h"
+else
+  NCCL_INC=""
+  NCCL_NOTE="; NCCL header NOT found: the NCCL code of fused_a2a_nccl.cu was skipped (stubs only; pip install nvidia-nccl-cu13 or set NCCL_INCLUDE_DIR)"
+fi
 
 # One job per file; each builds both architectures in one nvcc call.
 compile_one() {
-  local src="$1" work="$2" root="$3" nvcc="$4"
+  local src="$1" work="$2" root="$3" nvcc="$4" nccl_inc="$5"
   local name
   name="$(basename "$src" .cu)"
-  if "$nvcc" -std=c++17 -O3 -I "$root/custom_ops/include" \
+  if "$nvcc" -std=c++17 -O3 -I "$root/custom_ops/include" ${nccl_inc:+-isystem "$nccl_inc"} \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
       -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
       -c "$src" -o "$work/$name.o" >"$work/$name.log" 2>&1; then
@@ -45,7 +71,7 @@ compile_one() {
 export -f compile_one
 
 printf '%s\n' "${SOURCES[@]}" |
-  xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {} "$WORK" "$ROOT" "$NVCC"
+  xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {} "$WORK" "$ROOT" "$NVCC" "$NCCL_INC"
 
 FAILED=()
 for src in "${SOURCES[@]}"; do
@@ -64,7 +90,6 @@ done
 CC_NOTE=""
 CC_SOURCES=("$ROOT"/custom_ops/cuda/*.cc "$ROOT"/custom_ops/cpu/*.cc)  # bindings too, with their CUDA branches on
 if [[ ${#CC_SOURCES[@]} -gt 0 ]]; then
-  PY="${PYTHON:-python3}"
   PADDLE_INC="$("$PY" -c 'import importlib.util as u, os; s = u.find_spec("paddle"); print(os.path.join(os.path.dirname(s.origin), "include") if s else "")' 2>/dev/null || true)"
   CUDA_INC="${CUDA_HOME:-/usr/local/cuda}/include"
   PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)"
@@ -79,6 +104,7 @@ if [[ ${#CC_SOURCES[@]} -gt 0 ]]; then
           -isystem "$PADDLE_INC/paddle/phi/api/include/compat" \
           -isystem "$PADDLE_INC/paddle/phi/api/include/compat/torch/csrc/api/include" \
           -isystem "$CUDA_INC" -isystem "$CUDA_INC/cccl" ${PY_INC:+-isystem "$PY_INC"} \
+          ${NCCL_INC:+-isystem "$NCCL_INC"} \
           -I "$ROOT/custom_ops/include" -I "$ROOT/custom_ops/cpu" \
           "$src" >"$WORK/$name.log" 2>&1; then
         FAILED+=("$name")
@@ -97,4 +123,4 @@ if [[ ${#FAILED[@]} -gt 0 ]]; then
   echo "check_cuda: FAIL ${#FAILED[@]} file(s) (${FAILED[*]}) in ${ELAPSED}s" >&2
   exit 1
 fi
-echo "check_cuda: OK ${#SOURCES[@]} .cu files compiled for sm_80+sm_90 with warnings as errors${CC_NOTE} in ${ELAPSED}s ($("$NVCC" --version | grep -o 'release [0-9.]*'))"
+echo "check_cuda: OK ${#SOURCES[@]} .cu files compiled for sm_80+sm_90 with warnings as errors${CC_NOTE}${NCCL_NOTE} in ${ELAPSED}s ($("$NVCC" --version | grep -o 'release [0-9.]*'))"

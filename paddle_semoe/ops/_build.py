@@ -53,6 +53,15 @@ def _sources(root: Path, with_cuda: bool) -> tuple[list[Path], list[Path]]:
     return compiled, hashed
 
 
+def _nccl_include_dirs() -> list[str]:
+    """NCCL headers shipped by the nvidia-nccl-cu* wheels (paddlepaddle-gpu depends on one)."""
+    try:
+        import nvidia.nccl as nccl
+    except ImportError:
+        return []
+    return [str(Path(p) / "include") for p in nccl.__path__ if (Path(p) / "include" / "nccl.h").is_file()]
+
+
 def _gencode_flags() -> list[str]:
     """Native code for every visible GPU's architecture (nvcc's default would be an old
     virtual architecture, leaving Hopper to JIT-compile PTX at load time)."""
@@ -78,7 +87,7 @@ def build_key(root: Path, with_cuda: bool, paddle_version: str) -> str:
     h.update(" ".join(_CXX_FLAGS + _CUDA_FLAGS).encode())
     h.update(f"{paddle_version}|cuda={with_cuda}|py={sys.version_info[:2]}".encode())
     if with_cuda:
-        h.update(" ".join(_gencode_flags()).encode())
+        h.update(" ".join(_gencode_flags() + _nccl_include_dirs()).encode())
     return h.hexdigest()[:16]
 
 
@@ -130,7 +139,7 @@ def build_and_load(verbose: bool = False) -> ModuleType:
                 sources=[str(p) for p in compiled],
                 extra_cxx_cflags=list(_CXX_FLAGS),
                 extra_cuda_cflags=cuda_flags,
-                extra_include_paths=[str(root / "include"), str(root / "cpu")],
+                extra_include_paths=[str(root / "include"), str(root / "cpu")] + (_nccl_include_dirs() if with_cuda else []),
                 build_directory=str(build_dir),
                 verbose=verbose,
             )

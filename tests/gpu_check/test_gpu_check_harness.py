@@ -3,6 +3,7 @@ every check passes on the CPU implementation, and planted bugs are caught."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import subprocess
@@ -40,7 +41,8 @@ def test_emulated_suite_passes_everywhere(shim):
     assert not failures(suite), "\n".join(failures(suite))
     ops = {r.op for r in suite.results}
     assert ops == {"expert_count", "gate_dispatch", "gate_dispatch_grad", "combine",
-                   "combine_grad", "bias_act_fwd", "act_bwd"}
+                   "combine_grad", "bias_act_fwd", "act_bwd", "permute_row_blocks",
+                   "a2a_exchange"}
     determinism = [r for r in suite.results if r.check.startswith("deterministic")]
     assert {r.op for r in determinism} == ops
     assert len(suite.results) > 300
@@ -54,12 +56,12 @@ def test_cli_writes_json_and_prints_table_last(cpu_lib, tmp_path, capsys):
     assert report["emulated"] is True
     assert report["checks_passed"] == report["checks_total"] > 0
     assert {t["op"] for t in report["timings"]} == {"gate_dispatch", "gate_dispatch_grad",
-                                                    "combine", "combine_grad"}
+                                                    "combine", "combine_grad", "a2a_permute"}
     assert report["copy_bandwidth"]["gbps"] > 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0].startswith("== gpu_check:")
     assert any("CPU EMULATION" in line for line in printed)
-    assert printed[-1].startswith("combine_grad")  # the table is the last thing printed
+    assert printed[-1].startswith("a2a_permute")  # the table is the last thing printed
 
 
 # ------------------------------------------------------------------ planted bugs are caught
@@ -154,6 +156,56 @@ def test_bf16_rows_are_exact_copies(shim):
     d = cases.check_gate_dispatch(suite, cases.DispatchSpec(40, 24, 4, 2, 0.0, dtype="bfloat16"))
     assert d is not None and not failures(suite)
     np.testing.assert_array_equal(d.rows, ref.gather_rows(d.x, d.pos, d.n_rows))
+
+
+def test_permute_bugs_are_caught(shim):
+    def drop_last_row(args):  # dst = args[1], row_bytes = args[2], dst_start = args[4], B = args[5]
+        B = args[5]
+        if B == 0:
+            return
+        dst_start = np.ctypeslib.as_array(ctypes.cast(args[4], ctypes.POINTER(ctypes.c_int64)), (B + 1,))
+        last = int(dst_start[B]) - 1
+        if last >= int(dst_start[0]):
+            _edit(shim, args[1] + last * args[2], np.uint8, args[2], lambda a: a.fill(cases.POISON_INT))
+
+    _patch(shim, "semoe_chk_permute_row_blocks", drop_last_row)
+    suite = cases.Suite(shim, seed=2)
+    cases.check_permute_row_blocks(suite, 16, [3, 1, 4, 1, 5])
+    assert any("differ" in line for line in failures(suite)), failures(suite)
+
+
+@pytest.mark.parametrize("bug", ["swap_two_rows", "dirty_extra_row", "combine_padding"])
+def test_simulated_exchange_bugs_are_caught(shim, bug):
+    calls = []
+
+    def mutate(args):  # out pointers = args[7], out_rows = args[8], row_bytes = args[9]
+        P, inverse = args[1], args[5]
+        outs = np.ctypeslib.as_array(ctypes.cast(args[7], ctypes.POINTER(ctypes.c_uint64)), (P,))
+        rows = np.ctypeslib.as_array(ctypes.cast(args[8], ctypes.POINTER(ctypes.c_int64)), (P,))
+        rb = args[9]
+        calls.append(inverse)
+        r = int(np.argmax(rows))
+        n = int(rows[r])
+        if bug == "swap_two_rows" and not inverse and n >= 3:
+            _edit(shim, int(outs[r]), np.uint8, n * rb,
+                  lambda a: a.__setitem__(slice(0, 2 * rb), np.roll(a[: 2 * rb], rb)))
+        elif bug == "dirty_extra_row" and not inverse:
+            _edit(shim, int(outs[r]) + (n - 1) * rb, np.uint8, rb, lambda a: a.fill(7))
+        elif bug == "combine_padding" and inverse:
+            _edit(shim, int(outs[r]) + (n - 1) * rb, np.uint8, rb, lambda a: a.fill(7))
+
+    _patch(shim, "semoe_chk_a2a_simulate", mutate)
+    suite = cases.Suite(shim, seed=4)
+    cases.check_a2a_exchange(suite, 4, 2, 2, True, "uneven", 16)
+    assert calls == [0, 1]
+    bad = failures(suite)
+    assert bad and all("a2a_exchange" in line for line in bad), bad
+
+
+def test_simulated_exchange_reports_layout_errors(shim):
+    suite = cases.Suite(shim, seed=0)
+    cases.check_a2a_rejects_bad_node_size(suite)
+    assert not failures(suite), failures(suite)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

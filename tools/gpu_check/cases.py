@@ -17,6 +17,7 @@ float64 softmax), so the exact tie rule is tested without last-bit noise from ex
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from gpu_check import reference as ref
 from gpu_check.native import ACTIVATION_CODES, DTYPE_CODES, Buffer, Shim, ShimError, ptr
+from gpu_check.native import nccl_paths as native_nccl_paths
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +503,198 @@ def check_act_bwd(s: Suite, n: int, act: str, dtype: str, misalign: bool = False
                  and np.array_equal(g_got.view(np.uint8), g2.view(np.uint8)))
 
 
+# ======================================================================== fused all-to-all
+def block_table(sizes: np.ndarray, order: np.ndarray, lead: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(src_start [B], dst_start [B + 1]) int64: output blocks = input blocks ``order[k]``
+    (empty blocks kept), written from output row ``lead`` on."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(sizes)))[:-1]
+    src = starts[order] if sizes.size else np.zeros(0, np.int64)
+    dst = lead + np.concatenate(([0], np.cumsum(sizes[order]))) if sizes.size else np.array([lead])
+    return np.ascontiguousarray(src, dtype=np.int64), np.ascontiguousarray(dst, dtype=np.int64)
+
+
+def check_permute_row_blocks(s: Suite, row_bytes: int, sizes, misalign: int = 0, lead: int = 0,
+                             tail: int = 0, repeat: bool = False):
+    """Random block order over random bytes; rows outside the table must stay poisoned."""
+    op = "permute_row_blocks"
+    sizes = np.asarray(sizes, dtype=np.int64)
+    B = int(sizes.size)
+    src, dst = block_table(sizes, s.rng.permutation(B), lead)
+    n_in = int(sizes.sum())
+    n_out = lead + n_in + tail
+    case = (f"B={B} rows={n_in} row_bytes={row_bytes} lead={lead} tail={tail}"
+            + (f" misaligned+{misalign}" if misalign else ""))
+    x = s.rng.integers(0, 256, size=(n_in, row_bytes), dtype=np.uint8)
+    x_d = s.shim.upload(x, offset=misalign)
+    out_d = s.shim.alloc(n_out * row_bytes, misalign)
+
+    def run():
+        s.shim.fill(out_d, POISON_INT)
+        s.launch(op, s.shim.lib.semoe_chk_permute_row_blocks(
+            x_d.ptr, out_d.ptr, row_bytes, src.ctypes.data, dst.ctypes.data, B))
+        return s.shim.download(out_d, np.uint8, (n_out, row_bytes))
+
+    got = run()
+    want = ref.permute_row_blocks(x, src, dst, np.full((n_out, row_bytes), POISON_INT, np.uint8))
+    s.exact(op, case, "rows (bit-exact; rows outside the table untouched)", got, want)
+    if repeat:
+        s.record(op, case, "deterministic (two runs bit-identical)", np.array_equal(got, run()))
+
+
+def check_permute_rejects_bad_table(s: Suite):
+    op, case = "permute_row_blocks", "decreasing dst_start"
+    buf = s.shim.alloc(64)
+    src = np.array([0, 1], np.int64)
+    dst = np.array([0, 2, 1], np.int64)
+    rc = s.shim.lib.semoe_chk_permute_row_blocks(buf.ptr, buf.ptr, 16, src.ctypes.data,
+                                                 dst.ctypes.data, 2)
+    s.record(op, case, "invalid argument reported", rc != 0, s.shim.error_string(rc))
+    s.shim.sync(op)  # and no sticky device error
+
+
+A2A_MODES = ("uneven", "rank_sends_nothing", "rank_receives_nothing", "zeros", "one_hot")
+
+
+def a2a_counts(s: Suite, P: int, El: int, mode: str, max_rows: int = 6) -> np.ndarray:
+    """int64 count matrix [P, P*El] of one pattern."""
+    E = P * El
+    C = s.rng.integers(0, max_rows + 1, size=(P, E)).astype(np.int64)
+    C[s.rng.random((P, E)) < 0.3] = 0
+    if mode == "rank_sends_nothing":
+        C[s.rng.integers(P)] = 0
+    elif mode == "rank_receives_nothing":
+        d = int(s.rng.integers(P))
+        C[:, d * El : (d + 1) * El] = 0
+    elif mode == "zeros":
+        C[:] = 0
+    elif mode == "one_hot":
+        C[:] = 0
+        C[:, s.rng.integers(E)] = s.rng.integers(1, max_rows + 1, size=P)
+    return np.ascontiguousarray(C)
+
+
+def _simulate(s: Suite, C, El, node_size, hier, inverse, srcs, dsts, out_rows, row_bytes,
+              check: bool = True):
+    op = "a2a_exchange"
+    for b in dsts:
+        s.shim.fill(b, POISON_INT)
+    xs = np.array([b.ptr for b in srcs], dtype=np.uint64)
+    outs = np.array([b.ptr for b in dsts], dtype=np.uint64)
+    rows = np.asarray(out_rows, dtype=np.int64)
+    rc = s.shim.lib.semoe_chk_a2a_simulate(C.ctypes.data, C.shape[0], El, node_size, int(hier),
+                                           int(inverse), xs.ctypes.data, outs.ctypes.data,
+                                           rows.ctypes.data, row_bytes)
+    if rc != 0:
+        msg = s.shim.lib.semoe_chk_last_message().decode()
+        if not check:
+            return msg
+        raise ShimError(f"a2a_simulate: {msg} ({s.shim.error_string(rc)})")
+    s.shim.sync(op)
+    return [s.shim.download(b, np.uint8, (int(n), row_bytes)) for b, n in zip(dsts, rows)]
+
+
+def check_a2a_exchange(s: Suite, P: int, El: int, node_size: int, hier: bool, mode: str,
+                       row_bytes: int, max_rows: int = 6, pad: int = 2, extra: int = 1,
+                       repeat: bool = False):
+    """A whole EP group on this device (a2a_sim.h over a2a::run_route): dispatch gives the
+    reference local layout (plus zeroed extra rows), combine brings every row back."""
+    op = "a2a_exchange"
+    C = a2a_counts(s, P, El, mode, max_rows)
+    case = (f"P={P} El={El} node={node_size} {'hier' if hier else 'flat'} {mode} "
+            f"row_bytes={row_bytes} rows={int(C.sum())}")
+    n_send = C.sum(axis=1)
+    R = n_send + pad
+    rows = [s.rng.integers(0, 256, size=(int(R[r]), row_bytes), dtype=np.uint8) for r in range(P)]
+    local_ref = ref.a2a_dispatch([rows[r][: n_send[r]] for r in range(P)], C, El)
+    R_loc = [x.shape[0] for x in local_ref]
+    x_d = [s.shim.upload(r) for r in rows]
+    loc_d = [s.shim.alloc((n + extra) * row_bytes) for n in R_loc]
+    got = _simulate(s, C, El, node_size, hier, False, x_d, loc_d, [n + extra for n in R_loc], row_bytes)
+    ok = True
+    for d in range(P):
+        want = np.concatenate([local_ref[d], np.zeros((extra, row_bytes), np.uint8)])
+        ok &= s.exact(op, case, f"dispatch: rows of rank {d} (local expert major, sources "
+                      f"ascending; extra rows zero)", got[d], want)
+    # combine of fresh rows (expert outputs), read from the first R_loc rows of each buffer
+    results = [s.rng.integers(0, 256, size=(n + extra, row_bytes), dtype=np.uint8) for n in R_loc]
+    res_d = [s.shim.upload(r) for r in results]
+    back_d = [s.shim.alloc(int(n) * row_bytes) for n in R]
+    back = _simulate(s, C, El, node_size, hier, True, res_d, back_d, R, row_bytes)
+    want_back = ref.a2a_combine([r[:n] for r, n in zip(results, R_loc)], C, El, R)
+    for r in range(P):
+        ok &= s.exact(op, case, f"combine: rows back at rank {r} (padding zero)", back[r],
+                      want_back[r])
+    if repeat:
+        again = _simulate(s, C, El, node_size, hier, False, x_d, loc_d,
+                          [n + extra for n in R_loc], row_bytes)
+        s.record(op, case, "deterministic (two runs bit-identical)",
+                 all(np.array_equal(a, b) for a, b in zip(got, again)))
+    return ok
+
+
+def check_a2a_rejects_bad_node_size(s: Suite):
+    op, case = "a2a_exchange", "node_size=3 with P=4"
+    C = np.zeros((4, 4), np.int64)
+    bufs = [s.shim.alloc(16) for _ in range(4)]
+    msg = _simulate(s, C, 1, 3, True, False, bufs, bufs, [0] * 4, 16, check=False)
+    s.record(op, case, "error names the node size", isinstance(msg, str)
+             and "node_size=3 must divide the EP group size 4" in msg, str(msg)[:200])
+
+
+def nccl_smoke(s: Suite, rows: int = 1000, row_bytes: int = 8192) -> dict:
+    """The fused all-to-all's NCCL layer on this one GPU (a one-rank group). Returns
+    {"status": "ok" | "skipped" | "failed", "detail": ...}; a failure is also a FAIL result."""
+    skipped = ctypes.c_int(0)
+    _, lib = native_nccl_paths()
+    rc = s.shim.lib.semoe_chk_nccl_smoke(lib.encode(), rows, row_bytes, ctypes.byref(skipped))
+    detail = s.shim.lib.semoe_chk_last_message().decode()
+    if skipped.value:
+        return {"status": "skipped", "detail": detail}
+    s.record("nccl_smoke", f"rows={rows} row_bytes={row_bytes}", "one-rank NCCL exchange", rc == 0,
+             detail if rc == 0 else f"{detail} ({s.shim.error_string(rc)})")
+    return {"status": "ok" if rc == 0 else "failed", "detail": detail}
+
+
+SMALL_PERMUTE = [  # (row_bytes, sizes, misalign, lead, tail, repeat)
+    (16, [3, 0, 5, 1, 2, 7, 0, 4], 0, 0, 0, True),
+    (8192, [2, 3, 1, 0, 2], 0, 0, 0, False),      # bf16 D=4096 rows, 16-byte packs
+    (6, [4, 1, 3, 0, 6, 2, 5], 0, 0, 0, False),   # fp16 D=3: byte path
+    (12, [5, 2, 3], 4, 0, 0, False),              # 4-byte packs
+    (32, [3, 3, 1, 4], 8, 2, 3, False),           # 8-byte packs, untouched lead/tail rows
+    (64, [2, 5, 1, 3], 1, 0, 0, False),           # misaligned by one byte
+    (16, [0] * 5, 0, 1, 1, False),                # only empty blocks
+    (16, [], 0, 0, 2, False),                     # no blocks
+]
+
+SMALL_A2A = [  # (P, El, node_size, hierarchical, row_bytes)
+    (1, 3, 1, False, 16), (2, 2, 2, False, 12), (2, 2, 1, True, 6), (4, 2, 2, True, 16),
+    (4, 1, 4, True, 64), (4, 3, 1, True, 8), (8, 1, 2, True, 16), (8, 2, 4, False, 4),
+    (6, 1, 3, True, 32), (3, 2, 3, True, 16),
+]
+
+
+def run_a2a_suite(s: Suite, profile: str = "small") -> None:
+    """The fused all-to-all pieces: the permutation launcher and the simulated group exchange."""
+    for row_bytes, sizes, mis, lead, tail, repeat in SMALL_PERMUTE:
+        s.guarded("permute_row_blocks", f"row_bytes={row_bytes}", check_permute_row_blocks, s,
+                  row_bytes, sizes, mis, lead, tail, repeat)
+    many = s.rng.integers(0, 4, size=600)  # three launches of 240 blocks, some empty
+    s.guarded("permute_row_blocks", "600 blocks", check_permute_row_blocks, s, 16, many,
+              repeat=True)
+    s.guarded("permute_row_blocks", "bad table", check_permute_rejects_bad_table, s)
+    for i, (P, El, L, hier, row_bytes) in enumerate(SMALL_A2A):
+        for j, mode in enumerate(A2A_MODES if P > 1 else ("uneven", "zeros")):
+            s.guarded("a2a_exchange", f"P={P} El={El} {mode}", check_a2a_exchange, s, P, El, L,
+                      hier, mode, row_bytes, repeat=(i + j) % 7 == 0)
+    s.guarded("a2a_exchange", "bad node size", check_a2a_rejects_bad_node_size, s)
+    if profile == "full":
+        s.guarded("permute_row_blocks", "large", check_permute_row_blocks, s, 8192,
+                  s.rng.multinomial(32768, np.ones(64) / 64), repeat=True)
+        s.guarded("a2a_exchange", "large", check_a2a_exchange, s, 8, 8, 4, True, "uneven", 8192,
+                  max_rows=128, repeat=True)
+
+
 # ================================================================================= suites
 SMALL_DISPATCH = [
     DispatchSpec(0, 64, 8, 2),                                               # T = 0
@@ -589,6 +783,7 @@ def run_suite(s: Suite, profile: str = "small") -> list[Result]:
                   s.rng.multinomial(32768, np.ones(64) / 64).tolist(), "gelu", "bfloat16",
                   repeat=True)
         s.guarded("act_bwd", "large", check_act_bwd, s, 1 << 22, "gelu", "bfloat16", repeat=True)
+    run_a2a_suite(s, profile)
     return s.results
 
 

@@ -5,8 +5,9 @@
   python tools/gpu_check/check.py --emulate-cpu   # anywhere: same driver over the CPU kernels
 
 Steps: build the shim library (nvcc over custom_ops/cuda/*.cu + shim.cu, or g++ over the CPU
-kernels with --emulate-cpu); run every correctness case (cases.py); measure a large
-device-to-device copy and time dispatch/combine and their grads (timing.py); write JSON
+kernels with --emulate-cpu); run every correctness case (cases.py, including the fused
+all-to-all's permutation launcher and a simulated EP group); measure a large device-to-device
+copy and time dispatch/combine and their grads and the row permutation (timing.py); write JSON
 (--json, default $OUT/gpu_check.json when $OUT is set); print a short table last.
 Exit status: 0 all checks passed, 1 a check failed, 2 the build or the device failed.
 """
@@ -33,6 +34,10 @@ logger = logging.getLogger("gpu_check")
 GPU_TIMED = [(16384, 4096, 64, 2, "bfloat16"), (16384, 4096, 64, 2, "float32"),
              (4096, 1024, 16, 2, "bfloat16")]
 CPU_TIMED = [(256, 64, 8, 2, "float32")]
+# The fused all-to-all's row permutation (R rows, D elements, B blocks): the acceptance
+# shape's dispatch rows over 64 experts, and a 1024-block table (several launches).
+GPU_PERMUTE = [(32768, 4096, 64, "bfloat16"), (32768, 4096, 1024, "bfloat16")]
+CPU_PERMUTE = [(512, 64, 16, "float32")]
 ACCEPT_SHAPE = (16384, 4096, 64, 2)
 ACCEPT_PCT = 60.0
 
@@ -67,6 +72,10 @@ def format_table(report: dict) -> str:
     for r in report["checks"]:
         if not r["ok"]:
             lines.append(f"FAIL {r['op']} | {r['case']} | {r['check']}: {r['detail']}"[:300])
+    smoke = report.get("nccl_smoke")
+    if smoke:
+        lines.append(f"nccl smoke (fused all-to-all, one rank): {smoke['status'].upper()}: "
+                     f"{smoke['detail']}"[:300])
     cb = report.get("copy_bandwidth")
     if cb:
         lines.append(f"copy D2D {cb['bytes'] / 2**20:.0f} MiB: {cb['median_ms']:.3f} ms, "
@@ -115,6 +124,9 @@ def main(argv=None) -> int:
 
     suite = cases.Suite(shim, seed)
     cases.run_suite(suite, profile)
+    smoke = {"status": "skipped", "detail": "device in an error state"}
+    if not suite.broken:
+        smoke = cases.nccl_smoke(suite)
     passed, total = cases.summary(suite.results)
 
     report: dict = {
@@ -122,7 +134,7 @@ def main(argv=None) -> int:
         "library": str(lib), "host": platform.node(),
         "checks_passed": passed, "checks_total": total,
         "checks": [vars(r) for r in suite.results],
-        "timings": [], "copy_bandwidth": None,
+        "timings": [], "copy_bandwidth": None, "nccl_smoke": smoke,
     }
     if not args.no_timing and not suite.broken:
         try:
@@ -139,6 +151,9 @@ def main(argv=None) -> int:
                     if (T, D, E, K) == ACCEPT_SHAPE and t.op in ("gate_dispatch", "combine"):
                         d["target_pct"] = ACCEPT_PCT
                     report["timings"].append(d)
+            for R, D, B, dtype in (CPU_PERMUTE if emulate else GPU_PERMUTE):
+                report["timings"].append(timing.time_permute(shim, R, D, B, dtype, gbps, warm,
+                                                             reps, seed, flush).as_dict())
         except native.ShimError as exc:
             logger.error("timing failed: %s", exc)
             report["timing_error"] = str(exc)

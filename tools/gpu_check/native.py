@@ -51,12 +51,30 @@ def _cuda_sources() -> list[Path]:
 
 
 def _hashed_files(kind: str) -> list[Path]:
-    files = sorted(INCLUDE_DIR.rglob("*.h")) + [HERE / "shim_api.h"]
+    files = sorted(INCLUDE_DIR.rglob("*.h")) + [HERE / "shim_api.h", HERE / "a2a_sim.h"]
     if kind == "cuda":
         files += _cuda_sources() + sorted(CUDA_DIR.glob("*.cuh"))
     else:
         files += [HERE / "shim_cpu.cc"]
     return files
+
+
+def nccl_paths() -> tuple[str, str]:
+    """(include dir holding nccl.h, libnccl.so.2 path) from NCCL_INCLUDE_DIR / SEMOE_NCCL_LIB or
+    an installed nvidia-nccl-cu* wheel (PyTorch brings one); "" for what is not found. With the
+    header the CUDA shim compiles the NCCL layer of the fused all-to-all (else its stubs)."""
+    inc, lib = os.environ.get("NCCL_INCLUDE_DIR", ""), os.environ.get("SEMOE_NCCL_LIB", "")
+    try:
+        import nvidia.nccl  # type: ignore[import-not-found]
+
+        for base in map(Path, nvidia.nccl.__path__):
+            if not inc and (base / "include" / "nccl.h").is_file():
+                inc = str(base / "include")
+            if not lib and (base / "lib" / "libnccl.so.2").is_file():
+                lib = str(base / "lib" / "libnccl.so.2")
+    except ImportError:
+        pass
+    return (inc if inc and (Path(inc) / "nccl.h").is_file() else ""), lib
 
 
 def detect_cuda_arch() -> str:
@@ -101,14 +119,17 @@ def build_library(kind: str, build_dir: Path | None = None, arch: str | None = N
         if shutil.which(nvcc) is None:
             raise BuildError(f"nvcc not found (looked for {nvcc!r}); set NVCC or PATH")
         arch = arch or detect_cuda_arch()
-        common = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-I", str(INCLUDE_DIR),
-                  "-I", str(HERE), *_arch_flags(arch)]
+        common = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-pthread",
+                  "-I", str(INCLUDE_DIR), "-I", str(HERE), *_arch_flags(arch)]
+        nccl_inc, _ = nccl_paths()
+        if nccl_inc:
+            common += ["-isystem", nccl_inc]
         flags = [nvcc, *common]
     else:
         cxx = os.environ.get("CXX", "g++")
         if shutil.which(cxx) is None:
             raise BuildError(f"C++ compiler not found (looked for {cxx!r}); set CXX or PATH")
-        flags = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-I", str(INCLUDE_DIR),
+        flags = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-I", str(INCLUDE_DIR),
                  "-I", str(HERE)]
     h = hashlib.sha256(" ".join(flags).encode())
     for f in _hashed_files(kind):
@@ -140,8 +161,8 @@ def build_library(kind: str, build_dir: Path | None = None, arch: str | None = N
                     for _, _, p in procs:
                         p.kill()
                     raise BuildError(f"nvcc failed on {src.name}:\n{' '.join(cmd)}\n{out}")
-            _run([flags[0], "-shared", *_arch_flags(arch), "-o", str(tmp_lib),
-                  *map(str, objs)], "linking the CUDA shim")
+            _run([flags[0], "-shared", "-Xcompiler", "-pthread", *_arch_flags(arch), "-o",
+                  str(tmp_lib), *map(str, objs)], "linking the CUDA shim")
         else:
             _run([*flags, str(HERE / "shim_cpu.cc"), "-o", str(tmp_lib)], "building the CPU shim")
         os.replace(tmp_lib, lib)
@@ -183,6 +204,10 @@ _SIGNATURES: dict[str, tuple[type | None, list]] = {
                                       _U64, _INT]),
     "semoe_chk_bias_act_fwd": (_INT, [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT]),
     "semoe_chk_act_bwd": (_INT, [_P, _P, _P, _INT, _I64, _INT]),
+    "semoe_chk_permute_row_blocks": (_INT, [_P, _P, _I64, _P, _P, _I64]),
+    "semoe_chk_a2a_simulate": (_INT, [_P, _I64, _I64, _I64, _INT, _INT, _P, _P, _P, _I64]),
+    "semoe_chk_nccl_smoke": (_INT, [ctypes.c_char_p, _I64, _I64, ctypes.POINTER(_INT)]),
+    "semoe_chk_last_message": (ctypes.c_char_p, []),
 }
 
 

@@ -336,3 +336,54 @@ def bias_act(h_stored, bias_stored, counts, name: str, dtype: str):
     h_new = encode(v, dtype)
     h_new[~m] = np.asarray(h_stored)[~m]
     return h_new, activation(decode(h_new, dtype), name)
+
+
+# ------------------------------------------------------------------ fused all-to-all
+# Written from the layout contract of paddle_semoe/comm/alltoall.py with plain loops (no code
+# from layout.py or a2a_layout.h). C[s, x] = rows EP rank s sends to expert x; expert x lives
+# on rank x // El; a sender's rows are expert-major over global experts.
+
+def permute_row_blocks(x, src_start, dst_start, out):
+    """``out`` (modified copy) with rows [dst_start[k], dst_start[k+1]) = x rows from
+    src_start[k]; other rows of ``out`` unchanged."""
+    out = np.array(out, copy=True)
+    for k in range(len(src_start)):
+        n = int(dst_start[k + 1] - dst_start[k])
+        out[dst_start[k] : dst_start[k] + n] = x[src_start[k] : src_start[k] + n]
+    return out
+
+
+def a2a_dispatch(rows, C, El: int) -> list[np.ndarray]:
+    """Local rows of every EP rank d: for local expert e, for source s: the rows s sent to
+    expert d*El + e, in their order at s."""
+    C = np.asarray(C, dtype=np.int64)
+    P = C.shape[0]
+    out = []
+    for d in range(P):
+        parts = []
+        for e in range(El):
+            x = d * El + e
+            for s in range(P):
+                start = int(C[s, :x].sum())
+                parts.append(rows[s][start : start + int(C[s, x])])
+        out.append(np.concatenate(parts) if parts else rows[0][:0])
+    return out
+
+
+def a2a_combine(local, C, El: int, out_rows) -> list[np.ndarray]:
+    """Inverse of a2a_dispatch: rows back at every sender s, [out_rows[s], ...], rows past
+    sum(C[s]) zero."""
+    C = np.asarray(C, dtype=np.int64)
+    P = C.shape[0]
+    out = [np.zeros((int(out_rows[s]),) + local[0].shape[1:], dtype=local[0].dtype) for s in range(P)]
+    for d in range(P):
+        at = 0
+        for e in range(El):
+            x = d * El + e
+            for s in range(P):
+                n = int(C[s, x])
+                start = int(C[s, :x].sum())
+                out[s][start : start + n] = local[d][at : at + n]
+                at += n
+    return out
+

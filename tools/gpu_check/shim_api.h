@@ -61,6 +61,29 @@ int semoe_chk_bias_act_fwd(void* h, void* a, int dtype, const void* bias, const 
                            int64_t num_experts, int64_t rows, int64_t cols, int activation);
 int semoe_chk_act_bwd(const void* h, void* a, void* g, int dtype, int64_t n, int activation);
 
+/* ---- fused all-to-all (custom_ops/include/semoe/fused_a2a.h, a2a_layout.h)
+ * permute_row_blocks: dst rows [dst_start[k], dst_start[k+1]) = src rows from src_start[k];
+ *   src_start [num_blocks] and dst_start [num_blocks + 1] are HOST arrays.
+ * a2a_simulate: the exchange of a whole EP group of P ranks on this device (a2a_sim.h): host
+ *   threads run each rank's route (a2a::run_route), permutations through the launcher,
+ *   exchanges as copies between the ranks' buffers. counts: host int64 [P, P*El]; x[r] /
+ *   out[r]: rank r's input rows / output buffer of out_rows[r] rows; inverse: 0 dispatch,
+ *   1 combine. On failure semoe_chk_last_message() says why. */
+int semoe_chk_permute_row_blocks(const void* src, void* dst, int64_t row_bytes,
+                                 const int64_t* src_start, const int64_t* dst_start,
+                                 int64_t num_blocks);
+int semoe_chk_a2a_simulate(const int64_t* counts, int64_t P, int64_t El, int64_t node_size,
+                           int hierarchical, int inverse, const uint64_t* x, const uint64_t* out,
+                           const int64_t* out_rows, int64_t row_bytes);
+/* nccl_smoke: the NCCL layer of the fused all-to-all (fused_a2a_nccl.cu) on this one GPU as a
+ *   one-rank group: load NCCL (`library`: a libnccl.so.2 path or ""), unique id,
+ *   ncclCommInitRank, ncclAllGather of int32 and int64 counts, `rows` rows of row_bytes sent to
+ *   itself through one grouped ncclSend/ncclRecv, a one-rank dispatch + combine through
+ *   a2a::run_route, the host wait, ncclCommDestroy; every result compared. *skipped = 1 (and
+ *   0 returned) when built without nccl.h or NCCL cannot be loaded. */
+int semoe_chk_nccl_smoke(const char* library, int64_t rows, int64_t row_bytes, int* skipped);
+const char* semoe_chk_last_message(void); /* text of the last a2a_simulate / nccl_smoke */
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,12 +3,16 @@
 // NumPy comparisons without a GPU. float16/bfloat16 rows are widened to float32, computed by
 // the float32 CPU kernels and rounded back to nearest-even once (the GPU contract: fp32
 // arithmetic, one rounding per stored value). Timings through this library mean nothing.
+// The fused all-to-all pieces run the host reference of the permutation (a2a_layout.h) and the
+// simulated exchange of a2a_sim.h over host memory.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "a2a_sim.h"
+#include "semoe/a2a_layout.h"
 #include "semoe/activation.h"
 #include "semoe/routing_cpu.h"
 #include "shim_api.h"
@@ -88,6 +92,31 @@ void with_act(int act, Fn&& fn) {
 struct HostEvent {
   std::chrono::steady_clock::time_point t;
 };
+
+// Device of a2a_sim.h over host memory.
+struct HostDevice {
+  std::string permute(const semoe::a2a::BlockPermutation& bp, const void* src, void* dst,
+                      int64_t row_bytes) {
+    semoe::a2a::permute_rows_host(bp, src, dst, row_bytes);
+    return "";
+  }
+  std::string copy(void* dst, const void* src, size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+    return "";
+  }
+  std::string zero(void* dst, size_t bytes) {
+    if (bytes) std::memset(dst, 0, bytes);
+    return "";
+  }
+  std::string sync() { return ""; }
+  std::string alloc(size_t bytes, void** p) {
+    *p = std::malloc(bytes > 0 ? bytes : 1);
+    return *p != nullptr ? "" : "out of host memory";
+  }
+  void release(void* p) { std::free(p); }
+};
+
+std::string g_last_message;
 
 }  // namespace
 
@@ -281,5 +310,48 @@ int semoe_chk_act_bwd(const void* h, void* a, void* g, int dtype, int64_t n, int
   narrow(gf.data(), dtype, n, g);
   return kOk;
 }
+
+int semoe_chk_permute_row_blocks(const void* src, void* dst, int64_t row_bytes,
+                                 const int64_t* src_start, const int64_t* dst_start,
+                                 int64_t num_blocks) {
+  if (row_bytes < 0 || num_blocks < 0) return kInvalidValue;
+  for (int64_t k = 0; k < num_blocks; ++k) {
+    if (dst_start[k + 1] < dst_start[k] || src_start[k] < 0 || dst_start[k] < 0) {
+      return kInvalidValue;
+    }
+  }
+  for (int64_t k = 0; k < num_blocks; ++k) {
+    const int64_t n = dst_start[k + 1] - dst_start[k];
+    if (n > 0 && row_bytes > 0) {
+      std::memcpy(static_cast<char*>(dst) + dst_start[k] * row_bytes,
+                  static_cast<const char*>(src) + src_start[k] * row_bytes,
+                  static_cast<size_t>(n * row_bytes));
+    }
+  }
+  return kOk;
+}
+
+int semoe_chk_a2a_simulate(const int64_t* counts, int64_t P, int64_t El, int64_t node_size,
+                           int hierarchical, int inverse, const uint64_t* x, const uint64_t* out,
+                           const int64_t* out_rows, int64_t row_bytes) {
+  std::vector<const void*> xs(static_cast<size_t>(P > 0 ? P : 0));
+  std::vector<void*> outs(xs.size());
+  for (size_t r = 0; r < xs.size(); ++r) {
+    xs[r] = reinterpret_cast<const void*>(static_cast<uintptr_t>(x[r]));
+    outs[r] = reinterpret_cast<void*>(static_cast<uintptr_t>(out[r]));
+  }
+  g_last_message = semoe_chk::simulate<HostDevice>(
+      counts, P, El, node_size, hierarchical != 0, inverse != 0, xs.data(), outs.data(), out_rows,
+      row_bytes, [] { return std::make_unique<HostDevice>(); });
+  return g_last_message.empty() ? kOk : kInvalidValue;
+}
+
+int semoe_chk_nccl_smoke(const char*, int64_t, int64_t, int* skipped) {
+  *skipped = 1;
+  g_last_message = "CPU emulation has no NCCL";
+  return kOk;
+}
+
+const char* semoe_chk_last_message(void) { return g_last_message.c_str(); }
 
 }  // extern "C"

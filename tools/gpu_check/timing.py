@@ -147,3 +147,32 @@ def time_routing_ops(shim: Shim, T: int, D: int, E: int, K: int, dtype: str,
                           100.0 * gbps / copy_gbps if copy_gbps > 0 else float("nan"), reps))
         logger.info("timed %s %s %s: median %.1f us", name, dtype, shape, med * 1e3)
     return out
+
+
+def time_permute(shim: Shim, R: int, D: int, B: int, dtype: str, copy_gbps: float, warmup: int,
+                 reps: int, seed: int, flush: Buffer | None) -> Timing:
+    """Times permute_row_blocks (the fused all-to-all's Permute step) moving R rows of D
+    elements in B blocks of random sizes and random order; floor: every row read once and
+    written once."""
+    rng = np.random.default_rng(seed)
+    row_bytes = np.dtype(ref.STORAGE[dtype]).itemsize * D
+    sizes = rng.multinomial(R, np.ones(B) / B).astype(np.int64)
+    order = rng.permutation(B)
+    starts = np.concatenate(([0], np.cumsum(sizes)))[:-1]
+    src = np.ascontiguousarray(starts[order], dtype=np.int64)
+    dst = np.ascontiguousarray(np.concatenate(([0], np.cumsum(sizes[order]))), dtype=np.int64)
+    x_d, out_d = shim.alloc(R * row_bytes), shim.alloc(R * row_bytes)
+    shim.fill(x_d, 0x3C)
+
+    def permute():
+        shim.check(shim.lib.semoe_chk_permute_row_blocks(x_d.ptr, out_d.ptr, row_bytes,
+                                                         src.ctypes.data, dst.ctypes.data, B),
+                   "permute_row_blocks")
+
+    times = time_op(shim, permute, warmup, reps, flush)
+    med = statistics.median(times)
+    floor = 2 * R * row_bytes
+    gbps = floor / (med * 1e-3) / 1e9 if med > 0 else float("inf")
+    logger.info("timed a2a_permute %s R=%d D=%d B=%d: median %.1f us", dtype, R, D, B, med * 1e3)
+    return Timing("a2a_permute", dtype, f"R={R} D={D} B={B}", med * 1e3, min(times) * 1e3, floor,
+                  gbps, 100.0 * gbps / copy_gbps if copy_gbps > 0 else float("nan"), reps)

@@ -1,0 +1,448 @@
+"""Fused expert all-to-all over NCCL: counts and rows in one custom op per direction.
+
+The same contract as :class:`paddle_semoe.comm.alltoall.ExpertExchange` (identical
+``local_rows`` layout: local expert major, source EP rank minor; ``combine`` is the exact
+inverse route; rows past ``sum(counts)`` come back zero), but each direction is one compiled op
+(``custom_ops/cuda/fused_a2a_op.cc``) instead of a chain of Paddle gathers and
+``alltoall_single`` calls:
+
+* ``semoe_fused_a2a_dispatch(rows, counts)``: ``ncclAllGather`` of the counts on the op's own
+  communicator, then **one host wait** (split sizes and the number of received rows depend on
+  every rank's counts: the Python exchange has the same sync in its ``.numpy()``), the layout
+  arithmetic of ``semoe/a2a_layout.h`` on the host, and the dispatch route: grouped
+  ``ncclSend``/``ncclRecv`` straight from the expert-major rows plus one row-permutation
+  kernel (two exchanges and up to three permutations for the hierarchical route);
+* ``semoe_fused_a2a_route(x, count_matrix)``: the route of a known count matrix in either
+  direction, with no host wait: combine, and the backward of dispatch and of combine.
+
+Communicators: one NCCL communicator per EP group (and device), separate from Paddle's, built
+on first use: EP rank 0 calls ``ncclGetUniqueId``, the 128-byte id is broadcast over the
+existing Paddle group (``paddle.distributed.broadcast``), then every member calls
+``ncclCommInitRank``. The handle (the ``ncclComm_t`` as an int64) lives in a small registry
+keyed by the group's ranks and the device, and travels to the ops as an attribute.
+NCCL itself is found at run time (see :func:`nccl_library_path`).
+
+Every rank of the EP group must call dispatch/combine (and their backward) in the same order,
+like any collective. A dispatch whose peers never arrive fails after ``timeout_s``: the op
+aborts the communicator (it is dropped from the registry; the next call builds a new one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import paddle
+from paddle.autograd import PyLayer
+
+from paddle_semoe.comm.topology import CommGroup, Topology
+from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S
+from paddle_semoe.comm.watchdog import CollectiveWatchdog, CommError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FusedExchangePlan",
+    "FusedNcclExchange",
+    "destroy_communicators",
+    "fused_ops_available",
+    "nccl_library_path",
+]
+
+
+# ----------------------------------------------------------------------------- the ops
+class FusedOps(Protocol):
+    """What :class:`FusedNcclExchange` needs from the compiled library (tests substitute it)."""
+
+    def dispatch(self, rows: paddle.Tensor, counts: paddle.Tensor, comm: int, ep_rank: int, ep_size: int,
+                 num_local_experts: int, node_size: int, hierarchical: bool, timeout_ms: int
+                 ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]: ...
+
+    def route(self, x: paddle.Tensor, count_matrix: paddle.Tensor, comm: int, ep_rank: int, ep_size: int,
+              num_local_experts: int, node_size: int, hierarchical: bool, inverse: bool,
+              out_rows: int) -> paddle.Tensor: ...
+
+    def gather_counts(self, counts: paddle.Tensor, group: CommGroup, watchdog: CollectiveWatchdog
+                      ) -> np.ndarray: ...
+
+    def create_comm(self, group: CommGroup, device: int, watchdog: CollectiveWatchdog) -> int: ...
+
+    def destroy_comm(self, comm: int, abort: bool) -> None: ...
+
+
+def nccl_library_path() -> str:
+    """The libnccl the ops load when Paddle has not loaded one already: ``$SEMOE_NCCL_LIB``,
+    else the ``nvidia-nccl-cu*`` wheel's ``lib/libnccl.so.2``, else ``""`` (the loader's
+    search path)."""
+    env = os.environ.get("SEMOE_NCCL_LIB")
+    if env:
+        return env
+    try:
+        import nvidia.nccl  # type: ignore[import-not-found]
+
+        for base in list(getattr(nvidia.nccl, "__path__", [])):
+            candidate = Path(base) / "lib" / "libnccl.so.2"
+            if candidate.is_file():
+                return str(candidate)
+    except ImportError:
+        pass
+    return ""
+
+
+def _compiled_library() -> Any:
+    from paddle_semoe import ops
+
+    return ops.resolve_backend("custom")
+
+
+def fused_ops_available() -> bool:
+    """Whether the op library has the fused NCCL ops (a CUDA build of Paddle)."""
+    try:
+        return hasattr(_compiled_library(), "semoe_fused_a2a_dispatch")
+    except Exception:  # no build at all
+        return False
+
+
+class CompiledFusedOps:
+    """:class:`FusedOps` over the compiled library (``custom_ops/cuda/fused_a2a_op.cc``)."""
+
+    def __init__(self, library: str | None = None) -> None:
+        lib = _compiled_library()
+        if not hasattr(lib, "semoe_fused_a2a_dispatch"):
+            raise RuntimeError(
+                "the fused NCCL all-to-all needs the custom op library built with a CUDA build of "
+                "Paddle (custom_ops/cuda/fused_a2a_op.cc is compiled only then); this Paddle "
+                f"(compiled_with_cuda={paddle.is_compiled_with_cuda()}) has no such op"
+            )
+        self.lib = lib
+        self.library = nccl_library_path() if library is None else library
+        versions = lib.semoe_nccl_load(paddle.zeros([1], dtype="int64").cpu(), self.library).numpy()
+        self.compiled_version, self.runtime_version = int(versions[0]), int(versions[1])
+        logger.info("fused all-to-all: NCCL %d (compiled against %d)", self.runtime_version,
+                    self.compiled_version)
+
+    def dispatch(self, rows, counts, comm, ep_rank, ep_size, num_local_experts, node_size, hierarchical,
+                 timeout_ms):
+        return self.lib.semoe_fused_a2a_dispatch(rows, counts, comm, ep_rank, ep_size, num_local_experts,
+                                                 node_size, hierarchical, timeout_ms)
+
+    def route(self, x, count_matrix, comm, ep_rank, ep_size, num_local_experts, node_size, hierarchical,
+              inverse, out_rows):
+        return self.lib.semoe_fused_a2a_route(x, count_matrix, comm, ep_rank, ep_size, num_local_experts,
+                                              node_size, hierarchical, inverse, out_rows)
+
+    def gather_counts(self, counts: paddle.Tensor, group: CommGroup, watchdog: CollectiveWatchdog
+                      ) -> np.ndarray:
+        """int64 ``[G, E]``: every member's counts (Paddle's all_gather; one host sync)."""
+        import paddle.distributed as dist
+
+        counts = counts.astype("int64").reshape([-1])
+        if group.size == 1:
+            return counts.numpy()[None, :]
+        gathered: list[paddle.Tensor] = []
+        with watchdog.guard("fused_a2a[all_gather counts]", group.describe()):
+            dist.all_gather(gathered, counts, group=group.handle)
+            return np.stack([g.numpy() for g in gathered])
+
+    def create_comm(self, group: CommGroup, device: int, watchdog: CollectiveWatchdog) -> int:
+        """Collective over ``group``: unique id on member 0, broadcast, ncclCommInitRank."""
+        import paddle.distributed as dist
+
+        anchor = paddle.zeros([1], dtype="int64").cpu()
+        if group.rank_in_group == 0:
+            uid = self.lib.semoe_nccl_unique_id(anchor, self.library).numpy()
+        else:
+            uid = np.zeros(16, dtype=np.int64)
+        if group.size > 1:
+            buf = paddle.to_tensor(uid, place=paddle.CUDAPlace(device))
+            with watchdog.guard("fused_a2a[broadcast nccl unique id]", group.describe()):
+                dist.broadcast(buf, src=group.ranks[0], group=group.handle)
+                uid = buf.numpy()
+        with watchdog.guard("fused_a2a[ncclCommInitRank]", group.describe()):
+            handle = self.lib.semoe_nccl_comm_init(paddle.to_tensor(uid, place=paddle.CPUPlace()), group.size,
+                                                   group.rank_in_group, device)
+        return int(handle.numpy()[0])
+
+    def destroy_comm(self, comm: int, abort: bool) -> None:
+        handle = paddle.to_tensor(np.array([comm], dtype=np.int64), place=paddle.CPUPlace())
+        self.lib.semoe_nccl_comm_destroy(handle, abort)
+
+
+# ------------------------------------------------------------------------ communicators
+_REGISTRY_LOCK = threading.Lock()
+#: (group ranks, device, global rank) -> (ncclComm_t as int, the ops that made it). The global
+#: rank is constant in a real process; it keeps simulated ranks (threads) apart in tests.
+_REGISTRY: dict[tuple[tuple[int, ...], int, int], tuple[int, FusedOps]] = {}
+
+
+def _communicator(ops: FusedOps, group: CommGroup, device: int, watchdog: CollectiveWatchdog) -> int:
+    key = (tuple(group.ranks), device, group.global_rank)
+    with _REGISTRY_LOCK:
+        if key in _REGISTRY:
+            return _REGISTRY[key][0]
+    comm = ops.create_comm(group, device, watchdog)  # collective: outside the lock
+    with _REGISTRY_LOCK:
+        _REGISTRY[key] = (comm, ops)
+    logger.info("fused all-to-all: NCCL communicator for %s on device %d", group.describe(), device)
+    return comm
+
+
+def _forget_communicator(comm: int) -> None:
+    with _REGISTRY_LOCK:
+        for key, (c, _) in list(_REGISTRY.items()):
+            if c == comm:
+                del _REGISTRY[key]
+
+
+def destroy_communicators() -> int:
+    """Destroy every communicator this process built (call while all peers are alive, e.g.
+    at the end of training); returns how many were destroyed."""
+    with _REGISTRY_LOCK:
+        items = list(_REGISTRY.values())
+        _REGISTRY.clear()
+    for comm, ops in items:
+        ops.destroy_comm(comm, False)
+    return len(items)
+
+
+def _current_device() -> int:
+    name = paddle.device.get_device()  # "gpu:3" / "cpu"
+    return int(name.split(":")[1]) if ":" in name else 0
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class FusedExchangePlan:
+    """Result of the count phase; consumed by dispatch and combine of the same batch.
+
+    Attributes:
+        count_matrix: int64 ``[P, E]`` on the host: rows EP rank ``s`` sends to expert ``x``.
+        count_matrix_tensor: the same as an int64 CPU tensor (fed to the route op as is).
+        ep_rank: this rank's index in the EP group.
+        num_local_experts: ``El``.
+        num_send_rows: ``sum(counts)`` of this rank.
+        num_input_rows: ``R``, rows of the sender buffer including padding (``-1`` until
+            dispatch has seen the rows).
+        local_counts: int64 ``[El]``, rows per local expert after dispatch.
+        hierarchical: whether the two-step route is used.
+    """
+
+    count_matrix: np.ndarray
+    count_matrix_tensor: paddle.Tensor
+    ep_rank: int
+    num_local_experts: int
+    num_send_rows: int
+    num_input_rows: int
+    local_counts: np.ndarray
+    hierarchical: bool
+
+    @property
+    def num_local_rows(self) -> int:
+        """``R_loc = sum(local_counts)``: rows of ``local_rows``."""
+        return int(self.local_counts.sum())
+
+    @property
+    def send_counts(self) -> np.ndarray:
+        """int64 ``[E]``: this rank's counts."""
+        return self.count_matrix[self.ep_rank]
+
+    def local_counts_tensor(self, place: Any = None) -> paddle.Tensor:
+        """``local_counts`` as int32 (on ``place`` if given)."""
+        return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
+
+
+# ---------------------------------------------------------------------------- autograd
+class _FusedDispatch(PyLayer):
+    """Counts + rows in one op; backward = the combine route on the gradient."""
+
+    @staticmethod
+    def forward(ctx, rows, counts, ex: "FusedNcclExchange", out: dict):
+        local_rows, local_counts, C = ex._call("dispatch", rows, counts)
+        ctx.ex, ctx.C, ctx.rows = ex, C, rows.shape[0]
+        ctx.mark_non_differentiable(local_counts)
+        out["count_matrix"] = C
+        return local_rows, local_counts
+
+    @staticmethod
+    def backward(ctx, grad_local_rows, *unused):
+        return ctx.ex._route(grad_local_rows, ctx.C, inverse=True, out_rows=ctx.rows), None
+
+
+class _FusedRoute(PyLayer):
+    """A known plan in one direction; backward = the other direction."""
+
+    @staticmethod
+    def forward(ctx, x, ex: "FusedNcclExchange", plan: "FusedExchangePlan", inverse: bool, out_rows: int,
+                back_rows: int):
+        C = plan.count_matrix_tensor  # travels inside the plan: not a differentiable input
+        ctx.ex, ctx.C, ctx.inverse, ctx.back_rows = ex, C, inverse, back_rows
+        return ex._route(x, C, inverse=inverse, out_rows=out_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.ex._route(grad, ctx.C, inverse=not ctx.inverse, out_rows=ctx.back_rows)
+
+
+# ---------------------------------------------------------------------------- exchange
+class FusedNcclExchange:
+    """Drop-in for :class:`~paddle_semoe.comm.alltoall.ExpertExchange` on GPUs with NCCL.
+
+    Args:
+        topology: process groups; the exchange runs in ``topology.ep_group`` (its own NCCL
+            communicator over those ranks). ``hierarchical`` uses
+            ``topology.intra_node_group.size`` as the node size, like ``ExpertExchange``.
+        num_local_experts: ``El``; ``E = ep_degree * El``.
+        hierarchical: route intra-node first, then across nodes on the same local rank.
+        timeout_s: bound on the count phase's host wait (``None``: unbounded); past it the
+            communicator is aborted and :class:`CommError` raised.
+        ops: the compiled ops (default) or a substitute with the same methods (tests).
+        device: GPU index of this process (default: Paddle's current device).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        num_local_experts: int,
+        *,
+        hierarchical: bool = False,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        ops: FusedOps | None = None,
+        device: int | None = None,
+    ) -> None:
+        if not isinstance(num_local_experts, int) or num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
+        self.topology = topology
+        self.num_local_experts = num_local_experts
+        self.hierarchical = bool(hierarchical)
+        self.node_size = topology.intra_node_group.size
+        if self.hierarchical and topology.ep_degree % self.node_size:
+            raise ValueError(
+                f"hierarchical exchange: node size {self.node_size} must divide ep_degree {topology.ep_degree}"
+            )
+        self.timeout_ms = int(timeout_s * 1000) if timeout_s and timeout_s > 0 else 0
+        self.watchdog = CollectiveWatchdog(timeout_s, topology.rank)
+        self.ops: FusedOps = ops if ops is not None else CompiledFusedOps()
+        self.device = _current_device() if device is None else device
+        self._comm: int | None = None
+
+    @property
+    def ep_degree(self) -> int:
+        return self.topology.ep_degree
+
+    @property
+    def num_experts(self) -> int:
+        return self.topology.ep_degree * self.num_local_experts
+
+    @property
+    def comm(self) -> int:
+        """The NCCL communicator handle of the EP group (built on first use; collective)."""
+        if self._comm is None:
+            self._comm = _communicator(self.ops, self.topology.ep_group, self.device, self.watchdog)
+        return self._comm
+
+    # -- op calls ---------------------------------------------------------------------
+    def _attrs(self) -> tuple:
+        return (self.comm, self.topology.ep_rank, self.ep_degree, self.num_local_experts, self.node_size,
+                self.hierarchical)
+
+    def _call(self, what: str, *tensors, **extra):
+        try:
+            if what == "dispatch":
+                return self.ops.dispatch(*tensors, *self._attrs(), self.timeout_ms)
+            return self.ops.route(*tensors, *self._attrs(), extra["inverse"], extra["out_rows"])
+        except Exception as exc:
+            if "communicator was aborted" in str(exc):
+                _forget_communicator(self._comm)
+                self._comm = None
+                where = self.topology.ep_group.describe()
+                raise CommError(f"fused all-to-all {what} on {where}: {exc}") from exc
+            raise
+
+    def _route(self, x: paddle.Tensor, C: paddle.Tensor, *, inverse: bool, out_rows: int) -> paddle.Tensor:
+        x = x if x.is_contiguous() else x.contiguous()
+        return self._call("route", x, C, inverse=inverse, out_rows=out_rows)
+
+    def _check_counts(self, counts: paddle.Tensor | np.ndarray) -> paddle.Tensor:
+        shape = list(counts.shape)
+        if shape != [self.num_experts]:
+            raise ValueError(
+                f"counts must have shape [E={self.num_experts}] (ep_degree={self.ep_degree} x "
+                f"num_local_experts={self.num_local_experts}), got {shape}"
+            )
+        if "int" not in str(counts.dtype):
+            raise ValueError(f"counts must be an integer tensor (int32), got dtype {counts.dtype}")
+        return paddle.to_tensor(counts) if isinstance(counts, np.ndarray) else counts
+
+    def _plan(self, C: paddle.Tensor, num_input_rows: int) -> FusedExchangePlan:
+        Cn = C.numpy().astype(np.int64, copy=False)
+        me, El = self.topology.ep_rank, self.num_local_experts
+        return FusedExchangePlan(
+            count_matrix=Cn,
+            count_matrix_tensor=C if C.place.is_cpu_place() else paddle.to_tensor(Cn, place=paddle.CPUPlace()),
+            ep_rank=me,
+            num_local_experts=El,
+            num_send_rows=int(Cn[me].sum()),
+            num_input_rows=num_input_rows,
+            local_counts=Cn[:, me * El : (me + 1) * El].sum(axis=0),
+            hierarchical=self.hierarchical,
+        )
+
+    # -- ExpertExchange API -----------------------------------------------------------
+    def dispatch(self, rows: paddle.Tensor, counts: paddle.Tensor | np.ndarray
+                 ) -> tuple[paddle.Tensor, paddle.Tensor, FusedExchangePlan]:
+        """Both phases in one op: ``rows [R, D]`` (expert-major, GPU), ``counts int32 [E]``
+        -> ``(local_rows [R_loc, D], local_counts int32 [El] on the rows' device, plan)``."""
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
+        counts = self._check_counts(counts)
+        if counts.place != rows.place:
+            counts = paddle.to_tensor(counts.numpy(), place=rows.place)
+        rows_c = rows if rows.is_contiguous() else rows.contiguous()
+        side: dict = {}
+        local_rows, local_counts = _FusedDispatch.apply(rows_c, counts, self, side)
+        plan = self._plan(side["count_matrix"], rows.shape[0])
+        return local_rows, local_counts, plan
+
+    def exchange_counts(self, counts: paddle.Tensor | np.ndarray) -> FusedExchangePlan:
+        """Count phase alone (Paddle's all_gather on the EP group; one host sync), for callers
+        that overlap it with other work before :meth:`dispatch_rows`."""
+        counts = self._check_counts(counts)
+        C = np.asarray(self.ops.gather_counts(counts, self.topology.ep_group, self.watchdog))
+        if (C < 0).any():
+            s, x = np.argwhere(C < 0)[0]
+            raise ValueError(f"count matrix has a negative count {C[s, x]} (source {s}, expert {x})")
+        return self._plan(paddle.to_tensor(C.astype(np.int64), place=paddle.CPUPlace()), -1)
+
+    def dispatch_rows(self, rows: paddle.Tensor, plan: FusedExchangePlan
+                      ) -> tuple[paddle.Tensor, FusedExchangePlan]:
+        """Row phase of dispatch for a plan from :meth:`exchange_counts` (differentiable)."""
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
+        R = rows.shape[0]
+        if R < plan.num_send_rows:
+            raise ValueError(
+                f"rows has {R} rows but counts sum to {plan.num_send_rows}: rows must hold "
+                f"sum(counts) expert-major rows (plus optional padding)"
+            )
+        plan = dataclasses.replace(plan, num_input_rows=R)
+        rows = rows if rows.is_contiguous() else rows.contiguous()
+        out = _FusedRoute.apply(rows, self, plan, False, plan.num_local_rows, R)
+        return out, plan
+
+    def combine(self, local_out: paddle.Tensor, plan: FusedExchangePlan) -> paddle.Tensor:
+        """Inverse route: ``local_out [R_loc, D]`` -> ``rows [R, D]`` in the sender's layout
+        (rows past ``sum(counts)`` zero). Differentiable: the backward is the dispatch route."""
+        if plan.num_input_rows < 0:
+            raise ValueError("plan has not been through dispatch (num_input_rows unknown)")
+        if local_out.ndim != 2 or local_out.shape[0] != plan.num_local_rows:
+            raise ValueError(
+                f"local_out must be [R_loc={plan.num_local_rows}, D], got shape {list(local_out.shape)}"
+            )
+        local_out = local_out if local_out.is_contiguous() else local_out.contiguous()
+        return _FusedRoute.apply(local_out, self, plan, True, plan.num_input_rows, plan.num_local_rows)
