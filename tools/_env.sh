@@ -5,8 +5,9 @@ if ! "$PY" -c "import paddle" >/dev/null 2>&1; then
   echo "== no Paddle found: installing paddlepaddle==3.3.1 (CPU) from PyPI"
   "$PY" -m pip install -q "paddlepaddle==3.3.1"
 fi
-if ! "$PY" -c "import yaml, numpy, pytest" >/dev/null 2>&1; then
-  "$PY" -m pip install -q pyyaml numpy pytest
+if ! "$PY" -c "import yaml, numpy, pytest, sklearn" >/dev/null 2>&1; then
+  # scikit-learn ships the 8x8 digits images of the UFO example (nothing is downloaded at run time)
+  "$PY" -m pip install -q pyyaml numpy pytest scikit-learn
 fi
 if ! "$PY" -c "import paddle_semoe" >/dev/null 2>&1 || [ "$("$PY" -c 'import paddle_semoe,os;print(os.path.dirname(os.path.dirname(os.path.abspath(paddle_semoe.__file__))))')" != "$PWD" ]; then
   echo "== installing paddle-semoe (editable) from $PWD"

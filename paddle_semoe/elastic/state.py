@@ -1,0 +1,291 @@
+"""Checkpoints of an elastic multi-task job, re-planned and resharded on load.
+
+Files come from :mod:`paddle_semoe.engine.checkpoint` (one ``.npz`` shard per rank, a manifest
+with SHA-256 of every file, atomic publication). What a shard holds is decided per *entity*
+(``shared`` or ``task:<name>``): every entity is saved exactly once, by its owner under the plan
+in force (shared: rank 0; task ``t``: the first rank of its group), as
+
+* ``param/<structured name>``: the parameter, and
+* ``opt/<structured name>/<accumulator>``: its AdamW state (moments, beta powers).
+
+The manifest's ``meta`` records the plan, the owner rank of every entity, and the SHA-256 of
+every entity's parameters (:func:`entity_digest`) plus their combination ``param_sha256``
+(the checksum of the gathered model).
+
+Loading onto another world size or plan: every rank rebuilds its model for the tasks the *new*
+plan gives it and pulls each of its parameters from the old owner's shard. Since each entity
+is stored whole, resharding is a lookup (no slicing); the new owners write it again at the
+next save. :func:`live_digest` recomputes the checksum from the parameters in memory across the
+ranks, so a resumed job can prove that it holds exactly the saved model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import paddle
+
+from paddle_semoe.engine import checkpoint as ckpt
+from paddle_semoe.engine.checkpoint import CheckpointError
+from paddle_semoe.elastic.params import entity_name, split_by_task
+from paddle_semoe.elastic.planner import Plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_KIND",
+    "Collectives",
+    "checkpoint_digest",
+    "combine_digests",
+    "entity_digest",
+    "live_digest",
+    "restore_elastic",
+    "save_elastic",
+]
+
+CHECKPOINT_KIND = "elastic-multitask/1"
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The two world collectives checkpointing needs (real or simulated).
+
+    ``sum_int64(a)``: element-wise sum of an int64 array over all ranks (every rank gets it);
+    ``barrier()``: wait for all ranks.
+    """
+
+    sum_int64: Callable[[np.ndarray], np.ndarray]
+    barrier: Callable[[], None]
+
+    @staticmethod
+    def single() -> "Collectives":
+        return Collectives(lambda a: np.asarray(a, dtype=np.int64).copy(), lambda: None)
+
+
+def entity_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over ``(name, dtype, shape, bytes)`` of every array, by sorted name."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{list(a.shape)}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def combine_digests(entities: Mapping[str, str]) -> str:
+    """The model checksum from per-entity digests (order independent)."""
+    h = hashlib.sha256()
+    for name in sorted(entities):
+        h.update(f"{name}={entities[name]}\n".encode())
+    return h.hexdigest()
+
+
+def _entities(plan: Plan) -> list[str]:
+    names = [t.name for t in plan.tasks]
+    return ["shared"] + [entity_name(t, names) for t in range(len(names))]
+
+
+def _owner(plan: Plan, entity: str) -> int:
+    if entity == "shared":
+        return 0
+    names = [t.name for t in plan.tasks]
+    return plan.owner(names.index(entity.split(":", 1)[1]))
+
+
+def _by_entity(named: Iterable[tuple[str, paddle.Tensor]], plan: Plan) -> dict[str, list[tuple[str, paddle.Tensor]]]:
+    names = [t.name for t in plan.tasks]
+    return {entity_name(t, names): ps for t, ps in split_by_task(named).items()}
+
+
+def _hex_to_words(hexdigest: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(hexdigest), dtype=">u8").astype(np.uint64).view(np.int64)
+
+
+def _words_to_hex(words: np.ndarray) -> str:
+    return np.asarray(words, dtype=np.int64).view(np.uint64).astype(">u8").tobytes().hex()
+
+
+def _gather_digests(local: Mapping[str, str], entities: list[str], coll: Collectives) -> dict[str, str]:
+    """Every entity's digest on every rank: owners fill their rows, the rest are zero, summed."""
+    table = np.zeros((len(entities), 4), dtype=np.int64)
+    for i, e in enumerate(entities):
+        if e in local:
+            table[i] = _hex_to_words(local[e])
+    total = coll.sum_int64(table)
+    out = {}
+    for i, e in enumerate(entities):
+        if not total[i].any():
+            raise CheckpointError(f"no rank owns {e!r}: the plan places it nowhere")
+        out[e] = _words_to_hex(total[i])
+    return out
+
+
+def live_digest(named_params: Iterable[tuple[str, paddle.Tensor]], plan: Plan, rank: int, coll: Collectives) -> tuple[str, dict[str, str]]:
+    """Checksum of the whole model as it is in memory across the ranks (collective).
+
+    Returns ``(param_sha256, {entity: sha256})``, equal on every rank.
+    """
+    groups = _by_entity(named_params, plan)
+    local = {e: entity_digest({n: p.numpy() for n, p in ps}) for e, ps in groups.items() if _owner(plan, e) == rank}
+    digests = _gather_digests(local, _entities(plan), coll)
+    return combine_digests(digests), digests
+
+
+def _opt_state_by_param(optimizer: paddle.optimizer.Optimizer, named: Mapping[str, paddle.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+    """AdamW state (keys ``<tensor name>_<acc>``) -> {structured name: {acc: array}}."""
+    by_tensor = {p.name: n for n, p in named.items()}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in optimizer.state_dict().items():
+        if not hasattr(value, "numpy"):
+            continue  # LR scheduler entries: the schedule is a pure function of the step
+        owner = max((t for t in by_tensor if key.startswith(t + "_")), key=len, default=None)
+        if owner is not None:
+            out.setdefault(by_tensor[owner], {})[key[len(owner) + 1:]] = value.numpy()
+    return out
+
+
+def save_elastic(
+    root: Path,
+    step: int,
+    plan: Plan,
+    rank: int,
+    named_params: Iterable[tuple[str, paddle.Tensor]],
+    optimizer: paddle.optimizer.Optimizer,
+    progress: Mapping[str, Any],
+    coll: Collectives,
+    keep: int,
+    write_config: Callable[[Path], None] | None = None,
+) -> tuple[Path, str]:
+    """Write a checkpoint (collective). Returns ``(final directory, param_sha256)``."""
+    named = dict(named_params)
+    final = root / ckpt.step_dir_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    coll.barrier()
+    groups = _by_entity(named.items(), plan)
+    owned = {e: ps for e, ps in groups.items() if _owner(plan, e) == rank}
+    opt = _opt_state_by_param(optimizer, named)
+    tensors: dict[str, np.ndarray] = {}
+    local_digests: dict[str, str] = {}
+    for e, ps in owned.items():
+        arrays = {n: p.numpy() for n, p in ps}
+        local_digests[e] = entity_digest(arrays)
+        for n, a in arrays.items():
+            tensors[f"param/{n}"] = a
+            for acc, arr in opt.get(n, {}).items():
+                tensors[f"opt/{n}/{acc}"] = arr
+    meta = {"rank": rank, "entities": sorted(owned), "params": {e: sorted(n for n, _ in ps) for e, ps in owned.items()}}
+    record = ckpt.save_shard(tmp / ckpt.shard_name(rank), tensors, meta)
+    digests = _gather_digests(local_digests, _entities(plan), coll)
+    records = _gather_records(record, plan.world_size, coll)
+    param_sha = combine_digests(digests)
+    if rank == 0:
+        if write_config is not None:
+            write_config(tmp / "config.yaml")
+            records.append(ckpt.FileRecord("config.yaml", ckpt.sha256_file(tmp / "config.yaml"), (tmp / "config.yaml").stat().st_size))
+        manifest_meta = {
+            "kind": CHECKPOINT_KIND,
+            "plan": plan.to_dict(),
+            "owners": {e: _owner(plan, e) for e in _entities(plan)},
+            "entity_sha256": digests,
+            "param_sha256": param_sha,
+            "progress": dict(progress),
+        }
+        ckpt.write_manifest(tmp, step, plan.world_size, records, manifest_meta)
+        ckpt.publish(tmp, final, keep)
+    coll.barrier()
+    return final, param_sha
+
+
+def _gather_records(record: ckpt.FileRecord, world: int, coll: Collectives) -> list[ckpt.FileRecord]:
+    """Every rank's shard record (sha256 words + size), through one int64 sum."""
+    table = np.zeros((world, 5), dtype=np.int64)
+    rank = int(record.name.split("_")[1].split(".")[0])
+    table[rank, :4] = _hex_to_words(record.sha256)
+    table[rank, 4] = record.bytes
+    total = coll.sum_int64(table)
+    return [ckpt.FileRecord(ckpt.shard_name(r), _words_to_hex(total[r, :4]), int(total[r, 4])) for r in range(world)]
+
+
+def _check_kind(manifest: ckpt.Manifest) -> None:
+    if manifest.meta.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(
+            f"checkpoint {manifest.path} is not an elastic multi-task checkpoint "
+            f"(kind {manifest.meta.get('kind')!r}, expected {CHECKPOINT_KIND!r})"
+        )
+
+
+def restore_elastic(
+    manifest: ckpt.Manifest,
+    plan: Plan,
+    named_params: Iterable[tuple[str, paddle.Tensor]],
+    optimizer: paddle.optimizer.Optimizer,
+) -> dict[str, Any]:
+    """Load this rank's parameters and AdamW state from the old owners' shards (any old plan).
+
+    Returns the saved progress. Raises :class:`CheckpointError` naming the problem when the
+    tasks differ, a parameter is missing or has another shape, or the checkpoint holds
+    parameters of an entity that this model does not have.
+    """
+    _check_kind(manifest)
+    where = str(manifest.path)
+    old = Plan.from_dict(manifest.meta["plan"])
+    old_names = [t.name for t in old.tasks]
+    new_names = [t.name for t in plan.tasks]
+    if old_names != new_names:
+        raise CheckpointError(f"checkpoint {where} was trained on tasks {old_names}; this job has {new_names}")
+    owners: dict[str, int] = manifest.meta["owners"]
+    named = dict(named_params)
+    cache: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
+
+    def shard(r: int) -> tuple[dict[str, np.ndarray], dict]:
+        if r not in cache:
+            cache[r] = manifest.shard(r)
+        return cache[r]
+
+    opt_state: dict[str, paddle.Tensor] = {}
+    for e, ps in _by_entity(named.items(), plan).items():
+        if e not in owners:
+            raise CheckpointError(f"checkpoint {where} has no owner for {e!r}")
+        tensors, meta = shard(owners[e])
+        saved = set(meta.get("params", {}).get(e, []))
+        mine = {n for n, _ in ps}
+        if saved != mine:
+            missing, extra = sorted(mine - saved), sorted(saved - mine)
+            raise CheckpointError(
+                f"checkpoint {where}: {e!r} parameters differ from the model (missing {missing[:4]}, "
+                f"unexpected {extra[:4]}): was the model config changed?"
+            )
+        for n, p in ps:
+            arr = tensors[f"param/{n}"]
+            if list(arr.shape) != list(p.shape):
+                raise CheckpointError(
+                    f"checkpoint {where}: parameter {n!r} has shape {list(arr.shape)}, the model expects {list(p.shape)}"
+                )
+            p.set_value(arr)
+            prefix = f"opt/{n}/"
+            for k, a in tensors.items():
+                if k.startswith(prefix):
+                    opt_state[f"{p.name}_{k[len(prefix):]}"] = paddle.to_tensor(a)
+    if opt_state:
+        optimizer.set_state_dict(opt_state)
+    return dict(manifest.meta["progress"])
+
+
+def checkpoint_digest(manifest: ckpt.Manifest) -> tuple[str, dict[str, str]]:
+    """Recompute ``(param_sha256, {entity: sha256})`` from a checkpoint's files (offline)."""
+    _check_kind(manifest)
+    digests: dict[str, str] = {}
+    for e, r in manifest.meta["owners"].items():
+        tensors, meta = manifest.shard(int(r))
+        names = meta["params"].get(e, [])
+        digests[e] = entity_digest({n: tensors[f"param/{n}"] for n in names})
+    return combine_digests(digests), digests

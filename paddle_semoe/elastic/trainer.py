@@ -1,0 +1,524 @@
+"""The elastic multi-task training loop: profile, plan, group, train, checkpoint, resume anywhere.
+
+Start-up on every rank (all collective steps in the same order everywhere):
+
+1. task costs (:mod:`~paddle_semoe.elastic.cost`: profiled on the ranks, from the config, or
+   from FLOPs), averaged over the ranks and broadcast from rank 0;
+2. the plan (:mod:`~paddle_semoe.elastic.planner`), explained in the log by rank 0 against the
+   naive one-rank-per-task plan and written to ``<output_dir>/plan.json``; every rank checks
+   that all ranks computed the same plan;
+3. the task groups (:mod:`~paddle_semoe.elastic.groups`), the model with the hosted tasks'
+   parameters only, AdamW, the gradient sync (:mod:`~paddle_semoe.elastic.sync`);
+4. resume (``train.resume=auto``: the latest checkpoint if any) from a checkpoint written by
+   any number of ranks under any plan (:mod:`~paddle_semoe.elastic.state`), then the
+   parameters' checksum is recomputed across the ranks and must equal the checkpoint's.
+
+One step: the rank's samples of all its tasks go through the model in one batch (task-routed
+MoE), the local objective is ``sum_t (w_t / B_t) * sum_i loss_i`` (exact for any plan), then
+gradient sums (shared over the world, task params over their group), global-norm clipping,
+AdamW with the step's learning rate. The data of a step is a pure function of
+``(seed, task, step)``, so a resumed or resized job continues on exactly the samples the
+uninterrupted job would have seen.
+
+Metrics (rank 0; VisualDL + ``metrics.jsonl``): per-task loss, samples/s, per-rank busy/idle
+seconds per step; evaluations: per-task held-out accuracy. ``events.jsonl``: plan, saves and
+restores with checksums. ``timings.npz``: every step's phase times of every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from paddle_semoe.comm.transport import Communicator, make_communicator
+from paddle_semoe.elastic.config import ElasticConfig, ElasticRunConfig, TaskSpec, check_tasks
+from paddle_semoe.elastic.cost import CostFit, profile_task_costs
+from paddle_semoe.elastic.groups import TaskGroups, build_task_groups
+from paddle_semoe.elastic.planner import TaskLoad, explain_plan, make_plan, plan_naive
+from paddle_semoe.elastic.state import Collectives, live_digest, restore_elastic, save_elastic
+from paddle_semoe.elastic.sync import ElasticGradSync, sample_weight
+from paddle_semoe.elastic.timing import COLUMNS, StepTimer, summarize_steps
+from paddle_semoe.engine import checkpoint as ckpt
+from paddle_semoe.engine.checkpoint import CheckpointError
+from paddle_semoe.engine.config import MonitorConfig, OptimConfig
+from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta
+from paddle_semoe.engine.optim import lr_at
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ElasticTrainer", "MultiTaskModel", "TrainingError", "Workload", "task_loads"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, plan disagreement, bad checkpoint...)."""
+
+
+class MultiTaskModel(Protocol):
+    """What the trainer needs from a model (e.g. :class:`~paddle_semoe.models.ufo.UFOModel`)."""
+
+    hosted: tuple[int, ...]
+    num_moe_blocks: int
+
+    def __call__(self, images: paddle.Tensor, task_local: paddle.Tensor) -> Any:
+        """-> an object with ``cls`` [N, D] features and ``use_task`` (list of bool tensors)."""
+
+    def head(self, task: int, cls: paddle.Tensor) -> paddle.Tensor:
+        """Logits of ``task`` (global index)."""
+
+    def named_parameters(self) -> Any: ...
+
+    def parameters(self) -> Any: ...
+
+
+class Workload(Protocol):
+    """The tasks, their data and the model factory."""
+
+    tasks: tuple[TaskSpec, ...]
+
+    def build_model(self, hosted: Sequence[int]) -> MultiTaskModel:
+        """A model holding the shared parameters and those of ``hosted``, initialized from the
+        seed and parameter names only (bit-identical across plans)."""
+
+    def train_samples(self, task: int, step: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``[start, start+count)`` of ``task``'s global batch at ``step``: (x, int64 y)."""
+
+    def eval_samples(self, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out set of ``task``."""
+
+    def flops_per_sample(self, task: int) -> float:
+        """Forward + backward FLOPs of one sample of ``task``."""
+
+
+def task_loads(tasks: Sequence[TaskSpec], fits: Sequence[CostFit]) -> list[TaskLoad]:
+    return [TaskLoad(t.name, t.batch_size, f.per_sample_s, f.overhead_s) for t, f in zip(tasks, fits)]
+
+
+def config_costs(tasks: Sequence[TaskSpec], workload: Workload | None, source: str, flops_per_s: float) -> list[CostFit]:
+    """Costs that need no measurement (``config`` or ``flops``)."""
+    if source == "config":
+        return [CostFit(float(t.per_sample_cost), float(t.overhead_cost)) for t in tasks]
+    if source == "flops":
+        if workload is None:
+            raise ValueError("cost_source=flops needs the workload's FLOP counts")
+        return [CostFit(workload.flops_per_sample(i) / flops_per_s, 0.0) for i in range(len(tasks))]
+    raise ValueError(f"cost source {source!r} needs a measurement")
+
+
+@dataclass
+class _Dist:
+    """World facts plus the few raw collectives the loop needs."""
+
+    world: int
+    rank: int
+
+    def sum_(self, a: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return np.asarray(a).copy()
+        import paddle.distributed as dist
+
+        t = paddle.to_tensor(np.ascontiguousarray(a))
+        dist.all_reduce(t)
+        return t.numpy()
+
+    def max_(self, a: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return np.asarray(a).copy()
+        import paddle.distributed as dist
+
+        t = paddle.to_tensor(np.ascontiguousarray(a))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.numpy()
+
+    def broadcast_(self, a: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return np.asarray(a).copy()
+        import paddle.distributed as dist
+
+        t = paddle.to_tensor(np.ascontiguousarray(a))
+        dist.broadcast(t, src=0)
+        return t.numpy()
+
+    def gather(self, a: np.ndarray) -> np.ndarray:
+        """[world, *a.shape] (equal shapes on every rank)."""
+        if self.world == 1:
+            return np.asarray(a)[None].copy()
+        import paddle.distributed as dist
+
+        out: list[paddle.Tensor] = []
+        dist.all_gather(out, paddle.to_tensor(np.ascontiguousarray(a)))
+        return np.stack([o.numpy() for o in out])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import paddle.distributed as dist
+
+            dist.barrier()
+
+    def collectives(self) -> Collectives:
+        return Collectives(lambda a: self.sum_(np.asarray(a, dtype=np.int64)), self.barrier)
+
+
+class ElasticTrainer:
+    """One rank of an elastic multi-task job (see the module docstring).
+
+    Args:
+        workload: tasks, data, model factory.
+        elastic, optim, run, monitor: config sections.
+        write_config: writes the resolved job config to a path (saved beside checkpoints).
+        world_size, rank: the job (``paddle.distributed`` must be initialized when > 1).
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        elastic: ElasticConfig,
+        optim: OptimConfig,
+        run: ElasticRunConfig,
+        monitor: MonitorConfig,
+        *,
+        write_config: Any = None,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.workload = workload
+        self.tasks = tuple(workload.tasks)
+        check_tasks(self.tasks, elastic.cost_source)
+        self.elastic, self.optim_cfg, self.run, self.monitor = elastic, optim, run, monitor
+        self.write_config = write_config
+        self.d = _Dist(world_size, rank)
+        self.rank = rank
+        self.is_main = rank == 0
+        self.output_dir = Path(run.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_pid()
+
+        fits, source = self._costs()
+        loads = task_loads(self.tasks, fits)
+        self.plan = make_plan(elastic.plan, loads, world_size)
+        self.baseline = plan_naive(loads, world_size)
+        self._check_plan_agreement()
+        self.cost_note = source
+        if self.is_main:
+            logger.info("%s", explain_plan(self.plan, self.baseline, source))
+            (self.output_dir / "plan.json").write_text(json.dumps(
+                {"plan": self.plan.to_dict(), "naive": self.baseline.to_dict(), "cost_source": source,
+                 "predicted_busy_s": self.plan.busy(), "naive_predicted_busy_s": self.baseline.busy()}, indent=2) + "\n")
+
+        self.hosted = self.plan.rank_tasks(rank)
+        self.groups: TaskGroups = build_task_groups(self.plan) if world_size > 1 else TaskGroups.from_handles(self.plan, 0)
+        self.comm: Communicator | None = (
+            make_communicator("auto", rank=rank, timeout_s=elastic.comm_timeout_s) if world_size > 1 else None
+        )
+        paddle.seed(run.seed)
+        self.model = workload.build_model(self.hosted)
+        self.named = [(n, p) for n, p in self.model.named_parameters() if not p.stop_gradient]
+        decay = {p.name for _, p in self.named if len(p.shape) >= 2}
+        self.optimizer = paddle.optimizer.AdamW(
+            learning_rate=optim.lr, parameters=[p for _, p in self.named], beta1=optim.beta1, beta2=optim.beta2,
+            epsilon=optim.eps, weight_decay=optim.weight_decay, apply_decay_param_fun=lambda name: name in decay,
+        )
+        self.sync = ElasticGradSync(self.named, self.plan, self.groups, self.comm, int(elastic.bucket_mb * (1 << 20)))
+        self.local_of = {t: j for j, t in enumerate(self.hosted)}
+        self.weights = [sample_weight(self.plan, t, spec.loss_weight) for t, spec in enumerate(self.tasks)]
+        self.step = 0
+        self.samples_seen = np.zeros(len(self.tasks), dtype=np.int64)
+        self.timer = StepTimer()
+        self._share = np.zeros((len(self.tasks), self.model.num_moe_blocks, 2))  # tokens on the task expert, tokens
+        self.timing_rows: list[np.ndarray] = []  # rank 0: [world, steps, columns] per log interval
+        self.metrics = MetricsLogger(
+            self.output_dir, Path(monitor.logdir or self.output_dir / "vdl") if monitor.visualdl else None, enabled=self.is_main
+        )
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _write_pid(self) -> None:
+        pid_dir = self.output_dir / "pids"
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        (pid_dir / f"rank{self.rank}.pid").write_text(f"{os.getpid()}\n")
+
+    def _costs(self) -> tuple[list[CostFit], str]:
+        cfg = self.elastic
+        if cfg.cost_source != "profile":
+            return config_costs(self.tasks, self.workload, cfg.cost_source, cfg.assumed_flops_per_s), cfg.cost_source
+        model = self.workload.build_model(range(len(self.tasks)))
+
+        def run_task(task: int, n: int) -> None:
+            x, y = self.workload.train_samples(task, 0, 0, n)
+            out = model(paddle.to_tensor(x), paddle.full([n], task, dtype="int32"))
+            F.cross_entropy(model.head(task, out.cls), paddle.to_tensor(y), reduction="sum").backward()
+            for p in model.parameters():
+                p.clear_gradient(False)
+
+        def sizes(task: int) -> tuple[int, int]:
+            b = self.tasks[task].batch_size
+            small = max(1, b // 4)
+            return small, max(b, small + 1)
+
+        t0 = time.perf_counter()
+        fits = profile_task_costs(run_task, len(self.tasks), sizes, cfg.profile_repeats, cfg.profile_warmup)
+        local = np.array([[f.per_sample_s, f.overhead_s] for f in fits], dtype=np.float64)
+        mean = self.d.broadcast_(self.d.sum_(local) / self.d.world)
+        logger.info("profiled %d tasks in %.2fs (rank-local fit %s)", len(self.tasks), time.perf_counter() - t0, local.tolist())
+        return [CostFit(float(a), float(b)) for a, b in mean], f"profiled on {self.d.world} rank(s), mean of ranks"
+
+    def _check_plan_agreement(self) -> None:
+        h = int.from_bytes(hashlib.sha256(json.dumps(self.plan.to_dict(), sort_keys=True).encode()).digest()[:6], "little")
+        both = self.d.max_(np.array([h, -h], dtype=np.int64))
+        if both[0] != h or -both[1] != h:
+            raise TrainingError(f"rank {self.rank}: ranks computed different plans (costs differ?); refusing to train")
+
+    def _event(self, **record: Any) -> None:
+        if self.is_main:
+            record.setdefault("time", time.time())
+            with open(self.output_dir / "events.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        progress = {"step": self.step, "seed": self.run.seed, "samples_seen": self.samples_seen.tolist()}
+        path, sha = save_elastic(
+            self.ckpt_root, self.step, self.plan, self.rank, self.named, self.optimizer, progress,
+            self.d.collectives(), self.run.keep_checkpoints, self.write_config,
+        )
+        self._event(event="save", step=self.step, path=str(path), param_sha256=sha, world_size=self.d.world,
+                    plan=self.plan.to_dict())
+        logger.info("step %d: checkpoint %s (params sha256 %s...)", self.step, path, sha[:16])
+        return path
+
+    def resume(self) -> bool:
+        spec = self.run.resume
+        if spec == "none":
+            if (self.ckpt_root / ckpt.LATEST).exists():
+                raise TrainingError(
+                    f"{self.output_dir} already holds checkpoints; use train.resume=auto or another train.output_dir"
+                )
+            return False
+        path = ckpt.resolve_checkpoint(spec, self.ckpt_root)
+        if path is None:
+            return False
+        manifest = ckpt.read_manifest(path)
+        progress = restore_elastic(manifest, self.plan, self.named, self.optimizer)
+        if int(progress["seed"]) != self.run.seed:
+            raise CheckpointError(f"checkpoint {path} was trained with seed {progress['seed']}, this job has {self.run.seed}")
+        self.step = int(progress["step"])
+        self.samples_seen = np.asarray(progress["samples_seen"], dtype=np.int64)
+        old_world = manifest.world_size
+        sha, _ = live_digest(self.named, self.plan, self.rank, self.d.collectives())
+        saved = manifest.meta["param_sha256"]
+        self._event(event="restore", step=self.step, path=str(path), param_sha256=sha, checkpoint_sha256=saved,
+                    from_world_size=old_world, world_size=self.d.world, plan=self.plan.to_dict())
+        if self.elastic.verify_restore and sha != saved:
+            raise CheckpointError(f"restored parameters sha256 {sha[:16]}... != checkpoint {path} sha256 {saved[:16]}...")
+        logger.info(
+            "resumed from %s at step %d (saved by %d ranks, now %d; params sha256 %s... %s)",
+            path, self.step, old_world, self.d.world, sha[:16], "verified" if sha == saved else "NOT verified",
+        )
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self, step: int) -> tuple[paddle.Tensor, paddle.Tensor, list[tuple[int, int, int, paddle.Tensor]]]:
+        xs, tls, parts = [], [], []
+        off = 0
+        for t in self.hosted:
+            shard = self.plan.shard(t, self.rank)
+            x, y = self.workload.train_samples(t, step, shard.start, shard.count)
+            xs.append(x)
+            tls.append(np.full(shard.count, self.local_of[t], dtype=np.int32))
+            parts.append((t, off, shard.count, paddle.to_tensor(y)))
+            off += shard.count
+        if not xs:
+            return None, None, []
+        return paddle.to_tensor(np.concatenate(xs)), paddle.to_tensor(np.concatenate(tls)), parts
+
+    def train_step(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """One optimizer step. Returns (per-task loss sums, per-task sample counts, grad norm),
+        local to this rank for the first two."""
+        T = len(self.tasks)
+        loss_sum = np.zeros(T)
+        count = np.zeros(T)
+        self.timer.start_step()
+        images, task_local, parts = self._batch(self.step)
+        if parts:
+            out = self.model(images, task_local)
+            total = None
+            for t, off, n, y in parts:
+                ce = F.cross_entropy(self.model.head(t, out.cls[off:off + n]), y, reduction="sum")
+                term = ce * self.weights[t]
+                total = term if total is None else total + term
+                loss_sum[t] = float(ce)
+                count[t] = n
+            total.backward()
+            if self._want_share():
+                self._count_share(out.use_task, parts)
+        self.timer.mark("compute")
+        self.sync.reduce()
+        norm = self.sync.global_norm()
+        self.timer.mark("sync")
+        if not math.isfinite(norm) or not np.all(np.isfinite(loss_sum)):
+            raise TrainingError(f"step {self.step}: non-finite loss {loss_sum.tolist()} or grad norm {norm}; lower optim.lr")
+        clip = self.optim_cfg.grad_clip
+        if clip > 0 and norm > clip:
+            coef = clip / (norm + 1e-6)
+            with paddle.no_grad():
+                for _, p in self.named:
+                    if p.grad is not None:
+                        paddle.assign(p.grad * coef, output=p.grad)
+        self.optimizer.set_lr(lr_at(self.step, self.optim_cfg, self.run.max_steps))
+        self.optimizer.step()
+        self.optimizer.clear_grad(set_to_zero=False)
+        self.timer.mark("update")
+        self.timer.end_step()
+        return loss_sum, count, norm
+
+    def _want_share(self) -> bool:
+        nxt = self.step + 1
+        return nxt % self.run.log_every == 0 or nxt == (self.run.stop_after or self.run.max_steps)
+
+    def _count_share(self, use_task: list[paddle.Tensor], parts: list[tuple[int, int, int, paddle.Tensor]]) -> None:
+        """Tokens that chose their task expert (vs the shared one), per task and MoE block."""
+        total = sum(n for _, _, n, _ in parts)
+        for b, use in enumerate(use_task):
+            u = use.numpy().reshape(total, -1)
+            for t, off, n, _ in parts:
+                self._share[t, b, 0] += float(u[off:off + n].sum())
+                self._share[t, b, 1] += float(u[off:off + n].size)
+
+    # ------------------------------------------------------------------ evaluation
+    @paddle.no_grad()
+    def evaluate(self, chunk: int = 256) -> dict[str, float]:
+        """Held-out loss and accuracy of every task (the task's first rank evaluates it)."""
+        T = len(self.tasks)
+        table = np.zeros((T, 3))  # loss sum, correct, count
+        self.model.eval()
+        for t in self.hosted:
+            if self.plan.owner(t) != self.rank:
+                continue
+            x, y = self.workload.eval_samples(t)
+            for i in range(0, len(y), chunk):
+                xb, yb = paddle.to_tensor(x[i:i + chunk]), paddle.to_tensor(y[i:i + chunk])
+                out = self.model(xb, paddle.full([len(yb)], self.local_of[t], dtype="int32"))
+                logits = self.model.head(t, out.cls)
+                table[t, 0] += float(F.cross_entropy(logits, yb, reduction="sum"))
+                table[t, 1] += float((logits.argmax(axis=-1) == yb).astype("float32").sum())
+                table[t, 2] += len(yb)
+        self.model.train()
+        table = self.d.sum_(table)
+        out: dict[str, float] = {}
+        for t, spec in enumerate(self.tasks):
+            out[f"acc/{spec.name}"] = table[t, 1] / max(table[t, 2], 1)
+            out[f"loss/{spec.name}"] = table[t, 0] / max(table[t, 2], 1)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        run = self.run
+        resumed = self.resume()
+        self._event(event="start", step=self.step, resumed=resumed, world_size=self.d.world, plan=self.plan.to_dict(),
+                    restart=int(os.environ.get("SEMOE_ELASTIC_RESTART", "0")))
+        T = len(self.tasks)
+        acc_loss, acc_count = np.zeros(T), np.zeros(T)
+        norms: list[float] = []
+        progress = Progress(self.step, run.stop_after or run.max_steps)
+        last_eval: dict[str, float] = {}
+        samples_per_step = np.array([t.batch_size for t in self.tasks], dtype=np.int64)
+        end = run.stop_after or run.max_steps
+        if self.step >= end and run.stop_after:
+            logger.info("already at step %d >= train.stop_after=%d: nothing to do", self.step, end)
+        while self.step < end:
+            loss_sum, count, norm = self.train_step()
+            self.step += 1
+            self.samples_seen += samples_per_step
+            acc_loss += loss_sum
+            acc_count += count
+            norms.append(norm)
+            if self.step % run.log_every == 0 or self.step == end:
+                self._log(acc_loss, acc_count, norms, progress)
+                acc_loss, acc_count, norms = np.zeros(T), np.zeros(T), []
+            if self.step % run.eval_every == 0 or self.step == end:
+                last_eval = self.evaluate()
+                self.metrics.scalars(self.step, last_eval, prefix="val")
+                if self.is_main:
+                    logger.info("step %d: held-out %s", self.step, "  ".join(
+                        f"{s.name} acc {last_eval[f'acc/{s.name}']:.3f}" for s in self.tasks))
+            if run.save_every and self.step % run.save_every == 0 and self.step < end:
+                self.save()
+        if not last_eval:
+            last_eval = self.evaluate()
+        final = self.save()
+        sha, _ = live_digest(self.named, self.plan, self.rank, self.d.collectives())
+        summary = {
+            "step": self.step,
+            "world_size": self.d.world,
+            "plan": self.plan.strategy,
+            "hosted_by_rank": {r: [self.tasks[t].name for t in self.plan.rank_tasks(r)] for r in range(self.d.world)},
+            "eval": last_eval,
+            "param_sha256": sha,
+            "checkpoint": str(final),
+            "samples_seen": {s.name: int(n) for s, n in zip(self.tasks, self.samples_seen)},
+        }
+        if self.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.timing_rows:
+                rows = np.concatenate(self.timing_rows, axis=1)
+                np.savez(self.output_dir / "timings.npz", rows=rows, columns=np.array(COLUMNS))
+            logger.info("done: %s", json.dumps(summary))
+        self.metrics.close()
+        return summary
+
+    def _log(self, loss_sum: np.ndarray, count: np.ndarray, norms: list[float], progress: Progress) -> None:
+        T = len(self.tasks)
+        sums = self.d.sum_(np.concatenate([loss_sum, count, self._share.reshape(-1)]))
+        share = sums[2 * T:].reshape(self._share.shape)
+        self._share[:] = 0.0
+        rows = self.timer.take()
+        gathered = self.d.gather(rows)  # [world, steps, columns]
+        dt, ds = progress.interval(self.step)
+        if not self.is_main:
+            return
+        self.timing_rows.append(gathered)
+        per_task_loss = sums[:T] / np.maximum(sums[T:2 * T], 1)
+        objective = float(sum(s.loss_weight * per_task_loss[t] for t, s in enumerate(self.tasks)))
+        summ = summarize_steps(gathered)
+        n = max(gathered.shape[1], 1)
+        total_samples = sum(s.batch_size for s in self.tasks) * ds
+        values: dict[str, float] = {
+            "loss": objective,
+            "grad_norm": float(norms[-1]) if norms else float("nan"),
+            "lr": lr_at(self.step - 1, self.optim_cfg, self.run.max_steps),
+            "samples_per_s": total_samples / dt if dt > 0 else float("nan"),
+            "samples_per_s_per_rank": total_samples / dt / self.d.world if dt > 0 else float("nan"),
+            "step_s": float(summ["step_wall"][0]) / n,
+        }
+        for t, s in enumerate(self.tasks):
+            values[f"loss/{s.name}"] = float(per_task_loss[t])
+            values[f"samples_per_s/{s.name}"] = s.batch_size * ds / dt if dt > 0 else float("nan")
+            for b in range(share.shape[1]):
+                if share[t, b, 1] > 0:
+                    values[f"task_expert_share/{s.name}/moe{b}"] = float(share[t, b, 0] / share[t, b, 1])
+        for r in range(self.d.world):
+            values[f"busy_s/rank{r}"] = float(summ["busy_wall"][r]) / n
+            values[f"busy_cpu_s/rank{r}"] = float(summ["busy_cpu"][r]) / n
+            values[f"idle_s/rank{r}"] = float(summ["idle_wall"][r]) / n
+            values[f"comm_s/rank{r}"] = float(summ["comm_wall"][r]) / n
+        self.metrics.scalars(self.step, values)
+        logger.info(
+            "step %d/%d | loss %.4f (%s) | %.1f samples/s (%.1f per rank) | busy ms [%s] idle ms [%s] | ETA %s",
+            self.step, self.run.max_steps, objective,
+            " ".join(f"{s.name} {per_task_loss[t]:.3f}" for t, s in enumerate(self.tasks)),
+            values["samples_per_s"], values["samples_per_s_per_rank"],
+            " ".join(f"{values[f'busy_s/rank{r}'] * 1e3:.0f}" for r in range(self.d.world)),
+            " ".join(f"{values[f'idle_s/rank{r}'] * 1e3:.0f}" for r in range(self.d.world)),
+            format_eta(progress.eta(self.step)),
+        )

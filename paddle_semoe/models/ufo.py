@@ -1,0 +1,342 @@
+"""A UFO-style multi-task vision MoE: a shared ViT backbone whose MoE blocks hold one expert per
+task plus a shared expert, routed by task.
+
+* Patch embedding (non-overlapping ``patch_size`` patches, a linear map), a CLS token plus a
+  learned per-task token, learned positions; pre-LayerNorm blocks ``x + attn(ln(x))``,
+  ``x + ffn(ln(x))`` with bidirectional multi-head attention.
+* Every ``moe_every``-th block's FFN is a :class:`TaskMoE`: the shared expert and the expert of
+  each task this rank hosts. No learned gate over experts: a token of task ``t`` can only go to
+  task ``t``'s expert or to the shared expert. The choice between the two is learned per token
+  by a small per-task gate (2 logits) and is *hard* with a straight-through gradient: the token
+  goes to the arg-max, and its output is multiplied by ``1 + p - stop_gradient(p)`` (value 1,
+  gradient of the chosen probability ``p``).
+* One classification head (LayerNorm + linear) per task on the CLS token.
+
+Parameters of task ``t`` (its experts, gates, token and head) are tagged with
+:func:`~paddle_semoe.elastic.params.mark_task_params` and exist only on ranks hosting ``t``;
+everything else is shared. Parameter names contain task *names*, never rank-local indices, and
+:func:`init_by_name` draws every weight from ``(seed, name)``: a model built for any subset of
+tasks holds bit-identical copies of those tasks' parameters (what elastic re-planning needs).
+Expert FFNs run through ``paddle_semoe.ops.grouped_ffn`` over task-routed rows
+(:mod:`paddle_semoe.elastic.dispatch`) and come back through ``ops.combine``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from paddle_semoe import ops
+from paddle_semoe.ops import reference
+from paddle_semoe.elastic.dispatch import local_expert_ids, task_route
+from paddle_semoe.elastic.params import mark_task_params
+from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS
+from paddle_semoe.moe.params import mark_params
+
+__all__ = ["TaskHead", "TaskMoE", "UFOConfig", "UFOModel", "UFOOutput", "init_by_name"]
+
+
+@dataclass(frozen=True)
+class UFOConfig:
+    """Backbone and expert sizes (YAML section ``model`` of the UFO example)."""
+
+    image_size: int = 8
+    patch_size: int = 2
+    channels: int = 1
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 128
+    moe_every: int = 2  # every k-th block's FFN is a task MoE; 0: dense model
+    expert_d_ff: int | None = None  # None: d_ff
+    activation: str = "gelu"
+    init_std: float = 0.02
+    ops_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.moe_every < 0:
+            raise ValueError(f"moe_every must be >= 0 (0 = dense), got {self.moe_every}")
+        if self.expert_d_ff is not None and self.expert_d_ff <= 0:
+            raise ValueError(f"expert_d_ff must be positive, got {self.expert_d_ff}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.ops_backend not in OPS_BACKENDS:
+            raise ValueError(f"ops_backend must be one of {OPS_BACKENDS}, got {self.ops_backend!r}")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std must be positive, got {self.init_std}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_patches + 1  # + CLS
+
+    def is_moe_block(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    def flops_per_sample(self, num_classes: int = 10) -> float:
+        """Forward + backward FLOPs of one image (3x the forward's multiply-adds x 2)."""
+        S, D = self.seq_len, self.d_model
+        patch = 2 * self.num_patches * self.channels * self.patch_size**2 * D
+        per_block = 2 * S * D * 3 * D + 2 * 2 * S * S * D + 2 * S * D * D
+        ffn_dense = 2 * 2 * S * D * self.d_ff
+        ffn_moe = 2 * 2 * S * D * (self.expert_d_ff or self.d_ff) + 2 * S * D * 2
+        total = patch + 2 * D * num_classes
+        for i in range(self.n_layers):
+            total += per_block + (ffn_moe if self.is_moe_block(i) else ffn_dense)
+        return 3.0 * total
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """A task as the model sees it: its name and number of classes."""
+
+    name: str
+    num_classes: int
+
+
+class _FFNWeights(nn.Layer):
+    """One two-layer FFN's weights: w1 [D, F], b1 [F], w2 [F, D], b2 [D]."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = self.create_parameter([d_model, d_ff])
+        self.b1 = self.create_parameter([d_ff], is_bias=True)
+        self.w2 = self.create_parameter([d_ff, d_model])
+        self.b2 = self.create_parameter([d_model], is_bias=True)
+        mark_params([self.w1, self.b1, self.w2, self.b2], "expert")
+
+
+class TaskMoE(nn.Layer):
+    """Shared expert + one expert per hosted task, task-routed, hard straight-through choice.
+
+    Args:
+        d_model, d_ff: sizes; ``hosted``: global task indices hosted here; ``names``: all task
+        names (by global index).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, hosted: Sequence[int], names: Sequence[str], activation: str, backend: str | None):
+        super().__init__()
+        self.hosted = tuple(hosted)
+        self.activation = activation
+        self.backend = backend
+        self.shared = _FFNWeights(d_model, d_ff)
+        self.experts = nn.LayerDict()
+        self.gates = nn.LayerDict()
+        for t in self.hosted:
+            expert = _FFNWeights(d_model, d_ff)
+            gate = nn.Linear(d_model, 2)
+            mark_task_params(expert.parameters() + gate.parameters(), t)
+            self.experts[names[t]] = expert
+            self.gates[names[t]] = gate
+        self._names = [names[t] for t in self.hosted]
+
+    def forward(self, x_TD: paddle.Tensor, task_local_T: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """x [T, D] float32, task_local int32 [T] (index into ``hosted``) ->
+        (y [T, D], use_task bool [T])."""
+        T, D = x_TD.shape
+        H = len(self.hosted)
+        if H == 0:  # a rank without tasks: everything through the shared expert
+            use_task = paddle.zeros([T], dtype="bool")
+            st = paddle.ones([T], dtype="float32")
+        else:
+            gw = paddle.concat([self.gates[n].weight for n in self._names], axis=1)  # [D, 2H]
+            gb = paddle.concat([self.gates[n].bias for n in self._names], axis=0)  # [2H]
+            logits = (paddle.matmul(x_TD, gw) + gb).reshape([T, H, 2])
+            idx = task_local_T.astype("int64").reshape([T, 1, 1]).expand([T, 1, 2])
+            probs = F.softmax(paddle.take_along_axis(logits, idx, axis=1).reshape([T, 2]), axis=-1)
+            use_task = probs[:, 1] > probs[:, 0]
+            chosen = paddle.where(use_task, probs[:, 1], probs[:, 0])
+            st = chosen - chosen.detach() + 1.0  # value 1, gradient of the chosen probability
+        experts = [self.shared] + [self.experts[n] for n in self._names]
+        route = task_route(local_expert_ids(task_local_T, use_task), len(experts), backend=self.backend)
+        rows = paddle.gather(x_TD, route.order)
+        out = ops.grouped_ffn(
+            rows,
+            route.counts,
+            paddle.stack([e.w1 for e in experts]),
+            paddle.stack([e.b1 for e in experts]),
+            paddle.stack([e.w2 for e in experts]),
+            paddle.stack([e.b2 for e in experts]),
+            activation=self.activation,
+            backend=self.backend,
+        )
+        y = ops.combine(out, st.reshape([T, 1]).astype("float32"), route.positions, backend=self.backend)
+        return y, use_task
+
+
+class _Attention(nn.Layer):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x_NSD: paddle.Tensor) -> paddle.Tensor:
+        N, S, D = x_NSD.shape
+        h, dh = self.n_heads, D // self.n_heads
+        qkv = self.qkv(x_NSD).reshape([N, S, 3, h, dh]).transpose([2, 0, 3, 1, 4])  # [3, N, h, S, dh]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = F.softmax(paddle.matmul(q, k, transpose_y=True) * (1.0 / math.sqrt(dh)), axis=-1)
+        out = paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([N, S, D])
+        return self.proj(out)
+
+
+class _DenseFFN(nn.Layer):
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.activation = activation
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(reference.activation(self.fc1(x), self.activation))
+
+
+class _Block(nn.Layer):
+    def __init__(self, cfg: UFOConfig, moe: TaskMoE | None) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = _Attention(cfg.d_model, cfg.n_heads)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.moe = moe
+        self.ffn = None if moe is not None else _DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x_NSD: paddle.Tensor, task_local_T: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+        x = x_NSD + self.attn(self.ln1(x_NSD))
+        h = self.ln2(x)
+        if self.moe is None:
+            return x + self.ffn(h), None
+        N, S, D = h.shape
+        y, use_task = self.moe(h.reshape([N * S, D]), task_local_T)
+        return x + y.reshape([N, S, D]), use_task
+
+
+class UFOOutput(NamedTuple):
+    cls: paddle.Tensor  # [N, D] final CLS features (before the heads)
+    use_task: list[paddle.Tensor]  # per MoE block: bool [N * S], token chose its task expert
+
+
+class UFOModel(nn.Layer):
+    """The backbone, the task MoE blocks and the heads of the hosted tasks.
+
+    Args:
+        cfg: sizes.
+        heads: every task of the job (global index = position).
+        hosted: global indices of the tasks this rank runs (their parameters are built here).
+    """
+
+    def __init__(self, cfg: UFOConfig, heads: Sequence[TaskHead], hosted: Sequence[int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.task_heads = tuple(heads)
+        self.hosted = tuple(sorted(hosted))
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for t in self.hosted:
+            if not 0 <= t < len(heads):
+                raise ValueError(f"hosted task {t} outside [0, {len(heads)})")
+        D = cfg.d_model
+        backend = None if cfg.ops_backend == "auto" else cfg.ops_backend
+        self.patch = nn.Linear(cfg.channels * cfg.patch_size**2, D)
+        self.cls_token = self.create_parameter([D], is_bias=True)
+        self.pos = self.create_parameter([cfg.seq_len, D])
+        self.task_tokens = nn.LayerDict()
+        self.heads = nn.LayerDict()
+        for t in self.hosted:
+            token = _TaskToken(D)
+            head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, heads[t].num_classes))
+            mark_task_params(token.parameters() + head.parameters(), t)
+            self.task_tokens[names[t]] = token
+            self.heads[names[t]] = head
+        d_exp = cfg.expert_d_ff or cfg.d_ff
+        self.blocks = nn.LayerList(
+            [
+                _Block(cfg, TaskMoE(D, d_exp, self.hosted, names, cfg.activation, backend) if cfg.is_moe_block(i) else None)
+                for i in range(cfg.n_layers)
+            ]
+        )
+        self.ln_f = nn.LayerNorm(D)
+        self._local = {t: j for j, t in enumerate(self.hosted)}
+
+    @property
+    def num_moe_blocks(self) -> int:
+        return sum(1 for i in range(self.cfg.n_layers) if self.cfg.is_moe_block(i))
+
+    def local_index(self, task: int) -> int:
+        if task not in self._local:
+            raise ValueError(f"task {task} ({self.task_heads[task].name}) is not hosted here (hosted: {self.hosted})")
+        return self._local[task]
+
+    def _patches(self, images: paddle.Tensor) -> paddle.Tensor:
+        c, p = self.cfg, self.cfg.patch_size
+        N = images.shape[0]
+        g = c.image_size // p
+        x = images.reshape([N, c.channels, g, p, g, p]).transpose([0, 2, 4, 1, 3, 5])
+        return x.reshape([N, g * g, c.channels * p * p])
+
+    def forward(self, images_NCHW: paddle.Tensor, task_local_N: paddle.Tensor) -> UFOOutput:
+        """images float32 [N, C, H, W]; task_local int32 [N] (index into ``hosted``)."""
+        N = images_NCHW.shape[0]
+        D = self.cfg.d_model
+        x = self.patch(self._patches(images_NCHW))  # [N, P, D]
+        if self.hosted:
+            tokens = paddle.stack([self.task_tokens[self.task_heads[t].name].value for t in self.hosted])  # [H, D]
+            cls = self.cls_token + paddle.gather(tokens, task_local_N.astype("int64"))  # [N, D]
+        else:
+            cls = self.cls_token.expand([N, D])
+        x = paddle.concat([cls.unsqueeze(1), x], axis=1) + self.pos  # [N, S, D]
+        S = x.shape[1]
+        task_local_T = task_local_N.astype("int32").unsqueeze(1).expand([N, S]).reshape([N * S])
+        uses = []
+        for block in self.blocks:
+            x, use = block(x, task_local_T)
+            if use is not None:
+                uses.append(use)
+        return UFOOutput(self.ln_f(x[:, 0]), uses)
+
+    def head(self, task: int, cls_ND: paddle.Tensor) -> paddle.Tensor:
+        """Logits [N, classes] of task ``task`` (global index) from CLS features."""
+        self.local_index(task)
+        return self.heads[self.task_heads[task].name](cls_ND)
+
+
+class _TaskToken(nn.Layer):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.value = self.create_parameter([d_model], is_bias=True)
+
+
+def init_by_name(model: nn.Layer, seed: int, std: float) -> None:
+    """Re-initialize every parameter from ``(seed, its structured name)`` alone.
+
+    LayerNorm scales 1 and shifts 0; other 1-D parameters (biases, tokens) 0; matrices and the
+    position table ``N(0, std)`` from a generator seeded by ``(seed, crc32(name))``.
+    """
+    norms = {id(p) for _, sub in model.named_sublayers() if isinstance(sub, nn.LayerNorm) for p in sub.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in norms:
+            value = np.ones(p.shape, np.float32) if name.endswith("weight") else np.zeros(p.shape, np.float32)
+        elif len(p.shape) == 1:
+            value = np.zeros(p.shape, np.float32)
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            value = (rng.standard_normal(p.shape) * std).astype(np.float32)
+        p.set_value(value)
