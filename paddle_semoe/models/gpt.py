@@ -18,7 +18,7 @@ import paddle.nn.functional as F
 
 from paddle_semoe import ops
 from paddle_semoe.moe import MoEConfig, MoELayer, RoutingStats
-from paddle_semoe.moe.config import ACTIVATIONS, GATE_KINDS, OPS_BACKENDS
+from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,19 @@ class MoESettings:
     z_loss_coef: float = 0.001
 
     def __post_init__(self) -> None:
-        if self.gate not in GATE_KINDS:
-            raise ValueError(f"gate must be one of {GATE_KINDS}, got {self.gate!r}")
-        if self.num_experts <= 0:
-            raise ValueError(f"num_experts must be positive, got {self.num_experts}")
-        k = {"gshard": 2, "switch": 1}.get(self.gate, self.top_k)
-        if not 1 <= k <= self.num_experts:
-            raise ValueError(f"top_k={k} must be in [1, num_experts={self.num_experts}] (gate={self.gate})")
-        if not self.dropless and (self.capacity_factor <= 0 or self.eval_capacity_factor <= 0):
-            raise ValueError("capacity_factor and eval_capacity_factor must be > 0 unless dropless=true")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"d_ff must be positive, got {self.d_ff}")
+        self.layer_config(d_model=1, d_ff=self.d_ff or 1, activation="gelu", init_std=1.0, ops_backend="auto")
+
+    def layer_config(self, *, d_model: int, d_ff: int, activation: str, init_std: float, ops_backend: str) -> MoEConfig:
+        """The MoEConfig of one MoE block (validates the shared fields: one source of truth)."""
+        return MoEConfig(
+            d_model=d_model, d_ff=d_ff, num_experts=self.num_experts, gate=self.gate, top_k=self.top_k,
+            capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
+            dropless=self.dropless, normalize_topk=self.normalize_topk, jitter_eps=self.jitter_eps,
+            activation=activation, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
+            init_std=init_std, ops_backend=ops_backend,
+        )
 
 
 @dataclass(frozen=True)
@@ -90,23 +92,9 @@ class GPTConfig:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     def moe_config(self) -> MoEConfig:
-        m = self.moe
-        return MoEConfig(
-            d_model=self.d_model,
-            d_ff=m.d_ff or self.d_ff,
-            num_experts=m.num_experts,
-            gate=m.gate,
-            top_k=m.top_k,
-            capacity_factor=m.capacity_factor,
-            eval_capacity_factor=m.eval_capacity_factor,
-            dropless=m.dropless,
-            normalize_topk=m.normalize_topk,
-            jitter_eps=m.jitter_eps,
-            activation=self.activation,
-            aux_loss_coef=m.aux_loss_coef,
-            z_loss_coef=m.z_loss_coef,
-            init_std=self.init_std,
-            ops_backend=self.ops_backend,
+        return self.moe.layer_config(
+            d_model=self.d_model, d_ff=self.moe.d_ff or self.d_ff, activation=self.activation,
+            init_std=self.init_std, ops_backend=self.ops_backend,
         )
 
 

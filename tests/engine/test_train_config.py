@@ -26,7 +26,7 @@ def test_tiny_config_loads_and_overrides_apply():
         (["train.max_steps=ten"], "train.max_steps", "int"),
         (["train.max_steps=true"], "train.max_steps", "int"),
         (["model.moe.gate=expert"], "model.moe", "gate must be one of"),
-        (["model.moe.top_k=9"], "model.moe", "top_k=9 must be in [1, num_experts=8]"),
+        (["model.moe.top_k=9"], "model.moe", "top_k must be in [1, num_experts=8], got 9"),
         (["parallel.sharding_stage=4"], "parallel", "sharding_stage must be 1, 2 or 3"),
         (["optim.schedule=cosinus"], "optim", "schedule must be one of"),
         (["data.seq_len=512"], "", "exceeds model.max_seq_len"),
@@ -35,7 +35,7 @@ def test_tiny_config_loads_and_overrides_apply():
         (["optim.lr=-1.0"], "optim", "lr must be positive"),
         (["parallel.a2a_backend=mpi"], "parallel", "a2a_backend must be one of"),
         (["amp.dtype=float8"], "amp", "dtype must be one of"),
-        (["model.moe.capacity_factor=0.0"], "model.moe", "unless dropless"),
+        (["model.moe.capacity_factor=0.0"], "model.moe", "must be > 0 unless dropless"),
         (["monitor.visualdl=maybe"], "monitor.visualdl", "bool"),
     ],
 )
