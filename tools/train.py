@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -34,26 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    local = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(local, 1))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(threads))
+    from paddle_semoe.engine.launch_env import launch_env, load_job_config, pin_threads, setup_logging
 
-    from paddle_semoe.config import ConfigError, format_config, load_config
+    env = launch_env()
+    pin_threads(args.threads, env)
+    setup_logging(env)
+    log = logging.getLogger("train")
+
+    from paddle_semoe.config import format_config
     from paddle_semoe.engine.config import TrainConfig
 
-    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-    log = logging.getLogger("train")
-    try:
-        cfg = load_config(TrainConfig, args.config, args.override)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_job_config(TrainConfig, args.config, args.override)
+    if cfg is None:
         return 2
 
     if args.dry_run:

@@ -1,0 +1,62 @@
+"""Process set-up shared by the job entry points (tools/train.py, ufo_example/train.py).
+
+Read the launcher's environment (rank, world, local size), pin CPU threads before Paddle is
+imported, configure rank-aware logging, and load a typed config with one-line errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_size: int
+
+
+def launch_env() -> LaunchEnv:
+    """This process's place in a ``paddle.distributed.launch`` job (rank 0 of 1 when run plainly)."""
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    return LaunchEnv(
+        rank=int(os.environ.get("PADDLE_TRAINER_ID", "0")),
+        world_size=world,
+        local_size=int(os.environ.get("PADDLE_LOCAL_SIZE", str(world))),
+    )
+
+
+def pin_threads(threads: int | None, env: LaunchEnv) -> int:
+    """Set OMP/MKL threads (must run before ``import paddle``); default: cores / local processes."""
+    n = threads or max(1, (os.cpu_count() or 1) // max(env.local_size, 1))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    return n
+
+
+def setup_logging(env: LaunchEnv) -> None:
+    """INFO on rank 0, warnings elsewhere; every line carries the rank."""
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def load_job_config(cls: type[T], path: Path | str, overrides: list[str]) -> T | None:
+    """The typed config, or None after printing the one-line error (exit code 2 for the caller)."""
+    from paddle_semoe.config import ConfigError, load_config
+
+    try:
+        return load_config(cls, path, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
