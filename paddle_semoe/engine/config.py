@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from paddle_semoe.models.gpt import GPTConfig
+from paddle_semoe.storage.config import StorageConfig
 
 A2A_BACKENDS = ("auto", "nccl", "gloo", "gloo_pairwise", "gloo_allgather")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+EXPERT_UPDATES = ("dense", "lazy")
 AMP_DTYPES = ("bfloat16", "float16")
 AMP_LEVELS = ("O1", "O2")
 
@@ -89,6 +91,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     grad_accum_steps: int = 1
+    # "dense": Paddle AdamW updates every expert every step; "lazy": an expert that received no
+    # tokens in a step is not updated that step (paddle_semoe.storage.adamw; needed by storage)
+    expert_update: str = "dense"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -101,6 +106,8 @@ class OptimConfig:
             raise ValueError("warmup_steps >= 0, grad_accum_steps >= 1 and grad_clip >= 0 required")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if self.expert_update not in EXPERT_UPDATES:
+            raise ValueError(f"expert_update must be one of {EXPERT_UPDATES}, got {self.expert_update!r}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +163,23 @@ class TrainConfig:
     amp: AmpConfig = field(default_factory=AmpConfig)
     train: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
+        if self.storage.enabled and self.optim.expert_update != "lazy":
+            raise ValueError(
+                "storage.enabled=true needs optim.expert_update=lazy (a tiered store only touches the experts a "
+                "step activates; the dense update changes every expert every step)"
+            )
+        if self.storage.enabled and self.model.moe_every == 0:
+            raise ValueError("storage.enabled=true needs an MoE model (model.moe_every > 0)")
+        if self.storage.shard_dense and (self.amp.enabled or self.parallel.sharding_stage != 1):
+            raise ValueError(
+                "storage.shard_dense=true shards the dense parameters itself over the sharding group: it needs "
+                "parallel.sharding_stage=1 and amp.enabled=false"
+            )
+        if self.storage.enabled and self.amp.enabled:
+            raise ValueError("storage.enabled=true keeps fp32 expert states on the host and does not support amp.enabled=true")
         if self.model.moe_every > 0 and self.model.moe.num_experts % self.parallel.ep_degree:
             raise ValueError(
                 f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "

@@ -5,6 +5,10 @@ Dense and gate parameters share one AdamW (wrapped by Fleet's ZeRO-1
 updates its partition and broadcasts it). Expert parameters, owned by one rank each, get their
 own AdamW that never communicates. Gradients arrive already synchronized (see
 :mod:`paddle_semoe.comm.fusion`), so neither optimizer reduces gradients or clips.
+
+With ``expert_update: lazy`` the experts of every GroupedExperts layer are updated by a lazy
+updater instead (:mod:`paddle_semoe.storage.lazy`: resident stacks, or the tiered store when
+``storage.enabled``): only experts that received tokens in the step change.
 """
 
 from __future__ import annotations
@@ -57,10 +61,29 @@ class MoEOptimizer:
         hcg: Fleet's hybrid communicate group when ``sharding_degree > 1`` (ZeRO stage 1).
     """
 
-    def __init__(self, model: paddle.nn.Layer, cfg: OptimConfig, hcg=None):
+    def __init__(self, model: paddle.nn.Layer, cfg: OptimConfig, hcg=None, lazy_experts=None, sharded_dense=None):
         groups = classify_parameters(model)
         self.dense_params = [p for _, p in groups["dense"]] + [p for _, p in groups["gate"]]
+        # storage.shard_dense: a ShardedDenseParams (paddle_semoe.storage.dense_shard) owns these
+        self.sharded_dense = sharded_dense
+        if sharded_dense is not None:
+            owned = sharded_dense.param_ids()
+            self.dense_params = [p for p in self.dense_params if id(p) not in owned]
         self.expert_params = [p for _, p in groups["expert"]]
+        self.lazy = None  # LazyExpertUpdater (paddle_semoe.storage.lazy) with expert_update=lazy
+        self._lr = cfg.lr
+        if cfg.expert_update == "lazy":
+            from paddle_semoe.moe.experts import GroupedExperts
+            from paddle_semoe.storage.adamw import AdamWHyper
+            from paddle_semoe.storage.lazy import ResidentLazyExperts
+
+            hyper = AdamWHyper(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
+            experts = [m for m in model.sublayers() if isinstance(m, GroupedExperts)]
+            self.lazy = lazy_experts if lazy_experts is not None else ResidentLazyExperts(experts, hyper)
+            taken = self.lazy.param_ids()
+            self.expert_params = [p for p in self.expert_params if id(p) not in taken]
+        elif lazy_experts is not None:
+            raise ValueError("a lazy expert updater needs optim.expert_update=lazy")
         self.dense = _adamw(self.dense_params, cfg) if self.dense_params else None
         self.expert = _adamw(self.expert_params, cfg) if self.expert_params else None
         self.sharded = None
@@ -88,31 +111,62 @@ class MoEOptimizer:
                 yield opt
 
     def set_lr(self, lr: float) -> None:
+        self._lr = lr
         for opt in self.optimizers():
             opt.set_lr(lr)
 
     @paddle.no_grad()
-    def step(self) -> None:
+    def step(self, expert_grad_scale: float = 1.0) -> None:
+        """One update. ``expert_grad_scale``: clip coefficient for the lazy expert update
+        (the other gradients were clipped in place)."""
         if self.sharded is not None:
             self.sharded.step()
         elif self.dense is not None:
             self.dense.step()
         if self.expert is not None:
             self.expert.step()
+        if self.lazy is not None:
+            self.lazy.step(self._lr, expert_grad_scale)
+        if self.sharded_dense is not None:
+            self.sharded_dense.step(self._lr)
+
+    def sync_params(self) -> None:
+        """Wait until every parameter holds its latest value (sharded dense gathers done)."""
+        if self.sharded_dense is not None:
+            self.sharded_dense.wait_all()
 
     def clear_grad(self) -> None:
+        # Clear every parameter ourselves: Fleet's ZeRO-1 wrapper narrows the inner optimizer's
+        # parameter list to the local partition, so opt.clear_grad() would leave the other
+        # partitions' gradients to accumulate into the next step's all-reduce.
+        for p in self.dense_params + self.expert_params:
+            p.clear_gradient(set_to_zero=False)
         for opt in self.optimizers():
             opt.clear_grad(set_to_zero=False)
+        if self.lazy is not None:
+            self.lazy.clear_grad()
+        if self.sharded_dense is not None:
+            self.sharded_dense.clear_grad()
 
     def state_dicts(self) -> dict[str, dict]:
-        """Accumulators by optimizer part (``dense`` / ``expert``), keyed by Paddle names."""
-        return {
+        """Accumulators by optimizer part (``dense`` / ``expert``), keyed by Paddle names
+        (a resident lazy updater's moments join the ``expert`` part under the same scheme)."""
+        out = {
             name: opt.state_dict()
             for name, opt in (("dense", self.dense), ("expert", self.expert))
             if opt is not None
         }
+        if self.lazy is not None and hasattr(self.lazy, "state_dict"):
+            out["expert"] = {**out.get("expert", {}), **self.lazy.state_dict()}
+        if self.sharded_dense is not None:  # collective: gathers the moment shards
+            out["dense"] = {**out.get("dense", {}), **self.sharded_dense.state_dict()}
+        return out
 
     def load_state_dicts(self, states: dict[str, dict]) -> None:
         for name, opt in (("dense", self.dense), ("expert", self.expert)):
             if opt is not None and states.get(name):
                 opt.set_state_dict(states[name])
+        if self.lazy is not None and hasattr(self.lazy, "load_state_dict") and states.get("expert"):
+            self.lazy.load_state_dict(states["expert"])
+        if self.sharded_dense is not None and states.get("dense"):
+            self.sharded_dense.load_state_dict(states["dense"])

@@ -8,6 +8,10 @@ One optimizer step:
    every rank (counted; the job stops with :class:`TrainingError` past the limit);
 4. AdamW step (dense: optionally ZeRO-1 sharded; experts: local), learning rate from the
    step number (a pure function, so a resumed run continues the schedule exactly).
+
+With ``optim.expert_update: lazy`` the experts that received no tokens are left untouched
+(:mod:`paddle_semoe.storage.lazy`); with ``storage.enabled`` their states live in the tiered
+store (:class:`paddle_semoe.storage.tiered.TieredExperts`) instead of resident parameters.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta, pea
 from paddle_semoe.engine.optim import MoEOptimizer, lr_at
 from paddle_semoe.engine.state import ExpertLayout, collect_rank_state, restore_rank_state
 from paddle_semoe.models.gpt import GPTMoE
-from paddle_semoe.moe.experts import GroupedExperts
+from paddle_semoe.moe.experts import GroupedExperts, deferred_expert_weights
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,15 @@ class StepResult:
     dropped: float
 
 
+def expert_init_value(seed: int, layer_idx: int, g: int, pname: str, shape: tuple, std: float) -> np.ndarray:
+    """Initial value of one expert tensor (``w1``/``w2``: normal; ``b1``/``b2``: zero) from
+    (seed, MoE layer, global expert index) alone."""
+    if pname not in ("w1", "w2"):
+        return np.zeros(shape, dtype=np.float32)
+    rng = np.random.default_rng([seed, layer_idx, g, 1 if pname == "w1" else 2])
+    return rng.standard_normal(shape).astype(np.float32) * std
+
+
 def init_experts_by_global_index(model: paddle.nn.Layer, seed: int, layout: ExpertLayout, std: float) -> None:
     """Initialize expert weights from (seed, layer, global expert index) alone, so a model built
     with any expert-parallel degree holds exactly the same experts."""
@@ -65,11 +78,10 @@ def init_experts_by_global_index(model: paddle.nn.Layer, seed: int, layout: Expe
             continue
         for pname in ("w1", "w2"):
             p = getattr(sub, pname)
-            slices = []
-            for local in range(layout.num_local):
-                g = layout.offset + local
-                rng = np.random.default_rng([seed, layer_idx, g, 1 if pname == "w1" else 2])
-                slices.append(rng.standard_normal(p.shape[1:]).astype(np.float32) * std)
+            slices = [
+                expert_init_value(seed, layer_idx, layout.offset + local, pname, tuple(p.shape[1:]), std)
+                for local in range(layout.num_local)
+            ]
             p.set_value(np.stack(slices))
         layer_idx += 1
 
@@ -108,10 +120,28 @@ class Trainer:
             exchange = ExpertExchange(
                 self.topology, mcfg.moe.num_experts // ep, communicator=self.comm, hierarchical=par.hierarchical_a2a
             )
-        self.model = GPTMoE(mcfg, moe_exchange=exchange, ep_size=ep, recompute_moe=cfg.train.recompute_experts)
-        init_experts_by_global_index(self.model, cfg.train.seed, self.layout, mcfg.init_std)
+        with deferred_expert_weights(cfg.storage.enabled):  # tiered: no expert stack is ever allocated
+            self.model = GPTMoE(mcfg, moe_exchange=exchange, ep_size=ep, recompute_moe=cfg.train.recompute_experts)
+        self.tiered = None
+        if cfg.storage.enabled:
+            from paddle_semoe.storage.tiered import build_tiered_experts
+
+            self.tiered = build_tiered_experts(cfg, self.model, self.layout, ctx.rank, ctx.world_size)
+        else:
+            init_experts_by_global_index(self.model, cfg.train.seed, self.layout, mcfg.init_std)
+        sharded_dense = None
+        if cfg.storage.shard_dense:  # horizontal prefetch: dense shards gathered ahead of each block
+            from paddle_semoe.storage.adamw import AdamWHyper
+            from paddle_semoe.storage.dense_shard import build_sharded_dense
+
+            o = cfg.optim
+            group = self.topology.sharding_group.ranks if self.topology.sharding_group is not None else (ctx.rank,)
+            sharded_dense = build_sharded_dense(self.model, group, ctx.rank, AdamWHyper(o.beta1, o.beta2, o.eps, o.weight_decay))
         paddle.seed(cfg.train.seed * 1_000_003 + 7919 * ctx.rank + 1)  # per-rank stream: dropout, gate noise
-        self.optimizer = MoEOptimizer(self.model, cfg.optim, ctx.hcg if par.sharding_degree > 1 else None)
+        self.optimizer = MoEOptimizer(
+            self.model, cfg.optim, ctx.hcg if par.sharding_degree > 1 else None, lazy_experts=self.tiered,
+            sharded_dense=sharded_dense,
+        )
         if cfg.amp.enabled and cfg.amp.level == "O2":
             # parameters in low precision, fp32 master weights inside both optimizers
             self.model, opts = paddle.amp.decorate(
@@ -128,6 +158,7 @@ class Trainer:
         self.step = 0
         self.nan_skips = 0
         self.tokens_seen = 0
+        self._lazy_kept: list[np.ndarray] = []  # lazy expert update: rows kept per global expert, this step
         self.metrics = MetricsLogger(
             self.output_dir,
             Path(cfg.monitor.logdir or self.output_dir / "vdl") if cfg.monitor.visualdl else None,
@@ -151,18 +182,48 @@ class Trainer:
         parts = np.array_split(batch, self.cfg.optim.grad_accum_steps)
         return [(paddle.to_tensor(p[:, :-1]), paddle.to_tensor(p[:, 1:])) for p in parts]
 
-    def train_step(self, batch: np.ndarray) -> StepResult:
+    def _ensure_experts(self) -> None:
+        """Tiered storage: write the initial expert states unless a checkpoint provided them."""
+        if self.tiered is not None and not self.tiered.initialized:
+            seed, std = self.cfg.train.seed, self.cfg.model.init_std
+            self.tiered.initialize(lambda layer, g, name, shape: expert_init_value(seed, layer, g, name, shape, std))
+
+    def _lazy_activity(self, kept: list[np.ndarray]) -> list[np.ndarray]:
+        """Rows kept per local expert, summed over micro-batches and ranks (lazy update)."""
+        if self.ctx.world_size > 1 and kept:
+            flat = self._all_reduce([float(v) for k in kept for v in k])
+            kept = np.split(np.asarray(flat), np.cumsum([k.size for k in kept])[:-1])
+        lo, hi = self.layout.offset, self.layout.offset + self.layout.num_local
+        return [np.asarray(k)[lo:hi] for k in kept]
+
+    def accumulate_gradients(self, batch: np.ndarray) -> tuple[float, float, float, list[np.ndarray], float]:
+        """Forward/backward over the micro-batches of ``batch`` and the gradient reduction.
+
+        Leaves synchronized, unscaled gradients in ``.grad``. Returns (loss, lm loss, aux loss,
+        per-layer expert demand, dropped fraction) of this rank.
+        """
         cfg = self.cfg
+        self._ensure_experts()
         self.model.train()
         accum = cfg.optim.grad_accum_steps
+        lazy = self.optimizer.lazy
         loss_sum = lm_sum = aux_sum = 0.0
         demand: list[np.ndarray] = []
+        self._lazy_kept = []
         dropped = 0.0
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for x, y in self._micro_batches(batch):
             with autocast(cfg.amp):
                 out = self.model(x, y)
             (out.loss * (scale / accum)).backward()
+            if lazy is not None:
+                lazy.after_backward()
+                for i, s in enumerate(out.moe_stats):
+                    k = s.kept.numpy().astype(np.int64)
+                    if len(self._lazy_kept) <= i:
+                        self._lazy_kept.append(k)
+                    else:
+                        self._lazy_kept[i] += k
             loss_sum += float(out.loss) / accum
             lm_sum += float(out.lm_loss) / accum
             aux_sum += float(out.aux_loss) / accum
@@ -180,10 +241,25 @@ class Trainer:
             reduce_gradients_unfused(self.params, self.topology, self.comm)
         if scale != 1.0:
             unscale_(self.params, scale)
+        return loss_sum, lm_sum, aux_sum, demand, dropped
+
+    def train_step(self, batch: np.ndarray) -> StepResult:
+        cfg = self.cfg
+        loss_sum, lm_sum, aux_sum, demand, dropped = self.accumulate_gradients(batch)
 
         # global norm (MoE-aware) for logging and clipping
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(self.params, max_norm if math.isfinite(max_norm) else 1e30, self.topology, self.comm)
+        expert_coef = 1.0
+        lazy = self.optimizer.lazy
+        if lazy is not None:
+            from paddle_semoe.storage.lazy import clip_grad_norm_lazy_
+
+            lazy.set_active(self._lazy_activity(self._lazy_kept))
+            grad_norm, expert_coef = clip_grad_norm_lazy_(
+                self.params, lazy, max_norm if math.isfinite(max_norm) else 1e30, self.topology, self.comm
+            )
+        else:
+            grad_norm = clip_grad_norm_(self.params, max_norm if math.isfinite(max_norm) else 1e30, self.topology, self.comm)
         bad = 0.0 if (math.isfinite(loss_sum) and math.isfinite(grad_norm)) else 1.0
         bad = self._all_reduce([bad], op="max")[0]
         skipped = bad > 0
@@ -202,8 +278,10 @@ class Trainer:
                     f"{self.nan_skips} non-finite steps (limit train.nan_skip_limit={cfg.train.nan_skip_limit}); "
                     f"last at step {self.step}: loss={loss_sum}, grad_norm={grad_norm}. Lower optim.lr or check the data."
                 )
-        else:
-            self.optimizer.step()
+        if skipped and lazy is not None:
+            lazy.discard()
+        if not skipped:
+            self.optimizer.step(expert_grad_scale=expert_coef)
         self.optimizer.clear_grad()
         return StepResult(loss_sum, lm_sum, aux_sum, grad_norm, skipped, demand, dropped)
 
@@ -211,6 +289,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token cross-entropy on the held-out split (all ranks, equal batch counts)."""
         cfg = self.cfg
+        self._ensure_experts()
         self.model.eval()
         per_rank = max(cfg.data.global_batch_size // self.ctx.world_size, 1)
         total = count = 0.0
@@ -247,9 +326,15 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
+        self.optimizer.sync_params()
         tensors, meta = collect_rank_state(self.model, self.optimizer, self.layout, self.ctx.rank, self._progress())
         record = ckpt.save_shard(tmp / ckpt.shard_name(self.ctx.rank), tensors, meta)
         records = self._gather_records(record)
+        if self.tiered is not None:  # the SSD tier: hard links + one checksummed index per rank
+            from paddle_semoe.storage.tiered import index_name
+
+            name, sha, nbytes = self.tiered.save_checkpoint(tmp, self.ctx.rank)
+            records += self._gather_records(ckpt.FileRecord(name, sha, nbytes), name_of=index_name)
         if self.ctx.is_main:
             dump_yaml(self.cfg, tmp / "config.yaml")
             records.append(ckpt.FileRecord("config.yaml", ckpt.sha256_file(tmp / "config.yaml"), (tmp / "config.yaml").stat().st_size))
@@ -257,6 +342,7 @@ class Trainer:
                 "ep_degree": self.layout.ep_degree,
                 "num_experts": self.layout.num_experts,
                 "sharded_dense_optimizer": self.optimizer.sharded is not None,
+                "expert_storage": self.tiered is not None,
                 "model": to_dict(self.cfg.model),
             }
             ckpt.write_manifest(tmp, self.step, self.ctx.world_size, records, manifest_meta)
@@ -264,8 +350,9 @@ class Trainer:
         self._barrier()
         return final
 
-    def _gather_records(self, record: ckpt.FileRecord) -> list[ckpt.FileRecord]:
-        """All ranks' shard records on every rank (sha256 as 4 int64 words + size)."""
+    def _gather_records(self, record: ckpt.FileRecord, name_of=ckpt.shard_name) -> list[ckpt.FileRecord]:
+        """All ranks' file records on every rank (sha256 as 4 int64 words + size); the file of
+        rank r is named ``name_of(r)``."""
         if self.ctx.world_size == 1:
             return [record]
         words = np.frombuffer(bytes.fromhex(record.sha256), dtype=">u8").astype(np.uint64).view(np.int64)
@@ -276,7 +363,7 @@ class Trainer:
         for r, t in enumerate(gathered):
             arr = t.numpy()
             sha = arr[:4].view(np.uint64).astype(">u8").tobytes().hex()
-            out.append(ckpt.FileRecord(ckpt.shard_name(r), sha, int(arr[4])))
+            out.append(ckpt.FileRecord(name_of(r), sha, int(arr[4])))
         return out
 
     def resume(self, spec: str | None) -> bool:
@@ -284,7 +371,17 @@ class Trainer:
         if path is None:
             return False
         manifest = ckpt.read_manifest(path)
+        tiered_ckpt = bool(manifest.meta.get("expert_storage", False))
+        if tiered_ckpt != (self.tiered is not None):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} keeps its experts {'in the SSD tier' if tiered_ckpt else 'as resident parameters'}; "
+                f"resume it with storage.enabled={'true' if tiered_ckpt else 'false'}"
+            )
         progress = restore_rank_state(manifest, self.model, self.optimizer, self.layout, self.ctx.rank, self.ctx.world_size)
+        if self.tiered is not None:
+            from paddle_semoe.storage.tiered import expected_index_names
+
+            self.tiered.restore_checkpoint(path, expected_index_names(list(manifest.files)))
         self.step = int(progress["step"])
         self.nan_skips = int(progress["nan_skips"])
         self.tokens_seen = int(progress["tokens_seen"])
@@ -316,6 +413,7 @@ class Trainer:
         last: StepResult | None = None
         self._last_logged_loss = float("nan")
         val_loss = float("nan")
+        self._ensure_experts()
         while self.step < run.max_steps:
             lr = lr_at(self.step, cfg.optim, run.max_steps)
             self.optimizer.set_lr(lr)
@@ -337,6 +435,8 @@ class Trainer:
             self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
         final_ckpt = self.save_checkpoint()
         self.metrics.close()
+        if self.tiered is not None:
+            self.tiered.close()
         summary = {
             "step": self.step,
             "train_loss": self._last_logged_loss,
@@ -368,6 +468,13 @@ class Trainer:
             "nan_skips": float(self.nan_skips),
         }
         self.metrics.scalars(self.step, scalars)
+        storage = {}  # this rank's storage counters (only alpha with resident lazy experts)
+        if self.optimizer.lazy is not None:
+            storage.update(self.optimizer.lazy.interval_scalars())
+        if self.optimizer.sharded_dense is not None:
+            storage.update(self.optimizer.sharded_dense.interval_scalars())
+        if storage:
+            self.metrics.scalars(self.step, storage, prefix="storage")
         if self.cfg.monitor.expert_histograms:
             for layer, d in zip(self.cfg.model.moe_layers, demand):
                 self.metrics.histogram(self.step, f"expert_load/layer{layer}", np.asarray(d))

@@ -43,7 +43,8 @@ class Router(nn.Layer):
         h = x_TD.astype("float32")
         if self.training and cfg.gate == "switch" and cfg.jitter_eps > 0:
             h = h * paddle.uniform(h.shape, dtype="float32", min=1.0 - cfg.jitter_eps, max=1.0 + cfg.jitter_eps)
-        logits = paddle.matmul(h, self.weight)
+        with paddle.amp.auto_cast(enable=False):  # routing stays in float32 under AMP
+            logits = paddle.matmul(h, self.weight.astype("float32"))
         noise = None
         if self.training and cfg.gate == "gshard":
             noise = paddle.uniform([x_TD.shape[0]], dtype="float32", min=0.0, max=1.0)

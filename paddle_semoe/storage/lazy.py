@@ -1,0 +1,232 @@
+"""Lazy expert update for resident experts, and the gradient clipping both paths share.
+
+``optim.expert_update: lazy`` (see :mod:`paddle_semoe.storage.adamw` for the semantics) with
+experts kept as ordinary resident parameter stacks: :class:`ResidentLazyExperts` keeps the
+moments as numpy arrays next to the parameters and updates, in place, only the experts that
+received tokens. The tiered store (:class:`~paddle_semoe.storage.tiered.TieredExperts`)
+implements the same interface on expert states that live in the host cache / on SSD.
+
+Both run the same float32 arithmetic in the same order:
+
+* gradient norm: dense and gate gradients as before; expert gradients as a float64 sum of
+  per-tensor sums of squares over the activated experts, in the canonical order
+  (MoE layer, local expert ascending, tensor w1/b1/w2/b2); inactive experts have zero
+  gradients, so the norm is the norm of all gradients;
+* clipping of expert gradients happens inside the update (``g * c``), the same expression on
+  both paths;
+* the update is :func:`~paddle_semoe.storage.adamw.adamw_update_`.
+
+so an all-resident run and a tiered run with the same config and seed give bit-identical
+losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import paddle
+
+from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, sq_sum, step_scalars
+from paddle_semoe.storage.stats import StorageStats
+
+logger = logging.getLogger(__name__)
+
+_ACCS = ("moment1_0", "moment2_0")
+_STEP_ACC = "lazy_step_0"
+
+
+def tensor_view(t: paddle.Tensor) -> np.ndarray:
+    """A writable numpy view (no copy) of a contiguous float32 CPU tensor."""
+    if t.dtype != paddle.float32:
+        raise ValueError(f"expected a float32 tensor, got {t.dtype}")
+    if not t.place.is_cpu_place():
+        raise ValueError(f"expected a CPU tensor, got one on {t.place}")
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return np.from_dlpack(t.detach())
+
+
+def _zeros_touched(shape) -> np.ndarray:
+    a = np.empty(shape, dtype=np.float32)
+    a.fill(0.0)
+    return a
+
+
+class LazyExpertUpdater(Protocol):
+    """What the trainer and :class:`~paddle_semoe.engine.optim.MoEOptimizer` call in lazy mode."""
+
+    def param_ids(self) -> set[int]: ...
+
+    def after_backward(self) -> None: ...
+
+    def set_active(self, kept_local: Sequence[np.ndarray]) -> None: ...
+
+    def sq_norm(self) -> float: ...
+
+    def step(self, lr: float, grad_scale: float) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def clear_grad(self) -> None: ...
+
+    def interval_scalars(self) -> dict[str, float]: ...
+
+
+class ResidentLazyExperts:
+    """Lazy AdamW over resident :class:`~paddle_semoe.moe.experts.GroupedExperts` stacks.
+
+    Args:
+        experts: the model's expert layers in model order (each with w1/b1/w2/b2 [E_local, ...]).
+        hyper: AdamW constants.
+    """
+
+    def __init__(self, experts: Sequence, hyper: AdamWHyper):
+        self.hyper = hyper
+        self.layers = [[ge.w1, ge.b1, ge.w2, ge.b2] for ge in experts]
+        self.num_local = experts[0].num_experts if experts else 0
+        # touched now (not lazily zero-mapped): every moment is resident from the start, as it
+        # is once training has visited every expert, and no step pays first-touch page faults
+        self.m = [[_zeros_touched(p.shape) for p in ps] for ps in self.layers]
+        self.v = [[_zeros_touched(p.shape) for p in ps] for ps in self.layers]
+        self.t = 0
+        self._active: list[np.ndarray] | None = None
+        self.stats = StorageStats()
+
+    def param_ids(self) -> set[int]:
+        return {id(p) for ps in self.layers for p in ps}
+
+    def after_backward(self) -> None:
+        pass
+
+    def set_active(self, kept_local: Sequence[np.ndarray]) -> None:
+        """Activity of this step: ``kept_local[layer]`` [E_local] = rows kept for each local
+        expert, summed over the micro-batches and over every rank that routes to it."""
+        if len(kept_local) != len(self.layers):
+            raise ValueError(f"activity for {len(kept_local)} MoE layers, the model has {len(self.layers)}")
+        self._active = [np.flatnonzero(np.asarray(k) > 0) for k in kept_local]
+
+    def _grads(self, ps: list) -> list[np.ndarray | None]:
+        return [None if p.grad is None else tensor_view(p.grad) for p in ps]
+
+    def sq_norm(self) -> float:
+        if self._active is None:
+            raise RuntimeError("set_active() must be called before sq_norm() in a lazy expert step")
+        total = 0.0
+        for ps, act in zip(self.layers, self._active):
+            gs = self._grads(ps)
+            for e in act:
+                for g in gs:
+                    total += sq_sum(None if g is None else g[e])
+        return total
+
+    @paddle.no_grad()
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        if self._active is None:
+            raise RuntimeError("set_active() must be called before step() in a lazy expert step")
+        self.t += 1
+        s = step_scalars(self.hyper, lr, self.t, grad_scale)
+        touched = 0
+        for li, (ps, act) in enumerate(zip(self.layers, self._active)):
+            gs = self._grads(ps)
+            views = [tensor_view(p) for p in ps]
+            for e in act:
+                for k in range(len(ps)):
+                    adamw_update_(views[k][e], self.m[li][k][e], self.v[li][k][e], None if gs[k] is None else gs[k][e], s, decay=True)
+            touched += len(act)
+        self.stats.add(steps=1, touched_experts=touched)
+        self._active = None
+
+    def discard(self) -> None:
+        self._active = None
+
+    def clear_grad(self) -> None:
+        for ps in self.layers:
+            for p in ps:
+                p.clear_gradient(False)
+
+    def interval_scalars(self) -> dict[str, float]:
+        out = self.stats.interval(len(self.layers) * self.num_local)
+        return {"alpha": out["alpha"]}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, paddle.Tensor]:
+        """Accumulators keyed like Paddle's (``<tensor name>_moment1_0`` ...), so checkpoints
+        reshard them like any expert optimizer state."""
+        out: dict[str, paddle.Tensor] = {}
+        for li, ps in enumerate(self.layers):
+            for k, p in enumerate(ps):
+                out[f"{p.name}_{_ACCS[0]}"] = paddle.to_tensor(self.m[li][k])
+                out[f"{p.name}_{_ACCS[1]}"] = paddle.to_tensor(self.v[li][k])
+                out[f"{p.name}_{_STEP_ACC}"] = paddle.to_tensor(np.array([self.t], dtype=np.int64))
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        steps = set()
+        for li, ps in enumerate(self.layers):
+            for k, p in enumerate(ps):
+                for acc, store in zip(_ACCS, (self.m, self.v)):
+                    key = f"{p.name}_{acc}"
+                    if key in state:
+                        arr = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key], dtype=np.float32)
+                        if arr.shape != store[li][k].shape:
+                            raise ValueError(f"optimizer state {key}: shape {list(arr.shape)} != parameter {list(store[li][k].shape)}")
+                        store[li][k][...] = arr
+                key = f"{p.name}_{_STEP_ACC}"
+                if key in state:
+                    steps.add(int(np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key]).reshape(-1)[0]))
+                elif f"{p.name}_beta1_pow_acc_0" in state:  # a checkpoint of the dense (Paddle AdamW) update
+                    b1pow = float(np.asarray(state[f"{p.name}_beta1_pow_acc_0"].numpy()).reshape(-1)[0])
+                    steps.add(max(int(round(math.log(b1pow) / math.log(self.hyper.beta1))) - 1, 0) if self.hyper.beta1 > 0 else 0)
+        if len(steps) > 1:
+            raise ValueError(f"lazy expert optimizer state has inconsistent step counts {sorted(steps)}")
+        if steps:
+            self.t = steps.pop()
+
+
+def clip_grad_norm_lazy_(
+    params: Iterable[paddle.Tensor],
+    updater: LazyExpertUpdater,
+    max_norm: float,
+    topology,
+    communicator=None,
+    eps: float = 1e-6,
+) -> tuple[float, float]:
+    """Global gradient norm with lazily updated experts; clips dense/gate (and other owned)
+    gradients in place and returns ``(norm, coef)``; ``coef`` (<= 1) is for the expert update.
+
+    Collective over the EP group, like :func:`paddle_semoe.comm.clip_grad_norm_`.
+    """
+    from paddle_semoe.moe.params import param_class
+
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    skip = updater.param_ids()
+    shared = expert = 0.0
+    grads = []
+    for p in params:
+        if p.stop_gradient or id(p) in skip or p.grad is None:
+            continue
+        sq = sq_sum(tensor_view(p.grad))
+        if param_class(p) == "expert":
+            expert += sq
+        else:
+            shared += sq
+        grads.append(p.grad)
+    expert += updater.sq_norm()
+    if topology.ep_group.size > 1:
+        from paddle_semoe.comm.transport import make_communicator
+
+        comm = communicator or make_communicator("auto", rank=topology.rank)
+        t = paddle.to_tensor(np.array([expert], dtype=np.float64))
+        comm.all_reduce_(t, topology.ep_group)
+        expert = float(t.numpy()[0])
+    total = math.sqrt(shared + expert)
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        with paddle.no_grad():
+            for g in grads:
+                paddle.assign(g * coef, output=g)
+    return total, min(coef, 1.0)
