@@ -48,6 +48,9 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", type=Path, default=None, help="where to write the package (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    from paddle_semoe.engine.launch_env import keep_freed_memory
+
+    keep_freed_memory()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 

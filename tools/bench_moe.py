@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--activation", default="gelu")
     p.add_argument("--paths", default="custom,reference,einsum")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc returning freed memory to the OS")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -44,6 +45,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
+    from paddle_semoe.engine.launch_env import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory() if not args.no_malloc_tuning else False
 
     import logging
 
@@ -112,6 +116,7 @@ def main(argv=None) -> dict:
             "d_model": D, "d_ff": F, "experts": E, "top_k": K, "capacity_factor": args.capacity_factor,
             "tokens": T, "steps": args.steps, "threads": args.threads, "activation": args.activation,
             "cpu_gemm_backend": ops.cpu_gemm_backend("custom"), "paddle": paddle.__version__,
+            "malloc_keeps_freed_memory": malloc_tuned,
         },
         "results": results,
         "floor_tokens_per_s": T / floor_s,

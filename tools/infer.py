@@ -22,8 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_mode(text: str):
-    from paddle_semoe.inference.runner import ServeConfig
-
     name, _, k = text.partition(":")
     return name, (int(k) if k else None)
 
@@ -44,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--paddle-inference", action="store_true", help="run the exported static graphs through Paddle Inference")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
+    from paddle_semoe.engine.launch_env import keep_freed_memory
+
+    keep_freed_memory()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
 

@@ -33,10 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from paddle_semoe.engine.launch_env import launch_env, load_job_config, pin_threads, setup_logging
+    from paddle_semoe.engine.launch_env import keep_freed_memory, launch_env, load_job_config, pin_threads, setup_logging
 
     env = launch_env()
     pin_threads(args.threads, env)
+    keep_freed_memory()
     setup_logging(env)
     log = logging.getLogger("train")
 

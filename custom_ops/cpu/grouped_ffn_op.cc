@@ -2,6 +2,7 @@
 //   out[rows of e] = act(x_e @ w1[e] + b1[e]) @ w2[e] + b2[e]
 // CPU: GEMMs through oneDNN/cblas (semoe/cpu_gemm.h), fused bias+activation passes.
 // GPU: GEMMs through Paddle's matmul (cuBLAS) per expert, element-wise parts by launchers.
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -105,14 +106,15 @@ std::vector<Tensor> GroupedFfn(const Tensor& x, const Tensor& counts, const Tens
   const std::vector<int32_t> c = host_counts(counts, d.R);
   Tensor out = paddle::empty({d.R, d.D}, x.dtype(), x.place());
   Tensor hidden = paddle::empty({d.R, d.F}, x.dtype(), x.place());
-  std::vector<float> scratch(static_cast<size_t>(max_count(c) * d.F));
+  // uninitialized scratch: every element is written before it is read
+  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(max_count(c) * d.F)]);
   const semoe::SgemmFn gemm = semoe::cpu_gemm().fn;
   with_activation(act, [&](auto tag) {
     constexpr auto A = static_cast<semoe::Activation>(decltype(tag)::value);
     semoe::grouped_ffn_fwd_cpu<A>(gemm, x.data<float>(), c.data(), w1.data<float>(),
                                   b1.data<float>(), w2.data<float>(), b2.data<float>(), d.R, d.E,
                                   d.D, d.F, out.data<float>(), hidden.data<float>(),
-                                  scratch.data());
+                                  scratch.get());
   });
   return {out, hidden};
 }
@@ -148,7 +150,8 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
   Tensor grad_w2 = paddle::empty({E, F, D}, x.dtype(), x.place());
   Tensor grad_b2 = paddle::empty({E, D}, x.dtype(), x.place());
   const size_t n = static_cast<size_t>(max_count(c) * F);
-  std::vector<float> scratch_a(n), scratch_g(n);
+  std::unique_ptr<float[]> scratch_a(new float[n]), scratch_g(new float[n]);
+  std::unique_ptr<float[]> scratch_t(new float[static_cast<size_t>(D * F)]);
   const semoe::SgemmFn gemm = semoe::cpu_gemm().fn;
   with_activation(act, [&](auto tag) {
     constexpr auto A = static_cast<semoe::Activation>(decltype(tag)::value);
@@ -156,8 +159,8 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
                                   w2.data<float>(), hidden_pre.data<float>(),
                                   grad_out.data<float>(), R, E, D, F, grad_x.data<float>(),
                                   grad_w1.data<float>(), grad_b1.data<float>(),
-                                  grad_w2.data<float>(), grad_b2.data<float>(), scratch_a.data(),
-                                  scratch_g.data());
+                                  grad_w2.data<float>(), grad_b2.data<float>(), scratch_a.get(),
+                                  scratch_g.get(), scratch_t.get());
   });
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }

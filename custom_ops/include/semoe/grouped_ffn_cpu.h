@@ -47,6 +47,21 @@ inline void column_sum(const float* g, int64_t rows, int64_t cols, float* out) {
   });
 }
 
+// out[c, r] = a[r, c] for a [rows, cols] block, cache-blocked and parallel over column blocks.
+inline void transpose(const float* a, int64_t rows, int64_t cols, float* out) {
+  constexpr int64_t kB = 32;
+  parallel_for((cols + kB - 1) / kB, 4, [&](int64_t cb0, int64_t cb1) {
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      const int64_t c1 = cb * kB + kB < cols ? cb * kB + kB : cols;
+      for (int64_t rb = 0; rb < rows; rb += kB) {
+        const int64_t r1 = rb + kB < rows ? rb + kB : rows;
+        for (int64_t c = cb * kB; c < c1; ++c)
+          for (int64_t r = rb; r < r1; ++r) out[c * rows + r] = a[r * cols + c];
+      }
+    }
+  });
+}
+
 // Forward. hidden_pre[R_all, F] receives h (pre-activation) for the backward pass; scratch
 // must hold counts[e] * F floats for the largest expert.
 template <Activation A>
@@ -75,13 +90,14 @@ void grouped_ffn_fwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
 
 // Backward. grad_out [R_all, D]. Writes grad_x [R_all, D] (zeros past the used rows) and
 // all weight/bias grads (experts with no rows get zero grads). scratch_a and scratch_g must
-// hold counts[e] * F floats for the largest expert.
+// hold counts[e] * F floats for the largest expert, scratch_t D * F floats (w1[e] transposed:
+// dX = dH @ w1^T as a plain NN GEMM, which oneDNN runs ~30% faster than the NT form).
 template <Activation A>
 void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, const float* w1,
                          const float* w2, const float* hidden_pre, const float* grad_out,
                          int64_t n_rows, int64_t E, int64_t D, int64_t F, float* grad_x,
                          float* grad_w1, float* grad_b1, float* grad_w2, float* grad_b2,
-                         float* scratch_a, float* scratch_g) {
+                         float* scratch_a, float* scratch_g, float* scratch_t) {
   const std::vector<int64_t> off = prefix_offsets(counts, E);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = counts[e];
@@ -109,7 +125,8 @@ void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
     // dW1 = x^T @ dH ; db1 = colsum(dH) ; dX = dH @ w1^T
     gemm(true, false, D, F, n, 1.f, xe, D, scratch_g, F, 0.f, gw1, F);
     column_sum(scratch_g, n, F, grad_b1 + e * F);
-    gemm(false, true, n, D, F, 1.f, scratch_g, F, w1 + e * D * F, F, 0.f, grad_x + off[e] * D, D);
+    transpose(w1 + e * D * F, D, F, scratch_t);
+    gemm(false, false, n, D, F, 1.f, scratch_g, F, scratch_t, D, 0.f, grad_x + off[e] * D, D);
   }
   const int64_t used = off[E];
   if (n_rows > used) std::memset(grad_x + used * D, 0, sizeof(float) * (n_rows - used) * D);
