@@ -55,6 +55,10 @@ def check_parallel_support(cfg: TrainConfig, world_size: int) -> ParallelConfig:
             "parallel.sharding_stage 2/3 shards every parameter over the sharding group, but expert "
             "parameters are owned per rank and must not be sharded: use sharding_stage=1 for MoE models"
         )
+    if par.a2a_backend in ("nccl", "nccl_fused") and not on_gpu:
+        raise ValueError(
+            f"parallel.a2a_backend={par.a2a_backend} needs GPUs with NCCL; on CPU use auto or gloo"
+        )
     if cfg.amp.enabled and not on_gpu:
         raise ValueError("amp.enabled=true needs a GPU (the CPU kernels are float32); set amp.enabled=false")
     return par

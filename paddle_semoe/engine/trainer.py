@@ -114,9 +114,16 @@ class Trainer:
 
         # model: dense weights identical on every rank (same seed); experts by global index
         paddle.seed(cfg.train.seed)
-        self.comm = None if ctx.world_size == 1 else make_communicator(par.a2a_backend, rank=ctx.rank, timeout_s=par.comm_timeout_s)
+        backend = "nccl" if par.a2a_backend == "nccl_fused" else par.a2a_backend  # collectives of the fused path
+        self.comm = None if ctx.world_size == 1 else make_communicator(backend, rank=ctx.rank, timeout_s=par.comm_timeout_s)
         exchange = None
-        if ep > 1:
+        if ep > 1 and par.a2a_backend == "nccl_fused":
+            from paddle_semoe.comm.nccl_fused import FusedNcclExchange
+
+            exchange = FusedNcclExchange(
+                self.topology, mcfg.moe.num_experts // ep, hierarchical=par.hierarchical_a2a, timeout_s=par.comm_timeout_s
+            )
+        elif ep > 1:
             exchange = ExpertExchange(
                 self.topology, mcfg.moe.num_experts // ep, communicator=self.comm, hierarchical=par.hierarchical_a2a
             )
@@ -153,7 +160,8 @@ class Trainer:
         self.params = params
         self.reducer = None
         if ctx.world_size > 1 and par.fused_grad_buckets:
-            self.reducer = GradientReducer(params, self.topology, self.comm, int(par.bucket_mb * (1 << 20)))
+            bucket = int(par.bucket_mb * (1 << 20)) if par.bucket_mb is not None else None
+            self.reducer = GradientReducer(params, self.topology, self.comm, bucket)
 
         self.step = 0
         self.nan_skips = 0
