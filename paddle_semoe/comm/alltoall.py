@@ -60,12 +60,12 @@ from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S, Communicator, make_co
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExchangePlan", "ExpertExchange"]
+__all__ = ["CountPlan", "ExchangePlan", "ExpertExchange"]
 
 
 @dataclass(frozen=True)
-class ExchangePlan:
-    """Result of the count phase; consumed by dispatch and combine of the same batch.
+class CountPlan:
+    """What the count phase of an exchange decides; shared by every exchange implementation.
 
     Attributes:
         count_matrix: int64 ``[P, E]``, rows EP rank ``s`` sends to global expert ``x``.
@@ -75,8 +75,7 @@ class ExchangePlan:
         num_input_rows: ``R``, rows of the sender buffer including padding (``-1`` until
             dispatch has seen the rows).
         local_counts: int64 ``[El]``, rows per local expert after dispatch.
-        route: dispatch steps (combine runs the inverse).
-        hierarchical: whether ``route`` is the two-step route.
+        hierarchical: whether the two-step route is used.
     """
 
     count_matrix: np.ndarray
@@ -85,7 +84,6 @@ class ExchangePlan:
     num_send_rows: int
     num_input_rows: int
     local_counts: np.ndarray
-    route: Route
     hierarchical: bool
 
     @property
@@ -100,8 +98,15 @@ class ExchangePlan:
 
     def local_counts_tensor(self, place: Any = None) -> paddle.Tensor:
         """``local_counts`` as an int32 Paddle tensor (on ``place`` if given)."""
-        t = paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
-        return t
+        return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
+
+
+@dataclass(frozen=True)
+class ExchangePlan(CountPlan):
+    """The count phase of :class:`ExpertExchange` plus its route (dispatch steps; combine runs
+    the inverse)."""
+
+    route: Route | None = None
 
 
 @dataclass(frozen=True)

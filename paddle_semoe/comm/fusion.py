@@ -48,8 +48,10 @@ __all__ = [
     "build_buckets",
     "clip_grad_norm_",
     "default_bucket_bytes",
+    "grad_or_zeros",
     "reduce_gradients_unfused",
     "reduction_rule",
+    "write_grad",
 ]
 
 #: Bucket size of the released SE-MoE code (GPU).
@@ -146,11 +148,13 @@ def build_buckets(params: Sequence[paddle.Tensor], bucket_bytes: int) -> list[Bu
     return buckets
 
 
-def _grad_or_zeros(p: paddle.Tensor) -> paddle.Tensor:
+def grad_or_zeros(p: paddle.Tensor) -> paddle.Tensor:
+    """``p.grad``, or zeros of ``p``'s shape when it has none (a parameter no token reached)."""
     return p.grad if p.grad is not None else paddle.zeros(p.shape, dtype=p.dtype)
 
 
-def _write_grad(p: paddle.Tensor, value: paddle.Tensor) -> None:
+def write_grad(p: paddle.Tensor, value: paddle.Tensor) -> None:
+    """Store ``value`` (any shape with ``p``'s size) as ``p.grad``, in place when it exists."""
     value = value.reshape(p.shape)
     if p.grad is None:
         p.grad = value
@@ -194,14 +198,14 @@ class GradientReducer:
             rule = self.rules[bucket.param_class]
             if rule.group is None and rule.scale == 1.0:
                 continue
-            grads = [_grad_or_zeros(p).reshape([-1]) for p in bucket.params]
+            grads = [grad_or_zeros(p).reshape([-1]) for p in bucket.params]
             flat = grads[0] if len(grads) == 1 else paddle.concat(grads)
             flat = flat * rule.scale if rule.scale != 1.0 else flat.clone()
             if rule.group is not None:
                 self.comm.all_reduce_(flat, rule.group)
             pieces = paddle.split(flat, list(bucket.numels)) if len(bucket.params) > 1 else [flat]
             for p, piece in zip(bucket.params, pieces):
-                _write_grad(p, piece)
+                write_grad(p, piece)
 
 
 @paddle.no_grad()
@@ -216,10 +220,10 @@ def reduce_gradients_unfused(
         rule = rules[param_class(p)]
         if rule.group is None and rule.scale == 1.0:
             continue
-        g = _grad_or_zeros(p) * rule.scale
+        g = grad_or_zeros(p) * rule.scale
         if rule.group is not None:
             comm.all_reduce_(g, rule.group)
-        _write_grad(p, g)
+        write_grad(p, g)
 
 
 @paddle.no_grad()

@@ -41,6 +41,7 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
+from paddle_semoe.comm.alltoall import CountPlan
 from paddle_semoe.comm.topology import CommGroup, Topology
 from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S
 from paddle_semoe.comm.watchdog import CollectiveWatchdog, CommError
@@ -218,43 +219,11 @@ def _current_device() -> int:
 
 # ---------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
-class FusedExchangePlan:
-    """Result of the count phase; consumed by dispatch and combine of the same batch.
+class FusedExchangePlan(CountPlan):
+    """The count phase of the fused op (see :class:`~paddle_semoe.comm.alltoall.CountPlan`),
+    plus the count matrix as an int64 CPU tensor, fed to the route op as is."""
 
-    Attributes:
-        count_matrix: int64 ``[P, E]`` on the host: rows EP rank ``s`` sends to expert ``x``.
-        count_matrix_tensor: the same as an int64 CPU tensor (fed to the route op as is).
-        ep_rank: this rank's index in the EP group.
-        num_local_experts: ``El``.
-        num_send_rows: ``sum(counts)`` of this rank.
-        num_input_rows: ``R``, rows of the sender buffer including padding (``-1`` until
-            dispatch has seen the rows).
-        local_counts: int64 ``[El]``, rows per local expert after dispatch.
-        hierarchical: whether the two-step route is used.
-    """
-
-    count_matrix: np.ndarray
-    count_matrix_tensor: paddle.Tensor
-    ep_rank: int
-    num_local_experts: int
-    num_send_rows: int
-    num_input_rows: int
-    local_counts: np.ndarray
-    hierarchical: bool
-
-    @property
-    def num_local_rows(self) -> int:
-        """``R_loc = sum(local_counts)``: rows of ``local_rows``."""
-        return int(self.local_counts.sum())
-
-    @property
-    def send_counts(self) -> np.ndarray:
-        """int64 ``[E]``: this rank's counts."""
-        return self.count_matrix[self.ep_rank]
-
-    def local_counts_tensor(self, place: Any = None) -> paddle.Tensor:
-        """``local_counts`` as int32 (on ``place`` if given)."""
-        return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
+    count_matrix_tensor: paddle.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- autograd

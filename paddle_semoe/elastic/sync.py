@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import paddle
 
+from paddle_semoe.comm.fusion import grad_or_zeros, write_grad
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.comm.transport import Communicator
 from paddle_semoe.elastic.groups import TaskGroups
@@ -69,18 +70,6 @@ class _Bucket:
     group: CommGroup
     params: tuple[paddle.Tensor, ...]
     numels: tuple[int, ...]
-
-
-def _grad_or_zeros(p: paddle.Tensor) -> paddle.Tensor:
-    return p.grad if p.grad is not None else paddle.zeros(p.shape, dtype=p.dtype)
-
-
-def _write_grad(p: paddle.Tensor, value: paddle.Tensor) -> None:
-    value = value.reshape(p.shape)
-    if p.grad is None:
-        p.grad = value
-    else:
-        paddle.assign(value, output=p.grad)
 
 
 class ElasticGradSync:
@@ -143,12 +132,12 @@ class ElasticGradSync:
         for b in self.buckets:
             if b.group.size == 1:
                 continue
-            grads = [_grad_or_zeros(p).reshape([-1]) for p in b.params]
+            grads = [grad_or_zeros(p).reshape([-1]) for p in b.params]
             flat = grads[0].clone() if len(grads) == 1 else paddle.concat(grads)
             self.comm.all_reduce_(flat, b.group)
             pieces = paddle.split(flat, list(b.numels)) if len(b.params) > 1 else [flat]
             for p, piece in zip(b.params, pieces):
-                _write_grad(p, piece)
+                write_grad(p, piece)
 
     @paddle.no_grad()
     def global_norm(self) -> float:

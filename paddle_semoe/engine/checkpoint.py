@@ -149,6 +149,19 @@ def write_manifest(ckpt_dir: Path, step: int, world_size: int, records: list[Fil
     write_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
+def verify_file(
+    path: Path, sha256: str, nbytes: int | None, kind: str = "checkpoint", error: type[Exception] = CheckpointError
+) -> None:
+    """Refuse a file that is missing, has the wrong size or the wrong SHA-256, naming it."""
+    if not path.exists():
+        raise error(f"{kind} file missing: {path}")
+    size = path.stat().st_size
+    if nbytes is not None and size != nbytes:
+        raise error(f"{kind} file {path} is truncated or altered: {size} bytes, manifest says {nbytes}")
+    if sha256_file(path) != sha256:
+        raise error(f"{kind} file {path} is corrupt: SHA-256 does not match the manifest")
+
+
 def read_manifest(ckpt_dir: Path, verify: bool = True) -> Manifest:
     """Load and (by default) fully verify a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
@@ -167,14 +180,7 @@ def read_manifest(ckpt_dir: Path, verify: bool = True) -> Manifest:
     manifest = Manifest(ckpt_dir, int(raw["step"]), int(raw["world_size"]), raw.get("meta", {}), files)
     if verify:
         for rec in files.values():
-            p = ckpt_dir / rec.name
-            if not p.exists():
-                raise CheckpointError(f"checkpoint file missing: {p}")
-            size = p.stat().st_size
-            if size != rec.bytes:
-                raise CheckpointError(f"checkpoint file {p} is truncated or altered: {size} bytes, manifest says {rec.bytes}")
-            if sha256_file(p) != rec.sha256:
-                raise CheckpointError(f"checkpoint file {p} is corrupt: sha256 does not match the manifest")
+            verify_file(ckpt_dir / rec.name, rec.sha256, rec.bytes)
     return manifest
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from paddle_semoe.engine.checkpoint import CheckpointError, sha256_file, write_atomic
+from paddle_semoe.engine.checkpoint import CheckpointError, write_atomic
+from paddle_semoe.engine.checkpoint import verify_file as checkpoint_verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +157,7 @@ def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
 
 
 def verify_file(path: Path, sha256: str, nbytes: int | None) -> None:
-    if not path.exists():
-        raise PackageError(f"inference package file missing: {path}")
-    size = path.stat().st_size
-    if nbytes is not None and size != nbytes:
-        raise PackageError(f"inference package file {path} is truncated or altered: {size} bytes, manifest says {nbytes}")
-    if sha256_file(path) != sha256:
-        raise PackageError(f"inference package file {path} is corrupt: SHA-256 does not match the manifest")
+    checkpoint_verify_file(path, sha256, nbytes, kind="inference package", error=PackageError)
 
 
 def load_dense(m: Manifest) -> dict[str, np.ndarray]:
