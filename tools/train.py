@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     from paddle_semoe.config import format_config
     from paddle_semoe.engine.config import TrainConfig
 
-    cfg = load_job_config(TrainConfig, args.config, args.override)
+    cfg, error = load_job_config(TrainConfig, args.config, args.override)
     if cfg is None:
+        print(error, file=sys.stderr)
         return 2
 
     if args.dry_run:

@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     from paddle_semoe.config import dump_yaml, format_config
     from ufo_example.config import UFOJobConfig
 
-    cfg = load_job_config(UFOJobConfig, args.config, args.override)
+    cfg, error = load_job_config(UFOJobConfig, args.config, args.override)
     if cfg is None:
+        print(error, file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(cfg, args.world_size or world)

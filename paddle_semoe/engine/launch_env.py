@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -51,15 +50,14 @@ def setup_logging(env: LaunchEnv) -> None:
     )
 
 
-def load_job_config(cls: type[T], path: Path | str, overrides: list[str]) -> T | None:
-    """The typed config, or None after printing the one-line error (exit code 2 for the caller)."""
+def load_job_config(cls: type[T], path: Path | str, overrides: list[str]) -> tuple[T | None, str | None]:
+    """``(config, None)``, or ``(None, one-line error)`` for the entry point to print (exit code 2)."""
     from paddle_semoe.config import ConfigError, load_config
 
     try:
-        return load_config(cls, path, overrides)
+        return load_config(cls, path, overrides), None
     except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+        return None, f"error: {err}"
 
 
 def keep_freed_memory() -> bool:
