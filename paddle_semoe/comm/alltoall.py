@@ -100,6 +100,18 @@ class CountPlan:
         """``local_counts`` as an int32 Paddle tensor (on ``place`` if given)."""
         return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
 
+    def for_rows(self, rows: paddle.Tensor):
+        """This plan with ``num_input_rows`` set from the sender buffer ``rows [R, D]`` (checked)."""
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
+        R = rows.shape[0]
+        if R < self.num_send_rows:
+            raise ValueError(
+                f"rows has {R} rows but counts sum to {self.num_send_rows}: rows must hold "
+                f"sum(counts) expert-major rows (plus optional padding)"
+            )
+        return dataclasses.replace(self, num_input_rows=R)
+
 
 @dataclass(frozen=True)
 class ExchangePlan(CountPlan):
@@ -251,15 +263,8 @@ class ExpertExchange:
         Returns the local rows and the plan with ``num_input_rows = R`` filled in (combine
         needs it).
         """
-        if rows.ndim != 2:
-            raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
-        R = rows.shape[0]
-        if R < plan.num_send_rows:
-            raise ValueError(
-                f"rows has {R} rows but counts sum to {plan.num_send_rows}: rows must hold "
-                f"sum(counts) expert-major rows (plus optional padding)"
-            )
-        plan = dataclasses.replace(plan, num_input_rows=R)
+        plan = plan.for_rows(rows)
+        R = plan.num_input_rows
         inverse = invert_route(plan.route)
         fwd = _Leg(plan.route, plan.num_send_rows, plan.num_local_rows)
         bwd = _Leg(inverse, plan.num_local_rows, R)

@@ -29,7 +29,6 @@ aborts the communicator (it is dropped from the registry; the next call builds a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -391,15 +390,8 @@ class FusedNcclExchange:
     def dispatch_rows(self, rows: paddle.Tensor, plan: FusedExchangePlan
                       ) -> tuple[paddle.Tensor, FusedExchangePlan]:
         """Row phase of dispatch for a plan from :meth:`exchange_counts` (differentiable)."""
-        if rows.ndim != 2:
-            raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
-        R = rows.shape[0]
-        if R < plan.num_send_rows:
-            raise ValueError(
-                f"rows has {R} rows but counts sum to {plan.num_send_rows}: rows must hold "
-                f"sum(counts) expert-major rows (plus optional padding)"
-            )
-        plan = dataclasses.replace(plan, num_input_rows=R)
+        plan = plan.for_rows(rows)
+        R = plan.num_input_rows
         rows = rows if rows.is_contiguous() else rows.contiguous()
         out = _FusedRoute.apply(rows, self, plan, False, plan.num_local_rows, R)
         return out, plan
