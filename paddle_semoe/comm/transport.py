@@ -86,6 +86,16 @@ def _concat_rows(parts: list[paddle.Tensor], width_like: paddle.Tensor) -> paddl
     return paddle.concat(parts, axis=0)
 
 
+def _without_traffic(x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor | None:
+    """The result of an exchange that moves nothing (a group of one, or no rows anywhere: every
+    member knows the split matrix, so all skip together), else None."""
+    if group.size == 1:
+        return x
+    if not splits.any():
+        return _row_block(x, 0, 0)
+    return None
+
+
 class Communicator:
     """Base class: the three primitives over :class:`CommGroup` s (see module docstring).
 
@@ -167,10 +177,9 @@ class NcclCommunicator(_PaddleCommunicator):
 
         splits = self._check_exchange(x, splits, group)
         me = group.rank_in_group
-        if group.size == 1:
-            return x
-        if not splits.any():  # every member knows the matrix: all skip together
-            return _row_block(x, 0, 0)
+        trivial = _without_traffic(x, splits, group)
+        if trivial is not None:
+            return trivial
         n_recv = int(splits[:, me].sum())
         x = x if x.is_contiguous() else x.contiguous()
         out = paddle.empty([n_recv] + list(x.shape[1:]), dtype=x.dtype)
@@ -203,10 +212,9 @@ class GlooPairwiseCommunicator(_PaddleCommunicator):
 
         splits = self._check_exchange(x, splits, group)
         me = group.rank_in_group
-        if group.size == 1:
-            return x
-        if not splits.any():  # every member knows the matrix: all skip together
-            return _row_block(x, 0, 0)
+        trivial = _without_traffic(x, splits, group)
+        if trivial is not None:
+            return trivial
         if group.size % 2:
             return _padded_all_gather_exchange(self, x, splits, group)
         send_off = exclusive_cumsum(splits[me])
