@@ -13,7 +13,7 @@ setup(
     description="PaddlePaddle-native Mixture-of-Experts training and inference (SE-MoE)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # the config schema evaluates `X | None` annotations (PEP 604)
     packages=find_packages(include=["paddle_semoe", "paddle_semoe.*"]) + ["paddle_semoe._csrc"],
     package_dir={"paddle_semoe._csrc": "custom_ops"},
     package_data={"paddle_semoe._csrc": ["*.md", "include/semoe/*.h", "cpu/*.cc", "cpu/*.h", "cuda/*.cu", "cuda/*.cc", "cuda/*.h", "cuda/*.cuh"]},

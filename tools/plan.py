@@ -46,9 +46,9 @@ def main(argv=None) -> int:
         cpu_knobs,
         format_plan,
         model_from_dict,
-        model_from_train_config,
         plan,
     )
+    from paddle_semoe.engine.plan import model_spec_from_train_config
 
     path = Path(args.cluster)
     try:
@@ -56,12 +56,12 @@ def main(argv=None) -> int:
         cluster = cluster_from_dict(raw, where=path.name)
         train_cfg = None
         if args.train_config:
-            model = model_from_train_config(Path(args.train_config), alpha=args.alpha, overrides=args.override)
+            model = model_spec_from_train_config(Path(args.train_config), alpha=args.alpha, overrides=args.override)
             train_cfg = Path(args.train_config)
         else:
             if "model" not in raw:
                 raise ValueError(f"{path.name}: no 'model' section (or pass --train-config)")
-            model = model_from_dict(raw["model"], base_dir=path.parent, where=f"{path.name}.model")
+            model = model_from_dict(raw["model"], path.parent, f"{path.name}.model", model_spec_from_train_config)
             if "train_config" in raw["model"]:
                 train_cfg = (path.parent / raw["model"]["train_config"]).resolve()
         if args.alpha is not None:
@@ -97,4 +97,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from paddle_semoe.engine.launch_env import run_entry
+
+    sys.exit(run_entry(main, name="plan"))

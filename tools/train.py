@@ -2,7 +2,8 @@
 """Train a GPT-MoE model.
 
     python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c configs/gpt_moe_tiny.yaml
-    python tools/train.py -c configs/gpt_moe_1p3b_e64.yaml --dry_run --world_size 64
+    python tools/train.py -c configs/gpu/gpt_1p3b_e64.yaml --dry_run        # plan for the smallest valid world
+    python tools/train.py -c configs/gpu/gpt_1p3b_e64.yaml --dry_run --world_size 64
     ... -o train.max_steps=500 -o parallel.ep_degree=2 -o train.resume=auto
 
 Several machines: run the same command on each with
@@ -25,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-c", "--config", required=True, help="YAML config (supports _base_)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--dry_run", action="store_true", help="build the model lazily, print the plan and parameter counts, exit")
-    p.add_argument("--world_size", type=int, default=None, help="with --dry_run: plan for this many ranks")
+    p.add_argument("--world_size", type=int, default=None,
+                   help="with --dry_run: plan for this many ranks (default: the launched world, else the smallest "
+                        "world the config allows)")
     p.add_argument("--eval_only", action="store_true", help="load train.resume, print the held-out loss as JSON, exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / local processes)")
     return p.parse_args(argv)
@@ -53,9 +56,17 @@ def main(argv=None) -> int:
         from paddle_semoe.engine.plan import format_plan
         from paddle_semoe.engine.distributed import launched_world_size
 
-        world = args.world_size or cfg.parallel.dp_degree and cfg.parallel.dp_degree * cfg.parallel.sharding_degree or launched_world_size()
+        launched = launched_world_size()
+        if args.world_size is not None:
+            world, why = args.world_size, "--world_size"
+        elif launched > 1:
+            world, why = launched, "the launched world"
+        else:
+            world = cfg.parallel.smallest_world_size()
+            why = "the smallest world the config allows; pass --world_size N to plan for another"
         try:
             print(format_config(cfg, title="resolved config"))
+            print(f"planning for world_size={world} ({why})")
             print(format_plan(cfg, world))
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -63,13 +74,28 @@ def main(argv=None) -> int:
         return 0
 
     from paddle_semoe import ops
-    from paddle_semoe.engine.distributed import init_distributed
-    from paddle_semoe.engine.trainer import Trainer, TrainingError
-    from paddle_semoe.engine.checkpoint import CheckpointError
+    from paddle_semoe.engine.run_lock import lock_output_dir
 
     # Build/load the compiled ops before any collective: a first-time build (~20 s) inside a
     # Gloo wait would run into Gloo's fixed 30 s timeout on the other ranks.
     ops.resolve_backend(cfg.model.ops_backend)
+    # one run per output directory (each rank holds its lock until it exits); evaluation only reads
+    run_lock = None if args.eval_only else lock_output_dir(cfg.train.output_dir, env.rank)
+    try:
+        return _run(args, cfg, log, run_lock is not None)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _run(args: argparse.Namespace, cfg, log: logging.Logger, train: bool) -> int:
+    from paddle_semoe.config import format_config
+    from paddle_semoe.engine.distributed import init_distributed
+    from paddle_semoe.engine.launch_env import EXIT_PREEMPTED
+    from paddle_semoe.engine.preempt import Preempted, StopRequest
+    from paddle_semoe.engine.trainer import Trainer, TrainingError
+    from paddle_semoe.io.checkpoint import CheckpointError
+
     try:
         ctx = init_distributed(cfg)
     except ValueError as err:
@@ -87,7 +113,13 @@ def main(argv=None) -> int:
                 print(json.dumps({"step": trainer.step, "val_loss": val, "world_size": ctx.world_size,
                                   "ep_degree": ctx.parallel.ep_degree}), flush=True)
             return 0
+        if train:  # SIGTERM/SIGINT: finish the step on every rank, save, exit EXIT_PREEMPTED
+            trainer.stop_request = StopRequest().install()
         trainer.fit()
+    except Preempted as stop:
+        log.warning("%s", stop)
+        print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except (TrainingError, CheckpointError, ValueError) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
@@ -96,4 +128,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from paddle_semoe.engine.launch_env import run_entry
+
+    sys.exit(run_entry(main, name="train"))

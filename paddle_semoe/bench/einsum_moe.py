@@ -37,6 +37,8 @@ def einsum_moe_forward(layer: MoELayer, x_TD: paddle.Tensor) -> paddle.Tensor:
     combine_TEC = (dispatch_TKEC.reshape([T, K, E, C]) * weights.reshape([T, K, 1, 1])).sum(axis=1)
 
     ex = layer.experts
+    if ex.w1 is None or ex.b1 is None or ex.w2 is None or ex.b2 is None:
+        raise ValueError("einsum_moe_forward needs resident expert weights; the layer was built with deferred ones")
     x_ECD = paddle.einsum("tec,td->ecd", dispatch_TEC.astype(x_TD.dtype), x_TD)
     h = paddle.bmm(x_ECD, ex.w1) + ex.b1.unsqueeze(1)
     y_ECD = paddle.bmm(reference.activation(h, ex.activation), ex.w2) + ex.b2.unsqueeze(1)

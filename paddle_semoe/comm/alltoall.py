@@ -91,11 +91,6 @@ class CountPlan:
         """``R_loc = sum(local_counts)``: rows of ``local_rows``."""
         return int(self.local_counts.sum())
 
-    @property
-    def send_counts(self) -> np.ndarray:
-        """int64 ``[E]``: this rank's counts (row ``ep_rank`` of the count matrix)."""
-        return self.count_matrix[self.ep_rank]
-
     def local_counts_tensor(self, place: Any = None) -> paddle.Tensor:
         """``local_counts`` as an int32 Paddle tensor (on ``place`` if given)."""
         return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
@@ -118,7 +113,7 @@ class ExchangePlan(CountPlan):
     """The count phase of :class:`ExpertExchange` plus its route (dispatch steps; combine runs
     the inverse)."""
 
-    route: Route | None = None
+    route: Route
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import paddle
 
 from paddle_semoe.comm.topology import CommGroup, Topology
 from paddle_semoe.comm.transport import Communicator, make_communicator
-from paddle_semoe.moe.params import PARAM_CLASSES, ParamClass, param_class
+from paddle_semoe.params import PARAM_CLASSES, ParamClass, param_class
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,17 @@ __all__ = [
     "GPU_BUCKET_BYTES",
     "Bucket",
     "GradientReducer",
+    "all_reduce_grads_",
     "ReductionRule",
     "build_buckets",
+    "clip_by_global_norm_",
     "clip_grad_norm_",
     "default_bucket_bytes",
     "grad_or_zeros",
+    "pack",
     "reduce_gradients_unfused",
     "reduction_rule",
+    "squared_norm",
     "write_grad",
 ]
 
@@ -117,31 +121,27 @@ def _trainable(params: Iterable[paddle.Tensor]) -> list[paddle.Tensor]:
     return [p for p in params if not p.stop_gradient]
 
 
+def pack(params: Sequence[paddle.Tensor], cap_bytes: int, key: Callable[[paddle.Tensor], Hashable]) -> list[list[paddle.Tensor]]:
+    """Greedy buckets in parameter order, one open bucket per ``key`` (class, dtype, ...); a
+    bucket closes when the next parameter would pass ``cap_bytes`` (a larger one gets its own)."""
+    if cap_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {cap_bytes}")
+    open_: dict[Hashable, tuple[list[paddle.Tensor], int]] = {}
+    out: list[list[paddle.Tensor]] = []
+    for p in params:
+        k, nbytes = key(p), math.prod(p.shape) * p.element_size()
+        ps, size = open_.get(k, ([], 0))
+        if ps and size + nbytes > cap_bytes:
+            out.append(ps)
+            ps, size = [], 0
+        open_[k] = (ps + [p], size + nbytes)
+    return out + [ps for ps, _ in open_.values()]
+
+
 def build_buckets(params: Sequence[paddle.Tensor], bucket_bytes: int) -> list[Bucket]:
     """Pack parameters into buckets in order, per (class, dtype); ``bucket_bytes`` caps each."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    open_: dict[tuple[str, str], list[paddle.Tensor]] = {}
-    sizes: dict[tuple[str, str], int] = {}
-    buckets: list[Bucket] = []
-
-    def flush(key: tuple[str, str]) -> None:
-        ps = open_.pop(key, [])
-        sizes.pop(key, None)
-        if ps:
-            buckets.append(
-                Bucket(key[0], key[1], tuple(ps), tuple(math.prod(p.shape) for p in ps))  # type: ignore[arg-type]
-            )
-
-    for p in _trainable(params):
-        key = (param_class(p), str(p.dtype))
-        nbytes = math.prod(p.shape) * p.element_size()
-        if key in open_ and sizes[key] + nbytes > bucket_bytes:
-            flush(key)
-        open_.setdefault(key, []).append(p)
-        sizes[key] = sizes.get(key, 0) + nbytes
-    for key in list(open_):
-        flush(key)
+    groups = pack(_trainable(params), bucket_bytes, lambda p: (param_class(p), str(p.dtype)))
+    buckets = [Bucket(param_class(ps[0]), str(ps[0].dtype), tuple(ps), tuple(math.prod(p.shape) for p in ps)) for ps in groups]
     # a deterministic order that every rank shares: by class, then first appearance
     order = {c: i for i, c in enumerate(PARAM_CLASSES)}
     buckets.sort(key=lambda b: order[b.param_class])
@@ -160,6 +160,22 @@ def write_grad(p: paddle.Tensor, value: paddle.Tensor) -> None:
         p.grad = value
     else:
         paddle.assign(value, output=p.grad)
+
+
+@paddle.no_grad()
+def all_reduce_grads_(
+    params: Sequence[paddle.Tensor], comm: Communicator | None, group: CommGroup | None, scale: float = 1.0
+) -> None:
+    """``g <- sum over group of (scale * g)`` for the gradients of ``params``, packed into one
+    contiguous buffer and one collective; a missing gradient counts as zeros."""
+    grads = [grad_or_zeros(p).reshape([-1]) for p in params]
+    flat = paddle.concat(grads) if len(grads) > 1 else grads[0]
+    flat = flat * scale if scale != 1.0 else flat.clone()
+    if comm is not None and group is not None and group.size > 1:
+        comm.all_reduce_(flat, group)
+    pieces = paddle.split(flat, [math.prod(p.shape) for p in params]) if len(params) > 1 else [flat]
+    for p, piece in zip(params, pieces):
+        write_grad(p, piece)
 
 
 class GradientReducer:
@@ -196,16 +212,8 @@ class GradientReducer:
         """Reduce every bucket in place (collective over the groups of the classes)."""
         for bucket in self.buckets:
             rule = self.rules[bucket.param_class]
-            if rule.group is None and rule.scale == 1.0:
-                continue
-            grads = [grad_or_zeros(p).reshape([-1]) for p in bucket.params]
-            flat = grads[0] if len(grads) == 1 else paddle.concat(grads)
-            flat = flat * rule.scale if rule.scale != 1.0 else flat.clone()
-            if rule.group is not None:
-                self.comm.all_reduce_(flat, rule.group)
-            pieces = paddle.split(flat, list(bucket.numels)) if len(bucket.params) > 1 else [flat]
-            for p, piece in zip(bucket.params, pieces):
-                write_grad(p, piece)
+            if rule.group is not None or rule.scale != 1.0:
+                all_reduce_grads_(bucket.params, self.comm, rule.group, rule.scale)
 
 
 @paddle.no_grad()
@@ -218,15 +226,53 @@ def reduce_gradients_unfused(
     order = {c: i for i, c in enumerate(PARAM_CLASSES)}
     for p in sorted(_trainable(params), key=lambda q: order[param_class(q)]):
         rule = rules[param_class(p)]
-        if rule.group is None and rule.scale == 1.0:
-            continue
-        g = grad_or_zeros(p) * rule.scale
-        if rule.group is not None:
-            comm.all_reduce_(g, rule.group)
-        write_grad(p, g)
+        if rule.group is not None or rule.scale != 1.0:
+            all_reduce_grads_([p], comm, rule.group, rule.scale)
+
+
+def squared_norm(grads: Iterable[paddle.Tensor]) -> paddle.Tensor:
+    """float32 [1] on the device: the sum of squares of ``grads`` (no host sync)."""
+    total = paddle.zeros([1], dtype="float32")
+    for g in grads:
+        total = total + paddle.sum(paddle.square(g.astype("float32"))).reshape([1])
+    return total
 
 
 @paddle.no_grad()
+def clip_by_global_norm_(
+    grads: Sequence[paddle.Tensor],
+    local_sq: float | paddle.Tensor,
+    summed_sq: float | paddle.Tensor,
+    max_norm: float,
+    communicator: Communicator | None = None,
+    group: CommGroup | None = None,
+    eps: float = 1e-6,
+) -> tuple[float, float]:
+    """The project's one clipping rule: scale ``grads`` in place by ``coef = min(1, max_norm /
+    (norm + eps))``, ``norm = sqrt(local_sq + sum over group of summed_sq)``.
+
+    A squared gradient norm has a part every member of ``group`` holds identically (dense and
+    gate gradients after the reduction, shared multi-task parameters), counted once
+    (``local_sq``), and a part that differs per member (expert shards, task parameters on their
+    owner), summed over ``group`` (``summed_sq``; collective when the group has several members).
+    Both are host floats or one-element tensors; ``max_norm=math.inf`` only measures.
+    Returns ``(norm before clipping, coef)``, equal on every member.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    summed = float(summed_sq.item()) if isinstance(summed_sq, paddle.Tensor) else float(summed_sq)
+    local = float(local_sq.item()) if isinstance(local_sq, paddle.Tensor) else float(local_sq)
+    if group is not None and group.size > 1:
+        comm = communicator or make_communicator("auto", rank=group.global_rank)
+        summed = float(comm.all_reduce([summed], group, what="squared gradient norm")[0])
+    total = math.sqrt(local + summed)
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        for g in grads:
+            paddle.assign(g * coef, output=g)
+    return total, min(coef, 1.0)
+
+
 def clip_grad_norm_(
     params: Iterable[paddle.Tensor],
     max_norm: float,
@@ -242,23 +288,8 @@ def clip_grad_norm_(
     (expert replicas across ``expert_dp_group`` are equal and count once). Collective over the
     EP group (every rank must call it). Returns the global norm before clipping.
     """
-    if max_norm <= 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm}")
     grads = [(param_class(p), p.grad) for p in _trainable(params) if p.grad is not None]
-    shared = paddle.zeros([1], dtype="float32")
-    expert = paddle.zeros([1], dtype="float32")
-    for cls, g in grads:
-        sq = paddle.sum(paddle.square(g.astype("float32"))).reshape([1])
-        if cls == "expert":
-            expert = expert + sq
-        else:
-            shared = shared + sq
-    if topology.ep_group.size > 1:
-        comm = communicator or make_communicator("auto", rank=topology.rank)
-        comm.all_reduce_(expert, topology.ep_group)
-    total = float(paddle.sqrt(shared + expert).item())
-    coef = max_norm / (total + eps)
-    if coef < 1.0:
-        for _, g in grads:
-            paddle.assign(g * coef, output=g)
+    shared = squared_norm(g for c, g in grads if c != "expert")
+    expert = squared_norm(g for c, g in grads if c == "expert")
+    total, _ = clip_by_global_norm_([g for _, g in grads], shared, expert, max_norm, communicator, topology.ep_group, eps)
     return total

@@ -84,7 +84,7 @@ def nccl_library_path() -> str:
     if env:
         return env
     try:
-        import nvidia.nccl  # type: ignore[import-not-found]
+        import nvidia.nccl
 
         for base in list(getattr(nvidia.nccl, "__path__", [])):
             candidate = Path(base) / "lib" / "libnccl.so.2"
@@ -315,18 +315,19 @@ class FusedNcclExchange:
         return self._comm
 
     # -- op calls ---------------------------------------------------------------------
-    def _attrs(self) -> tuple:
-        return (self.comm, self.topology.ep_rank, self.ep_degree, self.num_local_experts, self.node_size,
-                self.hierarchical)
-
-    def _call(self, what: str, *tensors, **extra):
+    def _call(self, what: str, *tensors: paddle.Tensor, **extra: Any) -> Any:
         try:
+            attrs = (self.comm, self.topology.ep_rank, self.ep_degree, self.num_local_experts, self.node_size,
+                     self.hierarchical)
             if what == "dispatch":
-                return self.ops.dispatch(*tensors, *self._attrs(), self.timeout_ms)
-            return self.ops.route(*tensors, *self._attrs(), extra["inverse"], extra["out_rows"])
+                rows, counts = tensors
+                return self.ops.dispatch(rows, counts, *attrs, self.timeout_ms)
+            x, C = tensors
+            return self.ops.route(x, C, *attrs, extra["inverse"], extra["out_rows"])
         except Exception as exc:
             if "communicator was aborted" in str(exc):
-                _forget_communicator(self._comm)
+                if self._comm is not None:
+                    _forget_communicator(self._comm)
                 self._comm = None
                 where = self.topology.ep_group.describe()
                 raise CommError(f"fused all-to-all {what} on {where}: {exc}") from exc

@@ -167,17 +167,6 @@ class SimulatedCommunicator(Communicator):
         super().__init__(rank=rank, watchdog=CollectiveWatchdog(None, rank))
         self.world = world
 
-    def all_gather_counts(self, counts: paddle.Tensor | np.ndarray, group: CommGroup) -> np.ndarray:
-        arr = counts.numpy() if isinstance(counts, paddle.Tensor) else np.asarray(counts)
-        arr = arr.astype(np.int64).reshape(-1).copy()
-        parts = self.world.gather(self.rank, group, "all_gather_counts", arr)
-        if len({p.shape for p in parts}) != 1:
-            raise CommError(
-                f"rank {self.rank}: all_gather_counts on {group.describe()}: unequal shapes "
-                f"{[p.shape for p in parts]}"
-            )
-        return np.stack(parts)
-
     def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
         splits = self._check_exchange(x, splits, group)
         me = group.rank_in_group
@@ -196,12 +185,22 @@ class SimulatedCommunicator(Communicator):
             blocks.append(_row_block(xs, off, off + int(splits[s, me])))
         return _concat_rows(blocks, x)
 
-    def all_reduce_(self, t: paddle.Tensor, group: CommGroup) -> paddle.Tensor:
-        if group.size == 1:
-            return t
-        parts = self.world.gather(self.rank, group, "all_reduce", t.clone())
+    def _tensor_all_reduce(self, t: paddle.Tensor, group: CommGroup, op: str, label: str) -> None:
+        parts = self.world.gather(self.rank, group, label, t.clone())
         total = parts[0]
         for p in parts[1:]:
-            total = total + p
+            total = total + p if op == "sum" else paddle.maximum(total, p)
         paddle.assign(total, output=t)
-        return t
+
+    def _host_collective(self, kind: str, arr: np.ndarray, group: CommGroup, op: str, src: int, label: str) -> np.ndarray:
+        parts = self.world.gather(self.rank, group, label, arr)
+        if len({(p.shape, p.dtype) for p in parts}) != 1:
+            raise CommError(
+                f"rank {self.rank}: {label} on {group.describe()}: unequal shapes or dtypes "
+                f"{[(p.shape, str(p.dtype)) for p in parts]}"
+            )
+        if kind == "all_gather":
+            return np.stack(parts)
+        if kind == "broadcast":
+            return parts[src].copy()
+        return np.sum(parts, axis=0) if op == "sum" else np.max(parts, axis=0)

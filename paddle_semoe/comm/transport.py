@@ -1,13 +1,19 @@
-"""Communicators: the collective primitives the exchange and the gradient fusion need.
+"""Communicators: the one collectives layer of the project (exchange, gradients, training loop).
 
-Three primitives, each blocking and guarded by a :class:`CollectiveWatchdog`:
+Every call is blocking and runs under the communicator's :class:`CollectiveWatchdog`, so a peer
+that dies or hangs makes the others fail within the timeout with a message naming the
+collective, the group and the peer(s):
 
-* ``all_gather_counts(counts int[k], group) -> int64 [G, k]`` (numpy, on the host): the
-  count phase of the exchange;
 * ``exchange_rows(x[n, D], splits int64[G, G], group) -> [sum_s splits[s, me], D]``: the
-  row phase, an uneven all-to-all (``splits[a, b]`` = rows member ``a`` sends to ``b``; the
-  rows of ``x`` are ordered by destination, the result by source);
-* ``all_reduce_(t, group)``: in-place sum.
+  row phase of the expert exchange, an uneven all-to-all (``splits[a, b]`` = rows member
+  ``a`` sends to ``b``; the rows of ``x`` are ordered by destination, the result by source);
+* ``all_reduce_(t, group, op)``: in-place sum or max of a tensor (gradients stay on the device);
+* host values (numpy int64, float32 or float64, equal shapes on every member):
+  ``all_reduce(a, group, op) -> a'`` (sum / max), ``broadcast(a, group, src) -> a'``,
+  ``all_gather(a, group) -> [G, *a.shape]`` (``all_gather_counts``: int64, the count phase of
+  the exchange), ``barrier(group)``.
+
+A group of one member never communicates.
 
 Backends (:func:`make_communicator`):
 
@@ -43,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
 from paddle_semoe.comm.layout import check_splits, exclusive_cumsum, pairwise_schedule
 from paddle_semoe.comm.topology import CommGroup
@@ -50,12 +57,15 @@ from paddle_semoe.comm.watchdog import CollectiveWatchdog
 
 logger = logging.getLogger(__name__)
 
+_REDUCE = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
 __all__ = [
     "BACKENDS",
     "Communicator",
     "GlooAllGatherCommunicator",
     "GlooPairwiseCommunicator",
     "NcclCommunicator",
+    "REDUCE_OPS",
     "make_communicator",
 ]
 
@@ -65,6 +75,22 @@ BACKENDS: tuple[str, ...] = ("auto", "nccl", "gloo", "gloo_pairwise", "gloo_allg
 DEFAULT_GLOO_VARIANT = "gloo_pairwise"
 #: Default per-collective bound of the watchdog, seconds.
 DEFAULT_TIMEOUT_S = 300.0
+#: Reductions accepted by ``all_reduce`` / ``all_reduce_``.
+REDUCE_OPS = ("sum", "max")
+
+
+def _host_array(values: Any) -> np.ndarray:
+    """A contiguous copy of host values (tensors are copied to the host): integers and bools as
+    int64, float32 kept (bulk data), anything else as float64."""
+    arr = values.numpy() if isinstance(values, paddle.Tensor) else np.asarray(values)
+    integral = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    dtype = np.int64 if integral else np.float32 if arr.dtype == np.float32 else np.float64
+    return np.ascontiguousarray(arr, dtype=dtype).copy()
+
+
+def _check_op(op: str) -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"reduction op must be one of {REDUCE_OPS}, got {op!r}")
 
 
 def _row_block(x: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
@@ -97,7 +123,10 @@ def _without_traffic(x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> 
 
 
 class Communicator:
-    """Base class: the three primitives over :class:`CommGroup` s (see module docstring).
+    """Base class: the collectives over :class:`CommGroup` s (see module docstring).
+
+    Backends implement ``exchange_rows``, ``_tensor_all_reduce`` and ``_host_collective``; the
+    public collectives here check arguments, skip one-member groups and label the call.
 
     Args:
         rank: this process's global rank (for messages).
@@ -110,18 +139,70 @@ class Communicator:
         self.rank = rank
         self.watchdog = watchdog or CollectiveWatchdog(None, rank)
 
-    # -- primitives -------------------------------------------------------------------
-    def all_gather_counts(self, counts: paddle.Tensor | np.ndarray, group: CommGroup) -> np.ndarray:
-        """Gather one integer vector per member: ``int64 [G, k]`` on the host."""
-        raise NotImplementedError
-
+    # -- collectives ----------------------------------------------------------------------
     def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
         """Uneven all-to-all of rows (see module docstring)."""
         raise NotImplementedError
 
-    def all_reduce_(self, t: paddle.Tensor, group: CommGroup) -> paddle.Tensor:
-        """Sum ``t`` over ``group`` in place; returns ``t``."""
+    def all_reduce_(self, t: paddle.Tensor, group: CommGroup, op: str = "sum") -> paddle.Tensor:
+        """Reduce ``t`` (``op``: sum or max) over ``group`` in place; returns ``t``."""
+        _check_op(op)
+        if group.size > 1:
+            self._tensor_all_reduce(t, group, op, f"all_reduce[{op}, {math.prod(t.shape)} elems]")
+        return t
+
+    def all_reduce(self, values: Any, group: CommGroup, op: str = "sum", what: str | None = None) -> np.ndarray:
+        """Sum or max of host values (see :func:`_host_array` for dtypes) over ``group``."""
+        _check_op(op)
+        arr = _host_array(values)
+        if group.size == 1:
+            return arr
+        return self._host_collective("all_reduce", arr, group, op, 0, self._label(f"all_reduce[{op}]", what))
+
+    def broadcast(self, values: Any, group: CommGroup, src: int = 0, what: str | None = None) -> np.ndarray:
+        """Member ``src``'s (rank in group) host values on every member (equal shapes)."""
+        if not 0 <= src < group.size:
+            raise ValueError(f"broadcast on {group.describe()}: src={src} is not a rank in the group")
+        arr = _host_array(values)
+        if group.size == 1:
+            return arr
+        return self._host_collective("broadcast", arr, group, "sum", src, self._label("broadcast", what))
+
+    def all_gather(self, values: Any, group: CommGroup, what: str | None = None) -> np.ndarray:
+        """``[G, *shape]``: every member's host values, by group rank."""
+        arr = _host_array(values)
+        if group.size == 1:
+            return arr[None]
+        return self._host_collective("all_gather", arr, group, "sum", 0, self._label("all_gather", what))
+
+    def all_gather_counts(self, counts: paddle.Tensor | np.ndarray, group: CommGroup) -> np.ndarray:
+        """Gather one integer vector per member: ``int64 [G, k]`` on the host."""
+        arr = _host_array(counts).astype(np.int64).reshape(-1)
+        if group.size == 1:
+            return arr[None]
+        return self._host_collective("all_gather", arr, group, "sum", 0, "all_gather_counts")
+
+    def barrier(self, group: CommGroup, what: str | None = None) -> None:
+        """Wait until every member of ``group`` arrives (an all-reduce of one int64)."""
+        if group.size > 1:
+            self._host_collective("all_reduce", np.zeros(1, np.int64), group, "sum", 0, self._label("barrier", what))
+
+    # -- backend hooks ----------------------------------------------------------------------
+    def _tensor_all_reduce(self, t: paddle.Tensor, group: CommGroup, op: str, label: str) -> None:
         raise NotImplementedError
+
+    def _host_collective(self, kind: str, arr: np.ndarray, group: CommGroup, op: str, src: int, label: str) -> np.ndarray:
+        """``kind``: all_reduce (with ``op``), broadcast (from group rank ``src``) or all_gather."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _label(base: str, what: str | None) -> str:
+        return base if what is None else f"{base} ({what})"
+
+    @staticmethod
+    def _peers(group: CommGroup) -> str:
+        """The other members' global ranks (who a hung collective waits for)."""
+        return ",".join(str(r) for r in group.ranks if r != group.global_rank) or "none"
 
     # -- helpers shared by the backends -----------------------------------------------
     def _check_exchange(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> np.ndarray:
@@ -141,30 +222,24 @@ class Communicator:
 
 
 class _PaddleCommunicator(Communicator):
-    """Shared count gather and all-reduce through ``paddle.distributed`` (Gloo or NCCL)."""
+    """Collectives through ``paddle.distributed`` (Gloo or NCCL)."""
 
-    def all_gather_counts(self, counts: paddle.Tensor | np.ndarray, group: CommGroup) -> np.ndarray:
-        import paddle.distributed as dist
+    def _tensor_all_reduce(self, t: paddle.Tensor, group: CommGroup, op: str, label: str) -> None:
+        with self.watchdog.guard(label, group.describe(), self._peers(group)):
+            dist.all_reduce(t, op=_REDUCE[op], group=group.handle)
 
-        if isinstance(counts, np.ndarray):
-            counts = paddle.to_tensor(counts)
-        counts = counts.astype("int64").reshape([-1])
-        if group.size == 1:
-            return counts.numpy()[None, :]
-        gathered: list[paddle.Tensor] = []
-        with self.watchdog.guard("all_gather_counts", group.describe()):
-            dist.all_gather(gathered, counts, group=group.handle)
-            out = np.stack([g.numpy() for g in gathered])  # host sync inside the guard
-        return out
-
-    def all_reduce_(self, t: paddle.Tensor, group: CommGroup) -> paddle.Tensor:
-        import paddle.distributed as dist
-
-        if group.size == 1:
-            return t
-        with self.watchdog.guard(f"all_reduce[{math.prod(t.shape)} elems]", group.describe()):
-            dist.all_reduce(t, group=group.handle)
-        return t
+    def _host_collective(self, kind: str, arr: np.ndarray, group: CommGroup, op: str, src: int, label: str) -> np.ndarray:
+        t = paddle.to_tensor(arr)
+        with self.watchdog.guard(label, group.describe(), self._peers(group)):  # host sync inside the guard
+            if kind == "all_reduce":
+                dist.all_reduce(t, op=_REDUCE[op], group=group.handle)
+                return t.numpy()
+            if kind == "broadcast":
+                dist.broadcast(t, src=group.ranks[src], group=group.handle)
+                return t.numpy()
+            gathered: list[paddle.Tensor] = []
+            dist.all_gather(gathered, t, group=group.handle)
+            return np.stack([g.numpy() for g in gathered])
 
 
 class NcclCommunicator(_PaddleCommunicator):
@@ -173,8 +248,6 @@ class NcclCommunicator(_PaddleCommunicator):
     name = "nccl"
 
     def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-        import paddle.distributed as dist
-
         splits = self._check_exchange(x, splits, group)
         me = group.rank_in_group
         trivial = _without_traffic(x, splits, group)
@@ -208,8 +281,6 @@ class GlooPairwiseCommunicator(_PaddleCommunicator):
     name = "gloo_pairwise"
 
     def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-        import paddle.distributed as dist
-
         splits = self._check_exchange(x, splits, group)
         me = group.rank_in_group
         trivial = _without_traffic(x, splits, group)
@@ -244,8 +315,6 @@ class GlooPairwiseCommunicator(_PaddleCommunicator):
 
 def _padded_all_gather_exchange(comm: Communicator, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
     """The all-gather exchange (``splits`` already checked, ``group.size > 1``)."""
-    import paddle.distributed as dist
-
     me = group.rank_in_group
     width = int(splits.sum(axis=1).max())
     if width == 0:  # nobody sends: every member knows it and skips
@@ -278,8 +347,6 @@ class GlooAllGatherCommunicator(_PaddleCommunicator):
 
 
 def _detect_backend() -> str:
-    import paddle.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return DEFAULT_GLOO_VARIANT
     backend = str(dist.get_backend()).lower()
@@ -309,8 +376,6 @@ def make_communicator(
         if world is None or rank is None:
             raise ValueError("backend 'simulated' needs world= and rank=")
         return world.communicator(rank)
-    import paddle.distributed as dist
-
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else 0
     if backend == "auto":

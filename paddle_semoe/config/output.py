@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from paddle_semoe.io.files import write_atomic
 
 from .schema import to_dict
 from .yaml_syntax import to_yaml
@@ -27,20 +27,6 @@ def format_config(obj: Any, title: Optional[str] = None) -> str:
     return f"# {title}\n{text}" if title else text
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Best-effort fsync of a directory so a rename inside it is durable (POSIX only)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def dump_yaml(obj: Any, path: Union[str, Path], header: Optional[str] = None) -> Path:
     """Write a config as YAML to ``path`` atomically: temp file, flush, fsync, rename.
 
@@ -57,20 +43,6 @@ def dump_yaml(obj: Any, path: Union[str, Path], header: Optional[str] = None) ->
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    text = format_config(obj, title=header)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dest.parent)
+    write_atomic(dest, format_config(obj, title=header).encode("utf-8"))
     logger.debug("wrote config %s", dest)
     return dest

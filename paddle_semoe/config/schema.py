@@ -274,7 +274,7 @@ def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
     for f in fields:
         full = _join(path, f.name)
         if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(
                     f"missing required config key '{full}' ({_type_name(hints.get(f.name, Any))})", key=full
                 )

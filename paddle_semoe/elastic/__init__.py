@@ -4,10 +4,10 @@
   one-rank-per-task baseline.
 * :mod:`.cost`: per-task cost per sample from a profiling run, the config, or FLOPs.
 * :mod:`.groups`: per-task process groups (private Gloo rendezvous).
-* :mod:`.params`: shared vs task parameters.
 * :mod:`.sync`: gradient sync rules (shared over all ranks, task params inside their group)
-  and the loss scaling that makes them exact for every plan.
-* :mod:`.dispatch`: task-routed dispatch (no gate, no all-to-all).
+  and the loss scaling that makes them exact for every plan. Shared vs task parameters are
+  tagged through :mod:`paddle_semoe.params`; task-routed dispatch (no gate, no all-to-all) is
+  :mod:`paddle_semoe.models.task_route`.
 * :mod:`.state`: checkpoints that reload onto another number of ranks / another plan, with
   model checksums.
 * :mod:`.timing`: per-rank busy / idle time.

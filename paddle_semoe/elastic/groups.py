@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from paddle_semoe.comm.gloo_groups import GlooGroupFactory
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.elastic.planner import Plan
 
@@ -72,8 +73,6 @@ def build_task_groups(plan: Plan, factory: Any = None) -> TaskGroups:
     handles: dict[tuple[int, ...], Any] = {}
     if world > 1:
         if factory is None:
-            from paddle_semoe.comm.gloo_groups import GlooGroupFactory
-
             factory = GlooGroupFactory()
         for ranks in task_group_lists(plan):
             if len(ranks) > 1 and ranks not in handles and ranks != tuple(range(world)):

@@ -194,15 +194,6 @@ class Plan:
         b = self.busy()
         return [max(b) - x for x in b]
 
-    @property
-    def total_samples(self) -> int:
-        return sum(t.batch_size for t in self.tasks)
-
-    @property
-    def replicas(self) -> int:
-        """Task placements: sum over tasks of the size of their group."""
-        return len(self.shards)
-
     def describe_rank(self, rank: int) -> str:
         parts = [f"{self.tasks[s.task].name}[{s.start}:{s.start + s.count}]" for s in self.shards if s.rank == rank]
         return " + ".join(parts) if parts else "(nothing)"
@@ -235,7 +226,7 @@ def plan_naive(tasks: Sequence[TaskLoad], world_size: int) -> Plan:
     tasks = tuple(tasks)
     _check_inputs(tasks, world_size)
     shards = tuple(Shard(t, t % world_size, 0, task.batch_size) for t, task in enumerate(tasks))
-    notes = ()
+    notes: tuple[str, ...] = ()
     if world_size > len(tasks):
         notes = (f"naive plan: ranks {len(tasks)}..{world_size - 1} host no task",)
     return Plan(world_size, tasks, shards, "naive", notes)
@@ -304,7 +295,7 @@ def plan_load_aware(tasks: Sequence[TaskLoad], world_size: int) -> Plan:
             if k is None:
                 continue
             packed = _pack_light(tasks, light, bins) if light else []
-            if light and packed is None:
+            if packed is None:  # the light tasks do not fit in this many bins
                 continue
             busy = [_heavy_busy(tasks[t], k[t]) for t in heavy]
             busy += [sum(tasks[t].busy(tasks[t].batch_size) for t in p) for p in packed]
@@ -329,7 +320,7 @@ def plan_load_aware(tasks: Sequence[TaskLoad], world_size: int) -> Plan:
         for t in p:
             shards.append(Shard(t, rank, 0, tasks[t].batch_size))
         rank += 1
-    notes = ()
+    notes: tuple[str, ...] = ()
     if rank < world_size:
         notes = (f"ranks {rank}..{world_size - 1} host no task (more ranks than samples)",)
     return Plan(world_size, tasks, tuple(shards), "load_aware", notes)

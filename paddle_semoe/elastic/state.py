@@ -1,7 +1,8 @@
 """Checkpoints of an elastic multi-task job, re-planned and resharded on load.
 
-Files come from :mod:`paddle_semoe.engine.checkpoint` (one ``.npz`` shard per rank, a manifest
-with SHA-256 of every file, atomic publication). What a shard holds is decided per *entity*
+The format is :mod:`paddle_semoe.io.checkpoint` (one ``.npz`` shard per rank, a manifest with
+SHA-256 of every file, atomic publication), written collectively by
+:func:`paddle_semoe.engine.checkpoint.write_checkpoint` like a GPT-MoE job's. What a shard holds is decided per *entity*
 (``shared`` or ``task:<name>``): every entity is saved exactly once, by its owner under the plan
 in force (shared: rank 0; task ``t``: the first rank of its group), as
 
@@ -23,24 +24,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import paddle
 
-from paddle_semoe.engine import checkpoint as ckpt
-from paddle_semoe.engine.checkpoint import CheckpointError
-from paddle_semoe.elastic.params import entity_name, split_by_task
+from paddle_semoe.comm.topology import CommGroup
+from paddle_semoe.comm.transport import Communicator
 from paddle_semoe.elastic.planner import Plan
+from paddle_semoe.engine.checkpoint import write_checkpoint
+from paddle_semoe.io.checkpoint import CheckpointError, Manifest, save_shard, shard_name
+from paddle_semoe.io.files import sha256_from_words, sha256_to_words
+from paddle_semoe.io.model_state import opt_state_by_param
+from paddle_semoe.params import entity_name, split_by_task
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_KIND",
-    "Collectives",
     "checkpoint_digest",
     "combine_digests",
     "entity_digest",
@@ -50,22 +52,6 @@ __all__ = [
 ]
 
 CHECKPOINT_KIND = "elastic-multitask/1"
-
-
-@dataclass(frozen=True)
-class Collectives:
-    """The two world collectives checkpointing needs (real or simulated).
-
-    ``sum_int64(a)``: element-wise sum of an int64 array over all ranks (every rank gets it);
-    ``barrier()``: wait for all ranks.
-    """
-
-    sum_int64: Callable[[np.ndarray], np.ndarray]
-    barrier: Callable[[], None]
-
-    @staticmethod
-    def single() -> "Collectives":
-        return Collectives(lambda a: np.asarray(a, dtype=np.int64).copy(), lambda: None)
 
 
 def entity_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -103,119 +89,80 @@ def _by_entity(named: Iterable[tuple[str, paddle.Tensor]], plan: Plan) -> dict[s
     return {entity_name(t, names): ps for t, ps in split_by_task(named).items()}
 
 
-def _hex_to_words(hexdigest: str) -> np.ndarray:
-    return np.frombuffer(bytes.fromhex(hexdigest), dtype=">u8").astype(np.uint64).view(np.int64)
-
-
-def _words_to_hex(words: np.ndarray) -> str:
-    return np.asarray(words, dtype=np.int64).view(np.uint64).astype(">u8").tobytes().hex()
-
-
-def _gather_digests(local: Mapping[str, str], entities: list[str], coll: Collectives) -> dict[str, str]:
+def _gather_digests(local: Mapping[str, str], entities: list[str], comm: Communicator, world: CommGroup) -> dict[str, str]:
     """Every entity's digest on every rank: owners fill their rows, the rest are zero, summed."""
     table = np.zeros((len(entities), 4), dtype=np.int64)
     for i, e in enumerate(entities):
         if e in local:
-            table[i] = _hex_to_words(local[e])
-    total = coll.sum_int64(table)
+            table[i] = sha256_to_words(local[e])
+    total = comm.all_reduce(table, world, what="entity digests")
     out = {}
     for i, e in enumerate(entities):
         if not total[i].any():
             raise CheckpointError(f"no rank owns {e!r}: the plan places it nowhere")
-        out[e] = _words_to_hex(total[i])
+        out[e] = sha256_from_words(total[i])
     return out
 
 
-def live_digest(named_params: Iterable[tuple[str, paddle.Tensor]], plan: Plan, rank: int, coll: Collectives) -> tuple[str, dict[str, str]]:
-    """Checksum of the whole model as it is in memory across the ranks (collective).
+def live_digest(
+    named_params: Iterable[tuple[str, paddle.Tensor]], plan: Plan, comm: Communicator, world: CommGroup
+) -> tuple[str, dict[str, str]]:
+    """Checksum of the whole model as it is in memory across the ranks (collective over ``world``).
 
     Returns ``(param_sha256, {entity: sha256})``, equal on every rank.
     """
     groups = _by_entity(named_params, plan)
-    local = {e: entity_digest({n: p.numpy() for n, p in ps}) for e, ps in groups.items() if _owner(plan, e) == rank}
-    digests = _gather_digests(local, _entities(plan), coll)
+    local = {e: entity_digest({n: p.numpy() for n, p in ps}) for e, ps in groups.items() if _owner(plan, e) == world.global_rank}
+    digests = _gather_digests(local, _entities(plan), comm, world)
     return combine_digests(digests), digests
-
-
-def _opt_state_by_param(optimizer: paddle.optimizer.Optimizer, named: Mapping[str, paddle.Tensor]) -> dict[str, dict[str, np.ndarray]]:
-    """AdamW state (keys ``<tensor name>_<acc>``) -> {structured name: {acc: array}}."""
-    by_tensor = {p.name: n for n, p in named.items()}
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in optimizer.state_dict().items():
-        if not hasattr(value, "numpy"):
-            continue  # LR scheduler entries: the schedule is a pure function of the step
-        owner = max((t for t in by_tensor if key.startswith(t + "_")), key=len, default=None)
-        if owner is not None:
-            out.setdefault(by_tensor[owner], {})[key[len(owner) + 1:]] = value.numpy()
-    return out
 
 
 def save_elastic(
     root: Path,
     step: int,
     plan: Plan,
-    rank: int,
     named_params: Iterable[tuple[str, paddle.Tensor]],
     optimizer: paddle.optimizer.Optimizer,
     progress: Mapping[str, Any],
-    coll: Collectives,
+    comm: Communicator,
+    world: CommGroup,
     keep: int,
-    write_config: Callable[[Path], None] | None = None,
+    write_config: Callable[[Path], Any] | None = None,
 ) -> tuple[Path, str]:
-    """Write a checkpoint (collective). Returns ``(final directory, param_sha256)``."""
+    """Write a checkpoint (collective over ``world``). Returns ``(final directory, param_sha256)``."""
     named = dict(named_params)
-    final = root / ckpt.step_dir_name(step)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    coll.barrier()
-    groups = _by_entity(named.items(), plan)
-    owned = {e: ps for e, ps in groups.items() if _owner(plan, e) == rank}
-    opt = _opt_state_by_param(optimizer, named)
-    tensors: dict[str, np.ndarray] = {}
-    local_digests: dict[str, str] = {}
-    for e, ps in owned.items():
-        arrays = {n: p.numpy() for n, p in ps}
-        local_digests[e] = entity_digest(arrays)
-        for n, a in arrays.items():
-            tensors[f"param/{n}"] = a
-            for acc, arr in opt.get(n, {}).items():
-                tensors[f"opt/{n}/{acc}"] = arr
-    meta = {"rank": rank, "entities": sorted(owned), "params": {e: sorted(n for n, _ in ps) for e, ps in owned.items()}}
-    record = ckpt.save_shard(tmp / ckpt.shard_name(rank), tensors, meta)
-    digests = _gather_digests(local_digests, _entities(plan), coll)
-    records = _gather_records(record, plan.world_size, coll)
+    rank = world.global_rank
+    owned = {e: {n: p.numpy() for n, p in ps} for e, ps in _by_entity(named.items(), plan).items() if _owner(plan, e) == rank}
+    local_digests = {e: entity_digest(arrays) for e, arrays in owned.items()}
+    digests = _gather_digests(local_digests, _entities(plan), comm, world)
     param_sha = combine_digests(digests)
-    if rank == 0:
-        if write_config is not None:
-            write_config(tmp / "config.yaml")
-            records.append(ckpt.FileRecord("config.yaml", ckpt.sha256_file(tmp / "config.yaml"), (tmp / "config.yaml").stat().st_size))
-        manifest_meta = {
-            "kind": CHECKPOINT_KIND,
-            "plan": plan.to_dict(),
-            "owners": {e: _owner(plan, e) for e in _entities(plan)},
-            "entity_sha256": digests,
-            "param_sha256": param_sha,
-            "progress": dict(progress),
-        }
-        ckpt.write_manifest(tmp, step, plan.world_size, records, manifest_meta)
-        ckpt.publish(tmp, final, keep)
-    coll.barrier()
+
+    def write_files(tmp: Path) -> list:
+        opt = opt_state_by_param(optimizer.state_dict(), named)
+        tensors: dict[str, np.ndarray] = {}
+        for arrays in owned.values():
+            for n, a in arrays.items():
+                tensors[f"param/{n}"] = a
+                for acc, arr in opt.get(n, {}).items():
+                    tensors[f"opt/{n}/{acc}"] = arr
+        meta = {"rank": rank, "entities": sorted(owned), "params": {e: sorted(arrays) for e, arrays in owned.items()}}
+        return [save_shard(tmp / shard_name(rank), tensors, meta)]
+
+    manifest_meta = {
+        "kind": CHECKPOINT_KIND,
+        "plan": plan.to_dict(),
+        "owners": {e: _owner(plan, e) for e in _entities(plan)},
+        "entity_sha256": digests,
+        "param_sha256": param_sha,
+        "progress": dict(progress),
+    }
+    final = write_checkpoint(
+        root, step, comm, world, write_files=write_files, meta=manifest_meta, keep=keep, write_config=write_config
+    )
     return final, param_sha
 
 
-def _gather_records(record: ckpt.FileRecord, world: int, coll: Collectives) -> list[ckpt.FileRecord]:
-    """Every rank's shard record (sha256 words + size), through one int64 sum."""
-    table = np.zeros((world, 5), dtype=np.int64)
-    rank = int(record.name.split("_")[1].split(".")[0])
-    table[rank, :4] = _hex_to_words(record.sha256)
-    table[rank, 4] = record.bytes
-    total = coll.sum_int64(table)
-    return [ckpt.FileRecord(ckpt.shard_name(r), _words_to_hex(total[r, :4]), int(total[r, 4])) for r in range(world)]
-
-
-def _check_kind(manifest: ckpt.Manifest) -> None:
+def _check_kind(manifest: Manifest) -> None:
     if manifest.meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(
             f"checkpoint {manifest.path} is not an elastic multi-task checkpoint "
@@ -224,7 +171,7 @@ def _check_kind(manifest: ckpt.Manifest) -> None:
 
 
 def restore_elastic(
-    manifest: ckpt.Manifest,
+    manifest: Manifest,
     plan: Plan,
     named_params: Iterable[tuple[str, paddle.Tensor]],
     optimizer: paddle.optimizer.Optimizer,
@@ -280,7 +227,7 @@ def restore_elastic(
     return dict(manifest.meta["progress"])
 
 
-def checkpoint_digest(manifest: ckpt.Manifest) -> tuple[str, dict[str, str]]:
+def checkpoint_digest(manifest: Manifest) -> tuple[str, dict[str, str]]:
     """Recompute ``(param_sha256, {entity: sha256})`` from a checkpoint's files (offline)."""
     _check_kind(manifest)
     digests: dict[str, str] = {}

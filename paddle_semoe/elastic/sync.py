@@ -27,16 +27,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import paddle
 
-from paddle_semoe.comm.fusion import grad_or_zeros, write_grad
+from paddle_semoe.comm.fusion import all_reduce_grads_, clip_by_global_norm_, pack, squared_norm
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.comm.transport import Communicator
 from paddle_semoe.elastic.groups import TaskGroups
-from paddle_semoe.elastic.params import SHARED, split_by_task
 from paddle_semoe.elastic.planner import Plan
+from paddle_semoe.params import SHARED, split_by_task
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ class _Bucket:
     entity: int | None
     group: CommGroup
     params: tuple[paddle.Tensor, ...]
-    numels: tuple[int, ...]
 
 
 class ElasticGradSync:
@@ -77,7 +76,7 @@ class ElasticGradSync:
 
     Args:
         named_params: the model's ``named_parameters()`` (tagged with
-            :func:`~paddle_semoe.elastic.params.mark_task_params`).
+            :func:`~paddle_semoe.params.mark_task_params`).
         plan: the plan (decides which tasks this rank holds).
         groups: this rank's groups (:func:`~paddle_semoe.elastic.groups.build_task_groups`).
         communicator: the collectives (``make_communicator`` or a simulated one).
@@ -92,8 +91,6 @@ class ElasticGradSync:
         communicator: Communicator | None,
         bucket_bytes: int = 4 << 20,
     ) -> None:
-        if bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.plan = plan
         self.groups = groups
         self.comm = communicator
@@ -107,68 +104,35 @@ class ElasticGradSync:
         for rule in sync_rules(plan, groups.rank):
             group = groups.world if rule.entity is None else groups.tasks[rule.entity]
             assert group is not None and group.ranks == rule.ranks
-            self._add_buckets(rule.entity, group, [p for _, p in by_task.get(rule.entity, [])], bucket_bytes)
+            for ps in pack([p for _, p in by_task.get(rule.entity, [])], bucket_bytes, lambda p: str(p.dtype)):
+                self.buckets.append(_Bucket(rule.entity, group, tuple(ps)))
         self.params = [p for b in self.buckets for p in b.params]
-
-    def _add_buckets(self, entity: int | None, group: CommGroup, params: Sequence[paddle.Tensor], cap: int) -> None:
-        current: list[paddle.Tensor] = []
-        size = 0
-        for p in params:
-            nbytes = math.prod(p.shape) * p.element_size()
-            if current and (size + nbytes > cap or p.dtype != current[0].dtype):
-                self._flush(entity, group, current)
-                current, size = [], 0
-            current.append(p)
-            size += nbytes
-        if current:
-            self._flush(entity, group, current)
-
-    def _flush(self, entity: int | None, group: CommGroup, params: list[paddle.Tensor]) -> None:
-        self.buckets.append(_Bucket(entity, group, tuple(params), tuple(math.prod(p.shape) for p in params)))
 
     @paddle.no_grad()
     def reduce(self) -> None:
         """Sum every bucket over its group, in place (collective over the groups involved)."""
         for b in self.buckets:
-            if b.group.size == 1:
-                continue
-            grads = [grad_or_zeros(p).reshape([-1]) for p in b.params]
-            flat = grads[0].clone() if len(grads) == 1 else paddle.concat(grads)
-            self.comm.all_reduce_(flat, b.group)
-            pieces = paddle.split(flat, list(b.numels)) if len(b.params) > 1 else [flat]
-            for p, piece in zip(b.params, pieces):
-                write_grad(p, piece)
+            if b.group.size > 1:
+                all_reduce_grads_(b.params, self.comm, b.group)
 
-    @paddle.no_grad()
     def global_norm(self) -> float:
         """Norm of the whole model's (already reduced) gradient; collective over the world."""
-        shared = paddle.zeros([1], dtype="float32")
-        owned = paddle.zeros([1], dtype="float32")
-        for b in self.buckets:
-            counts = b.entity is None or self.plan.owner(b.entity) == self.groups.rank
-            if not counts:
-                continue
-            for p in b.params:
-                if p.grad is None:
-                    continue
-                sq = paddle.sum(paddle.square(p.grad.astype("float32"))).reshape([1])
-                if b.entity is None:
-                    shared = shared + sq
-                else:
-                    owned = owned + sq
-        if self.groups.world.size > 1:
-            self.comm.all_reduce_(owned, self.groups.world)
-        return float(paddle.sqrt(shared + owned).item())
+        return self.clip_(math.inf)
 
     @paddle.no_grad()
     def clip_(self, max_norm: float, eps: float = 1e-6) -> float:
-        """Scale every gradient by ``min(1, max_norm / norm)``; returns the norm before."""
-        if max_norm <= 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm}")
-        total = self.global_norm()
-        coef = max_norm / (total + eps)
-        if coef < 1.0:
-            for p in self.params:
-                if p.grad is not None:
-                    paddle.assign(p.grad * coef, output=p.grad)
+        """Scale every gradient by ``min(1, max_norm / norm)`` (``math.inf``: measure only);
+        returns the global norm before. Shared gradients count once, task gradients on the
+        task's first rank, summed over the world (:func:`~paddle_semoe.comm.fusion.clip_by_global_norm_`)."""
+        shared, owned = [], []
+        for b in self.buckets:
+            grads = [p.grad for p in b.params if p.grad is not None]
+            if b.entity is None:
+                shared += grads
+            elif self.plan.owner(b.entity) == self.groups.rank:
+                owned += grads
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total, _ = clip_by_global_norm_(
+            grads, squared_norm(shared), squared_norm(owned), max_norm, self.comm, self.groups.world, eps
+        )
         return total

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -41,27 +40,24 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from paddle_semoe.comm.transport import Communicator, make_communicator
+from paddle_semoe.comm.topology import CommGroup
+from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.elastic.config import ElasticConfig, ElasticRunConfig, TaskSpec, check_tasks
 from paddle_semoe.elastic.cost import CostFit, profile_task_costs
 from paddle_semoe.elastic.groups import TaskGroups, build_task_groups
 from paddle_semoe.elastic.planner import TaskLoad, explain_plan, make_plan, plan_naive
-from paddle_semoe.elastic.state import Collectives, live_digest, restore_elastic, save_elastic
+from paddle_semoe.elastic.state import live_digest, restore_elastic, save_elastic
 from paddle_semoe.elastic.sync import ElasticGradSync, sample_weight
 from paddle_semoe.elastic.timing import COLUMNS, StepTimer, summarize_steps
-from paddle_semoe.engine import checkpoint as ckpt
-from paddle_semoe.engine.checkpoint import CheckpointError
+from paddle_semoe.engine.checkpoint import TrainingError
 from paddle_semoe.engine.config import MonitorConfig, OptimConfig
 from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta
 from paddle_semoe.engine.optim import lr_at
+from paddle_semoe.io.checkpoint import LATEST, CheckpointError, read_manifest, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ElasticTrainer", "MultiTaskModel", "TrainingError", "Workload", "task_loads"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (non-finite loss, plan disagreement, bad checkpoint...)."""
 
 
 class MultiTaskModel(Protocol):
@@ -79,6 +75,10 @@ class MultiTaskModel(Protocol):
     def named_parameters(self) -> Any: ...
 
     def parameters(self) -> Any: ...
+
+    def train(self) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 class Workload(Protocol):
@@ -107,66 +107,12 @@ def task_loads(tasks: Sequence[TaskSpec], fits: Sequence[CostFit]) -> list[TaskL
 def config_costs(tasks: Sequence[TaskSpec], workload: Workload | None, source: str, flops_per_s: float) -> list[CostFit]:
     """Costs that need no measurement (``config`` or ``flops``)."""
     if source == "config":
-        return [CostFit(float(t.per_sample_cost), float(t.overhead_cost)) for t in tasks]
+        return [CostFit(float(t.per_sample_cost or 0.0), float(t.overhead_cost)) for t in tasks]  # set: check_tasks
     if source == "flops":
         if workload is None:
             raise ValueError("cost_source=flops needs the workload's FLOP counts")
         return [CostFit(workload.flops_per_sample(i) / flops_per_s, 0.0) for i in range(len(tasks))]
     raise ValueError(f"cost source {source!r} needs a measurement")
-
-
-@dataclass
-class _Dist:
-    """World facts plus the few raw collectives the loop needs."""
-
-    world: int
-    rank: int
-
-    def sum_(self, a: np.ndarray) -> np.ndarray:
-        if self.world == 1:
-            return np.asarray(a).copy()
-        import paddle.distributed as dist
-
-        t = paddle.to_tensor(np.ascontiguousarray(a))
-        dist.all_reduce(t)
-        return t.numpy()
-
-    def max_(self, a: np.ndarray) -> np.ndarray:
-        if self.world == 1:
-            return np.asarray(a).copy()
-        import paddle.distributed as dist
-
-        t = paddle.to_tensor(np.ascontiguousarray(a))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.numpy()
-
-    def broadcast_(self, a: np.ndarray) -> np.ndarray:
-        if self.world == 1:
-            return np.asarray(a).copy()
-        import paddle.distributed as dist
-
-        t = paddle.to_tensor(np.ascontiguousarray(a))
-        dist.broadcast(t, src=0)
-        return t.numpy()
-
-    def gather(self, a: np.ndarray) -> np.ndarray:
-        """[world, *a.shape] (equal shapes on every rank)."""
-        if self.world == 1:
-            return np.asarray(a)[None].copy()
-        import paddle.distributed as dist
-
-        out: list[paddle.Tensor] = []
-        dist.all_gather(out, paddle.to_tensor(np.ascontiguousarray(a)))
-        return np.stack([o.numpy() for o in out])
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import paddle.distributed as dist
-
-            dist.barrier()
-
-    def collectives(self) -> Collectives:
-        return Collectives(lambda a: self.sum_(np.asarray(a, dtype=np.int64)), self.barrier)
 
 
 class ElasticTrainer:
@@ -196,8 +142,12 @@ class ElasticTrainer:
         check_tasks(self.tasks, elastic.cost_source)
         self.elastic, self.optim_cfg, self.run, self.monitor = elastic, optim, run, monitor
         self.write_config = write_config
-        self.d = _Dist(world_size, rank)
         self.rank = rank
+        self.world_size = world_size
+        # every collective of the job (costs, plan check, gradients, metrics, checkpoints) goes
+        # through this communicator, under its watchdog
+        self.comm = make_communicator("auto" if world_size > 1 else "gloo", rank=rank, timeout_s=elastic.comm_timeout_s)
+        self.world = CommGroup("world", tuple(range(world_size)), rank, None)
         self.is_main = rank == 0
         self.output_dir = Path(run.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -219,9 +169,6 @@ class ElasticTrainer:
 
         self.hosted = self.plan.rank_tasks(rank)
         self.groups: TaskGroups = build_task_groups(self.plan) if world_size > 1 else TaskGroups.from_handles(self.plan, 0)
-        self.comm: Communicator | None = (
-            make_communicator("auto", rank=rank, timeout_s=elastic.comm_timeout_s) if world_size > 1 else None
-        )
         paddle.seed(run.seed)
         self.model = workload.build_model(self.hosted)
         self.named = [(n, p) for n, p in self.model.named_parameters() if not p.stop_gradient]
@@ -269,13 +216,13 @@ class ElasticTrainer:
         t0 = time.perf_counter()
         fits = profile_task_costs(run_task, len(self.tasks), sizes, cfg.profile_repeats, cfg.profile_warmup)
         local = np.array([[f.per_sample_s, f.overhead_s] for f in fits], dtype=np.float64)
-        mean = self.d.broadcast_(self.d.sum_(local) / self.d.world)
+        mean = self.comm.broadcast(self.comm.all_reduce(local, self.world, what="task costs") / self.world_size, self.world)
         logger.info("profiled %d tasks in %.2fs (rank-local fit %s)", len(self.tasks), time.perf_counter() - t0, local.tolist())
-        return [CostFit(float(a), float(b)) for a, b in mean], f"profiled on {self.d.world} rank(s), mean of ranks"
+        return [CostFit(float(a), float(b)) for a, b in mean], f"profiled on {self.world_size} rank(s), mean of ranks"
 
     def _check_plan_agreement(self) -> None:
         h = int.from_bytes(hashlib.sha256(json.dumps(self.plan.to_dict(), sort_keys=True).encode()).digest()[:6], "little")
-        both = self.d.max_(np.array([h, -h], dtype=np.int64))
+        both = self.comm.all_reduce(np.array([h, -h], dtype=np.int64), self.world, "max", "plan agreement")
         if both[0] != h or -both[1] != h:
             raise TrainingError(f"rank {self.rank}: ranks computed different plans (costs differ?); refusing to train")
 
@@ -289,10 +236,10 @@ class ElasticTrainer:
     def save(self) -> Path:
         progress = {"step": self.step, "seed": self.run.seed, "samples_seen": self.samples_seen.tolist()}
         path, sha = save_elastic(
-            self.ckpt_root, self.step, self.plan, self.rank, self.named, self.optimizer, progress,
-            self.d.collectives(), self.run.keep_checkpoints, self.write_config,
+            self.ckpt_root, self.step, self.plan, self.named, self.optimizer, progress,
+            self.comm, self.world, self.run.keep_checkpoints, self.write_config,
         )
-        self._event(event="save", step=self.step, path=str(path), param_sha256=sha, world_size=self.d.world,
+        self._event(event="save", step=self.step, path=str(path), param_sha256=sha, world_size=self.world_size,
                     plan=self.plan.to_dict())
         logger.info("step %d: checkpoint %s (params sha256 %s...)", self.step, path, sha[:16])
         return path
@@ -300,30 +247,30 @@ class ElasticTrainer:
     def resume(self) -> bool:
         spec = self.run.resume
         if spec == "none":
-            if (self.ckpt_root / ckpt.LATEST).exists():
+            if (self.ckpt_root / LATEST).exists():
                 raise TrainingError(
                     f"{self.output_dir} already holds checkpoints; use train.resume=auto or another train.output_dir"
                 )
             return False
-        path = ckpt.resolve_checkpoint(spec, self.ckpt_root)
+        path = resolve_checkpoint(spec, self.ckpt_root)
         if path is None:
             return False
-        manifest = ckpt.read_manifest(path)
+        manifest = read_manifest(path)
         progress = restore_elastic(manifest, self.plan, self.named, self.optimizer)
         if int(progress["seed"]) != self.run.seed:
             raise CheckpointError(f"checkpoint {path} was trained with seed {progress['seed']}, this job has {self.run.seed}")
         self.step = int(progress["step"])
         self.samples_seen = np.asarray(progress["samples_seen"], dtype=np.int64)
         old_world = manifest.world_size
-        sha, _ = live_digest(self.named, self.plan, self.rank, self.d.collectives())
+        sha, _ = live_digest(self.named, self.plan, self.comm, self.world)
         saved = manifest.meta["param_sha256"]
         self._event(event="restore", step=self.step, path=str(path), param_sha256=sha, checkpoint_sha256=saved,
-                    from_world_size=old_world, world_size=self.d.world, plan=self.plan.to_dict())
+                    from_world_size=old_world, world_size=self.world_size, plan=self.plan.to_dict())
         if self.elastic.verify_restore and sha != saved:
             raise CheckpointError(f"restored parameters sha256 {sha[:16]}... != checkpoint {path} sha256 {saved[:16]}...")
         logger.info(
             "resumed from %s at step %d (saved by %d ranks, now %d; params sha256 %s... %s)",
-            path, self.step, old_world, self.d.world, sha[:16], "verified" if sha == saved else "NOT verified",
+            path, self.step, old_world, self.world_size, sha[:16], "verified" if sha == saved else "NOT verified",
         )
         return True
 
@@ -333,6 +280,7 @@ class ElasticTrainer:
         off = 0
         for t in self.hosted:
             shard = self.plan.shard(t, self.rank)
+            assert shard is not None, f"the plan hosts task {t} on rank {self.rank} without a shard"
             x, y = self.workload.train_samples(t, step, shard.start, shard.count)
             xs.append(x)
             tls.append(np.full(shard.count, self.local_of[t], dtype=np.int32))
@@ -359,22 +307,17 @@ class ElasticTrainer:
                 total = term if total is None else total + term
                 loss_sum[t] = float(ce)
                 count[t] = n
+            assert total is not None  # parts is not empty
             total.backward()
             if self._want_share():
                 self._count_share(out.use_task, parts)
         self.timer.mark("compute")
         self.sync.reduce()
-        norm = self.sync.global_norm()
+        clip = self.optim_cfg.grad_clip
+        norm = self.sync.clip_(clip if clip > 0 else math.inf)
         self.timer.mark("sync")
         if not math.isfinite(norm) or not np.all(np.isfinite(loss_sum)):
             raise TrainingError(f"step {self.step}: non-finite loss {loss_sum.tolist()} or grad norm {norm}; lower optim.lr")
-        clip = self.optim_cfg.grad_clip
-        if clip > 0 and norm > clip:
-            coef = clip / (norm + 1e-6)
-            with paddle.no_grad():
-                for _, p in self.named:
-                    if p.grad is not None:
-                        paddle.assign(p.grad * coef, output=p.grad)
         self.optimizer.set_lr(lr_at(self.step, self.optim_cfg, self.run.max_steps))
         self.optimizer.step()
         self.optimizer.clear_grad(set_to_zero=False)
@@ -414,18 +357,18 @@ class ElasticTrainer:
                 table[t, 1] += float((logits.argmax(axis=-1) == yb).astype("float32").sum())
                 table[t, 2] += len(yb)
         self.model.train()
-        table = self.d.sum_(table)
-        out: dict[str, float] = {}
+        table = self.comm.all_reduce(table, self.world, what="evaluation")
+        result: dict[str, float] = {}
         for t, spec in enumerate(self.tasks):
-            out[f"acc/{spec.name}"] = table[t, 1] / max(table[t, 2], 1)
-            out[f"loss/{spec.name}"] = table[t, 0] / max(table[t, 2], 1)
-        return out
+            result[f"acc/{spec.name}"] = table[t, 1] / max(table[t, 2], 1)
+            result[f"loss/{spec.name}"] = table[t, 0] / max(table[t, 2], 1)
+        return result
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         run = self.run
         resumed = self.resume()
-        self._event(event="start", step=self.step, resumed=resumed, world_size=self.d.world, plan=self.plan.to_dict(),
+        self._event(event="start", step=self.step, resumed=resumed, world_size=self.world_size, plan=self.plan.to_dict(),
                     restart=int(os.environ.get("SEMOE_ELASTIC_RESTART", "0")))
         T = len(self.tasks)
         acc_loss, acc_count = np.zeros(T), np.zeros(T)
@@ -457,12 +400,12 @@ class ElasticTrainer:
         if not last_eval:
             last_eval = self.evaluate()
         final = self.save()
-        sha, _ = live_digest(self.named, self.plan, self.rank, self.d.collectives())
+        sha, _ = live_digest(self.named, self.plan, self.comm, self.world)
         summary = {
             "step": self.step,
-            "world_size": self.d.world,
+            "world_size": self.world_size,
             "plan": self.plan.strategy,
-            "hosted_by_rank": {r: [self.tasks[t].name for t in self.plan.rank_tasks(r)] for r in range(self.d.world)},
+            "hosted_by_rank": {r: [self.tasks[t].name for t in self.plan.rank_tasks(r)] for r in range(self.world_size)},
             "eval": last_eval,
             "param_sha256": sha,
             "checkpoint": str(final),
@@ -479,11 +422,11 @@ class ElasticTrainer:
 
     def _log(self, loss_sum: np.ndarray, count: np.ndarray, norms: list[float], progress: Progress) -> None:
         T = len(self.tasks)
-        sums = self.d.sum_(np.concatenate([loss_sum, count, self._share.reshape(-1)]))
+        sums = self.comm.all_reduce(np.concatenate([loss_sum, count, self._share.reshape(-1)]), self.world, what="metrics")
         share = sums[2 * T:].reshape(self._share.shape)
         self._share[:] = 0.0
         rows = self.timer.take()
-        gathered = self.d.gather(rows)  # [world, steps, columns]
+        gathered = self.comm.all_gather(rows.reshape(-1), self.world, "step timings").reshape(self.world_size, *rows.shape)
         dt, ds = progress.interval(self.step)
         if not self.is_main:
             return
@@ -498,16 +441,16 @@ class ElasticTrainer:
             "grad_norm": float(norms[-1]) if norms else float("nan"),
             "lr": lr_at(self.step - 1, self.optim_cfg, self.run.max_steps),
             "samples_per_s": total_samples / dt if dt > 0 else float("nan"),
-            "samples_per_s_per_rank": total_samples / dt / self.d.world if dt > 0 else float("nan"),
+            "samples_per_s_per_rank": total_samples / dt / self.world_size if dt > 0 else float("nan"),
             "step_s": float(summ["step_wall"][0]) / n,
         }
         for t, s in enumerate(self.tasks):
             values[f"loss/{s.name}"] = float(per_task_loss[t])
             values[f"samples_per_s/{s.name}"] = s.batch_size * ds / dt if dt > 0 else float("nan")
-            for b in range(share.shape[1]):
+            for b in range(self._share.shape[1]):
                 if share[t, b, 1] > 0:
                     values[f"task_expert_share/{s.name}/moe{b}"] = float(share[t, b, 0] / share[t, b, 1])
-        for r in range(self.d.world):
+        for r in range(self.world_size):
             values[f"busy_s/rank{r}"] = float(summ["busy_wall"][r]) / n
             values[f"busy_cpu_s/rank{r}"] = float(summ["busy_cpu"][r]) / n
             values[f"idle_s/rank{r}"] = float(summ["idle_wall"][r]) / n
@@ -518,7 +461,7 @@ class ElasticTrainer:
             self.step, self.run.max_steps, objective,
             " ".join(f"{s.name} {per_task_loss[t]:.3f}" for t, s in enumerate(self.tasks)),
             values["samples_per_s"], values["samples_per_s_per_rank"],
-            " ".join(f"{values[f'busy_s/rank{r}'] * 1e3:.0f}" for r in range(self.d.world)),
-            " ".join(f"{values[f'idle_s/rank{r}'] * 1e3:.0f}" for r in range(self.d.world)),
+            " ".join(f"{values[f'busy_s/rank{r}'] * 1e3:.0f}" for r in range(self.world_size)),
+            " ".join(f"{values[f'idle_s/rank{r}'] * 1e3:.0f}" for r in range(self.world_size)),
             format_eta(progress.eta(self.step)),
         )

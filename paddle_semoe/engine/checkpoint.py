@@ -1,226 +1,174 @@
-"""Checkpoint files: per-rank shards, a manifest with checksums, atomic publication.
+"""What both trainers share to run a job: the collective checkpoint writer and ``TrainingError``.
 
-Layout of one checkpoint (a directory)::
+The checkpoint format itself (shards, manifest, publication) is :mod:`paddle_semoe.io.checkpoint`;
+this module decides who writes what, over a :class:`~paddle_semoe.comm.transport.Communicator`
+(so every wait runs under the collective watchdog):
 
-    <root>/step_00000100/
-        rank_00000.npz ... rank_<W-1>.npz   one shard per rank (numpy .npz, no pickled objects)
-        config.yaml                          the resolved training config
-        manifest.json                        written last: format, step, world, file checksums
-    <root>/latest                            name of the newest complete checkpoint
+1. member 0 of the group creates ``step_XXXXXXXX.tmp``; barrier;
+2. every member writes its own files (its shard, and e.g. the SSD tier's index) and the file
+   records of all members are gathered on every member;
+3. member 0 writes the config and the manifest and publishes the checkpoint; barrier.
 
-A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed into place only after every
-shard and the manifest are on disk (fsync'd), so a crash never leaves a half-written
-checkpoint under a final name and never touches an earlier good one. Loading verifies sizes
-and SHA-256 of every file it reads and names the file when something is wrong.
+Each barrier is an agreement: an I/O error of any member in a stage (a full disk) is all-reduced
+(max of member and errno), member 0 removes the partial ``.tmp`` directory, and every member
+raises the same one-line :class:`~paddle_semoe.io.checkpoint.CheckpointError` naming the rank and
+the cause; earlier checkpoints and ``latest`` are untouched.
+
+Fault injection for tests: ``SEMOE_CKPT_FAULT=enospc:N`` makes the N-th shard write of this
+process (counted over every :func:`write_checkpoint` call since the process started) fail as a
+full disk would: its files are written, the first is cut to half its bytes (a partial file) and
+``OSError(ENOSPC)`` is raised. ``enospc:N@R`` injects it only on global rank ``R``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import logging
+import errno
 import os
 import shutil
-import zipfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from paddle_semoe.comm.topology import CommGroup
+from paddle_semoe.comm.transport import Communicator
+from paddle_semoe.io.checkpoint import CheckpointError, publish, step_dir_name, write_manifest
+from paddle_semoe.io.files import FileRecord, record_of, sha256_from_words, sha256_to_words
 
-FORMAT = "paddle-semoe-checkpoint/1"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-_META_KEY = "__meta__"
+__all__ = ["TrainingError", "gather_records", "write_checkpoint"]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or does not match the job."""
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    name: str
-    sha256: str
-    bytes: int
+_NAME_BYTES = 128  # longest file name a record can carry through the integer all-gather
+FAULT_ENV = "SEMOE_CKPT_FAULT"
+_shard_writes = 0  # shard-write stages this process has run (the fault point counts them)
 
 
-def shard_name(rank: int) -> str:
-    return f"rank_{rank:05d}.npz"
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite steps past the limit, plans that disagree, ...)."""
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+def _encode(rec: FileRecord) -> np.ndarray:
+    name = rec.name.encode()
+    if len(name) > _NAME_BYTES:
+        raise ValueError(f"checkpoint file name {rec.name!r} is longer than {_NAME_BYTES} bytes")
+    words = np.frombuffer(name.ljust(_NAME_BYTES, b"\0"), dtype=np.int64)
+    return np.concatenate([sha256_to_words(rec.sha256), [rec.bytes], words]).astype(np.int64)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _decode(row: np.ndarray) -> FileRecord:
+    name = np.ascontiguousarray(row[5:], dtype=np.int64).tobytes().rstrip(b"\0").decode()
+    return FileRecord(name, sha256_from_words(row[:4]), int(row[4]))
+
+
+def gather_records(comm: Communicator, group: CommGroup, records: Sequence[FileRecord]) -> list[FileRecord]:
+    """Every member's file records on every member, in member order (collective: two all-gathers)."""
+    width = 5 + _NAME_BYTES // 8
+    counts = comm.all_gather([len(records)], group, what="checkpoint file counts")[:, 0]
+    table = np.zeros((int(counts.max()), width), dtype=np.int64)
+    for i, rec in enumerate(records):
+        table[i] = _encode(rec)
+    rows = comm.all_gather(table.reshape(-1), group, what="checkpoint file records").reshape(group.size, -1, width)
+    return [_decode(rows[m, i]) for m in range(group.size) for i in range(int(counts[m]))]
+
+
+def _parse_fault(spec: str | None) -> tuple[int, int | None]:
+    """``SEMOE_CKPT_FAULT`` -> (shard write number that fails, 0: never; the only global rank, or None: any)."""
+    if not spec:
+        return 0, None
+    kind, _, rest = spec.partition(":")
+    n, _, rank = rest.partition("@")
+    if kind != "enospc" or not n.isdigit() or int(n) < 1 or (rank and not rank.isdigit()):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected 'enospc:N' or 'enospc:N@RANK' with N >= 1")
+    return int(n), int(rank) if rank else None
+
+
+def _write_shards(write_files: Callable[[Path], Sequence[FileRecord]], tmp: Path, rank: int) -> Sequence[FileRecord]:
+    """``write_files(tmp)``, failing as a full disk where ``SEMOE_CKPT_FAULT`` says so (module doc)."""
+    global _shard_writes
+    _shard_writes += 1
+    fail_at, only_rank = _parse_fault(os.environ.get(FAULT_ENV))
+    records = write_files(tmp)
+    if fail_at == _shard_writes and only_rank in (None, rank):
+        victim = tmp / records[0].name if records else tmp / "partial.bin"
+        with open(victim, "r+b" if victim.exists() else "wb") as fh:
+            fh.truncate(records[0].bytes // 2 if records else 0)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(victim))
+    return records
+
+
+def _cause(code: int) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full ({os.strerror(code)})"
+    return f"I/O error ({os.strerror(code)})" if code > 0 else "I/O error"
+
+
+def _agree(comm: Communicator, group: CommGroup, failed: OSError | None, tmp: Path, stage: str) -> None:
+    """Collective: raise the same :class:`CheckpointError` on every member when any member's
+    ``stage`` failed (member 0 first removes ``tmp``); return when all succeeded."""
+    mine = [group.rank_in_group + 1 if failed is not None else 0, (failed.errno or 0) if failed is not None else 0]
+    worst = comm.all_reduce(mine, group, "max", what=f"checkpoint {tmp.name}: {stage}")
+    if int(worst[0]) == 0:
+        return
+    if group.rank_in_group == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank = group.ranks[int(worst[0]) - 1]
+    name = tmp.name[: -len(".tmp")] if tmp.name.endswith(".tmp") else tmp.name
+    raise CheckpointError(
+        f"saving checkpoint {name} failed: {_cause(int(worst[1]))} on rank {rank} while {stage}; the partial "
+        f"files were removed and earlier checkpoints are intact"
+    ) from failed
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    comm: Communicator,
+    group: CommGroup,
+    *,
+    write_files: Callable[[Path], Sequence[FileRecord]],
+    meta: Mapping[str, Any],
+    keep: int,
+    write_config: Callable[[Path], Any] | None = None,
+    protect: Path | None = None,
+) -> Path:
+    """Write checkpoint ``root/step_XXXXXXXX`` collectively over ``group`` (see the module doc).
+
+    Args:
+        write_files: called on every member with the temp directory; writes this member's files
+            and returns their records (names relative to the checkpoint directory).
+        meta: the manifest's ``meta`` (used on member 0).
+        keep: how many complete checkpoints to keep in ``root``.
+        write_config: member 0 writes the job config to the given path (``config.yaml``).
+        protect: the checkpoint the run resumed from: pruned only once the new one verifies.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    final = Path(root) / step_dir_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    main = group.rank_in_group == 0
+    failed: OSError | None = None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            failed = exc
+    _agree(comm, group, failed, tmp, "creating the directory")
+    mine: Sequence[FileRecord] = []
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename."""
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def save_shard(path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> FileRecord:
-    """Write one shard: arrays by name plus JSON metadata. Returns its checksum record."""
-    if _META_KEY in tensors:
-        raise ValueError(f"tensor name {_META_KEY!r} is reserved")
-    buf = io.BytesIO()
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    arrays[_META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-    write_atomic(path, data)
-    return FileRecord(path.name, hashlib.sha256(data).hexdigest(), len(data))
-
-
-def load_shard(path: Path, expect: FileRecord | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a shard written by :func:`save_shard`, verifying it against ``expect``."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    data = path.read_bytes()
-    if expect is not None:
-        if len(data) != expect.bytes:
-            raise CheckpointError(
-                f"checkpoint file {path} is truncated or altered: {len(data)} bytes, manifest says {expect.bytes}"
-            )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expect.sha256:
-            raise CheckpointError(f"checkpoint file {path} is corrupt: sha256 {digest[:12]}... != manifest {expect.sha256[:12]}...")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc})") from exc
-    if _META_KEY not in arrays:
-        raise CheckpointError(f"checkpoint file {path} has no metadata: not a paddle-semoe shard")
-    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
-    return arrays, meta
-
-
-@dataclass(frozen=True)
-class Manifest:
-    path: Path
-    step: int
-    world_size: int
-    meta: dict
-    files: dict[str, FileRecord]
-
-    def record(self, name: str) -> FileRecord:
-        if name not in self.files:
-            raise CheckpointError(f"checkpoint {self.path} has no file {name!r} in its manifest")
-        return self.files[name]
-
-    def shard(self, rank: int) -> tuple[dict[str, np.ndarray], dict]:
-        name = shard_name(rank)
-        return load_shard(self.path / name, self.record(name))
-
-
-def write_manifest(ckpt_dir: Path, step: int, world_size: int, records: list[FileRecord], meta: Mapping[str, Any]) -> None:
-    manifest = {
-        "format": FORMAT,
-        "step": step,
-        "world_size": world_size,
-        "meta": dict(meta),
-        "files": [asdict(r) for r in records],
-    }
-    write_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-
-
-def verify_file(
-    path: Path, sha256: str, nbytes: int | None, kind: str = "checkpoint", error: type[Exception] = CheckpointError
-) -> None:
-    """Refuse a file that is missing, has the wrong size or the wrong SHA-256, naming it."""
-    if not path.exists():
-        raise error(f"{kind} file missing: {path}")
-    size = path.stat().st_size
-    if nbytes is not None and size != nbytes:
-        raise error(f"{kind} file {path} is truncated or altered: {size} bytes, manifest says {nbytes}")
-    if sha256_file(path) != sha256:
-        raise error(f"{kind} file {path} is corrupt: SHA-256 does not match the manifest")
-
-
-def read_manifest(ckpt_dir: Path, verify: bool = True) -> Manifest:
-    """Load and (by default) fully verify a checkpoint directory."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
-    mpath = ckpt_dir / MANIFEST
-    if not mpath.exists():
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no {MANIFEST}: it is incomplete (interrupted while saving?)")
-    try:
-        raw = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint manifest {mpath} is corrupt: {exc}") from exc
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    files = {f["name"]: FileRecord(**f) for f in raw["files"]}
-    manifest = Manifest(ckpt_dir, int(raw["step"]), int(raw["world_size"]), raw.get("meta", {}), files)
-    if verify:
-        for rec in files.values():
-            verify_file(ckpt_dir / rec.name, rec.sha256, rec.bytes)
-    return manifest
-
-
-def publish(tmp_dir: Path, final_dir: Path, keep: int) -> None:
-    """Rename a complete checkpoint into place, point ``latest`` at it, prune old ones."""
-    root = final_dir.parent
-    if final_dir.exists():  # re-saving the same step: keep the old one until the new is in place
-        backup = final_dir.with_name(final_dir.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(final_dir, backup)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-    _fsync_dir(root)
-    write_atomic(root / LATEST, (final_dir.name + "\n").encode())
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists() and p.suffix == "")
-    for old in done[:-keep]:
-        if old != final_dir:
-            shutil.rmtree(old, ignore_errors=True)
-            logger.info("removed old checkpoint %s", old)
-
-
-def resolve_checkpoint(spec: str | None, root: Path) -> Path | None:
-    """``None`` -> no resume; ``"auto"`` -> the latest complete checkpoint in ``root`` (or None);
-    anything else -> that path, which must hold a checkpoint."""
-    if spec is None:
-        return None
-    if spec == "auto":
-        latest = root / LATEST
-        if not latest.exists():
-            return None
-        name = latest.read_text().strip()
-        path = root / name
-        if not (path / MANIFEST).exists():
-            raise CheckpointError(f"{latest} points at {path}, which is not a complete checkpoint")
-        return path
-    path = Path(spec)
-    if path.is_dir() and not (path / MANIFEST).exists() and (path / LATEST).exists():
-        path = path / (path / LATEST).read_text().strip()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint to resume from not found: {spec}")
-    return path
+        mine = _write_shards(write_files, tmp, group.ranks[group.rank_in_group])
+    except OSError as exc:
+        failed = exc
+    _agree(comm, group, failed, tmp, "writing the shards")
+    records = gather_records(comm, group, mine)
+    if main:
+        try:
+            if write_config is not None:
+                write_config(tmp / "config.yaml")
+                records.append(record_of(tmp / "config.yaml"))
+            write_manifest(tmp, step, group.size, records, meta)
+            publish(tmp, final, keep, protect)
+        except OSError as exc:
+            failed = exc
+    _agree(comm, group, failed, tmp, "publishing")
+    return final

@@ -6,7 +6,9 @@ Every section is a frozen dataclass validated in ``__post_init__``; the loader
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from paddle_semoe.models.gpt import GPTConfig
 from paddle_semoe.storage.config import StorageConfig
@@ -18,9 +20,39 @@ AMP_DTYPES = ("bfloat16", "float16")
 AMP_LEVELS = ("O1", "O2")
 
 
+def _require_finite(section: object, *names: str) -> None:
+    """``ValueError`` naming the first of ``names`` whose value is NaN or infinite (``None`` passes)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One prepared dataset (``tools/prepare_data.py`` output) and its blending weight."""
+
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("a data.datasets entry needs a path")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"weight of dataset {self.path} must be a finite number >= 0, got {self.weight}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    """Training data: the built-in ``corpus`` (byte tokens) unless ``datasets`` lists prepared
+    datasets, which are then blended by weight (relative paths are relative to the working
+    directory); ``val_fraction`` of each one's documents is held out. ``verify``: check every
+    dataset file's SHA-256 against its manifest at start (``full``) or only sizes (``size``, for
+    corpora so large that hashing them on every start is too slow)."""
+
     corpus: str = "python_docs"
+    datasets: tuple[DatasetSpec, ...] = ()
+    verify: Literal["full", "size"] = "full"
     val_fraction: float = 0.05
     seq_len: int = 128
     global_batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
@@ -30,6 +62,8 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.seq_len <= 0 or self.global_batch_size <= 0:
             raise ValueError("seq_len and global_batch_size must be positive")
+        if self.datasets and sum(d.weight for d in self.datasets) <= 0:
+            raise ValueError(f"datasets weights sum to 0 ({[d.weight for d in self.datasets]}); give one a positive weight")
 
 
 @dataclass(frozen=True)
@@ -53,6 +87,7 @@ class ParallelConfig:
     comm_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        _require_finite(self, "bucket_mb", "comm_timeout_s")
         for name in ("ep_degree", "sharding_degree"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,6 +99,20 @@ class ParallelConfig:
             raise ValueError(f"a2a_backend must be one of {A2A_BACKENDS}, got {self.a2a_backend!r}")
         if (self.bucket_mb is not None and self.bucket_mb <= 0) or self.comm_timeout_s <= 0:
             raise ValueError("bucket_mb and comm_timeout_s must be positive")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
+        if self.dp_degree is not None and (self.dp_degree * self.sharding_degree) % self.ep_degree:
+            raise ValueError(
+                f"ep_degree={self.ep_degree} must divide the world size dp_degree x sharding_degree = "
+                f"{self.dp_degree} x {self.sharding_degree}"
+            )
+
+    def smallest_world_size(self) -> int:
+        """The fewest ranks these degrees run on: ``dp_degree x sharding_degree`` when dp_degree is
+        set, else the least common multiple of ep_degree, sharding_degree and ranks_per_node."""
+        if self.dp_degree is not None:
+            return self.dp_degree * self.sharding_degree
+        return math.lcm(self.ep_degree, self.sharding_degree, self.ranks_per_node or 1)
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         """Check the degrees against the world size; fill ``dp_degree``."""
@@ -96,8 +145,13 @@ class OptimConfig:
     expert_update: str = "dense"
 
     def __post_init__(self) -> None:
+        _require_finite(self, "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.schedule not in LR_SCHEDULES:
@@ -133,7 +187,9 @@ class RunConfig:
     eval_batches: int = 8
     save_every: int = 100  # 0: only the final checkpoint
     keep_checkpoints: int = 2
-    resume: str | None = None  # "auto" (latest in output_dir), a checkpoint path, or None
+    # "auto" (latest in output_dir; refused by name if it does not verify), "auto_verified" (the newest
+    # checkpoint, in save order, that verifies), a checkpoint path, or None
+    resume: str | None = None
     recompute_experts: bool = False
     nan_skip_limit: int = 5  # non-finite steps tolerated before stopping
 
@@ -180,6 +236,17 @@ class TrainConfig:
             )
         if self.storage.enabled and self.amp.enabled:
             raise ValueError("storage.enabled=true keeps fp32 expert states on the host and does not support amp.enabled=true")
+        ep = self.parallel.ep_degree
+        if self.model.partition_embedding and self.model.d_model % ep:
+            raise ValueError(
+                f"model.partition_embedding=true splits model.d_model={self.model.d_model} over "
+                f"parallel.ep_degree={ep}: d_model must be divisible by it"
+            )
+        if self.parallel.sharding_stage > 1 and self.parallel.sharding_degree > 1 and self.model.moe_every > 0:
+            raise ValueError(
+                "parallel.sharding_stage 2/3 shards every parameter over the sharding group, but expert "
+                "parameters are owned per rank and must not be sharded: use sharding_stage=1 for MoE models"
+            )
         if self.model.moe_every > 0 and self.model.moe.num_experts % self.parallel.ep_degree:
             raise ValueError(
                 f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "
@@ -187,3 +254,22 @@ class TrainConfig:
             )
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        least = self.parallel.smallest_world_size() * self.optim.grad_accum_steps  # every world is a multiple
+        if self.data.global_batch_size % least:
+            raise ValueError(
+                f"data.global_batch_size={self.data.global_batch_size} cannot be split evenly over any world these "
+                f"degrees allow: it must be a multiple of {self.parallel.smallest_world_size()} ranks x "
+                f"optim.grad_accum_steps={self.optim.grad_accum_steps}"
+            )
+
+    def resolve_parallel(self, world_size: int) -> ParallelConfig:
+        """The parallel degrees on ``world_size`` ranks (``dp_degree`` filled in); ``ValueError``
+        naming the problem when the job cannot run on that many (degrees, batch split)."""
+        par = self.parallel.resolve(world_size)
+        per_step = world_size * self.optim.grad_accum_steps
+        if self.data.global_batch_size % per_step:
+            raise ValueError(
+                f"data.global_batch_size={self.data.global_batch_size} must be divisible by "
+                f"world_size x optim.grad_accum_steps = {world_size} x {self.optim.grad_accum_steps}"
+            )
+        return par

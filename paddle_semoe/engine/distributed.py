@@ -42,18 +42,13 @@ def launched_world_size() -> int:
 
 def check_parallel_support(cfg: TrainConfig, world_size: int) -> ParallelConfig:
     """Resolve degrees against the world size and refuse what this build cannot run."""
-    par = cfg.parallel.resolve(world_size)
+    par = cfg.resolve_parallel(world_size)  # degrees and the batch split
     on_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if par.sharding_stage > 1 and par.sharding_degree > 1 and not on_gpu:
         raise ValueError(
             f"parallel.sharding_stage={par.sharding_stage} needs GPUs (paddle.distributed.sharding."
             "group_sharded_parallel asserts a GPU); on CPU use parallel.sharding_stage=1 (ZeRO-1 "
             "through Fleet's sharding optimizer)"
-        )
-    if par.sharding_stage > 1 and par.sharding_degree > 1 and cfg.model.moe_every > 0:
-        raise ValueError(
-            "parallel.sharding_stage 2/3 shards every parameter over the sharding group, but expert "
-            "parameters are owned per rank and must not be sharded: use sharding_stage=1 for MoE models"
         )
     if par.a2a_backend in ("nccl", "nccl_fused") and not on_gpu:
         raise ValueError(

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from paddle_semoe.io.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,19 +68,47 @@ class MetricsLogger:
             record[k] = v
             if self._writer is not None and math.isfinite(v):
                 self._writer.add_scalar(tag=f"{prefix}/{k}", value=v, step=step)
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._write(record)
 
     def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
         """Expert-load histogram: ``values[e]`` = tokens routed to expert e."""
         if not self.enabled:
             return
         values = np.asarray(values, dtype=np.float64)
-        self._jsonl.write(json.dumps({"step": step, "kind": "histogram", "tag": tag, "values": values.tolist()}) + "\n")
+        self._write({"step": step, "kind": "histogram", "tag": tag, "values": values.tolist()})
         if self._writer is not None and values.size:
             # one sample per routed token at its expert index: the histogram shows the load per expert
             samples = np.repeat(np.arange(values.size, dtype=np.float64), values.astype(np.int64))
             if samples.size:
                 self._writer.add_histogram(tag=tag, values=samples, step=step, buckets=int(values.size))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._jsonl is None:
+            raise RuntimeError(f"metrics logger for {self.jsonl_path} is closed: nothing can be logged after close()")
+        self._jsonl.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> int:
+        """Remove the ``metrics.jsonl`` records of steps after ``step`` (a resumed run repeats
+        them: they were logged after the checkpoint it resumes from). Rewritten atomically;
+        returns how many records were removed (0 on ranks that do not write)."""
+        if not self.enabled or self._jsonl is None:
+            return 0
+        self._jsonl.close()
+        kept, dropped = [], 0
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                later = int(json.loads(line).get("step", 0)) > step
+            except (ValueError, AttributeError, TypeError):
+                later = True  # a torn last line of a killed run
+            if later:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            write_atomic(self.jsonl_path, "".join(kept).encode())
+            logger.info("metrics: removed %d record(s) after step %d from %s", dropped, step, self.jsonl_path)
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        return dropped
 
     def close(self) -> None:
         if self._writer is not None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import paddle
 
-from paddle_semoe.comm.topology import group_rank_lists
+from paddle_semoe.comm.topology import CommGroup, group_rank_lists
+from paddle_semoe.config import load_config
 from paddle_semoe.engine.config import TrainConfig
-from paddle_semoe.models.gpt import GPTMoE
-from paddle_semoe.moe.params import classify_parameters
+from paddle_semoe.models.gpt import ExpertParallel, GPTMoE
+from paddle_semoe.params import classify_parameters
+from paddle_semoe.storage.capacity import ModelSpec
 
 BYTES_PER_PARAM_TRAINING = 16  # fp32 weight + grad + two AdamW moments
 
@@ -22,11 +26,23 @@ BYTES_PER_PARAM_TRAINING = 16  # fp32 weight + grad + two AdamW moments
 class _PlanningExchange:
     """Stands in for the expert exchange while the model is only built, never run."""
 
-    def dispatch(self, rows, counts):  # pragma: no cover - never called
+    def __init__(self, ep_degree: int, num_local_experts: int):
+        self.ep_degree = ep_degree
+        self.num_local_experts = num_local_experts
+
+    def dispatch(self, rows: paddle.Tensor, counts: paddle.Tensor, /) -> tuple[paddle.Tensor, paddle.Tensor, None]:
         raise RuntimeError("a planning model cannot run")
 
-    def combine(self, rows, plan):  # pragma: no cover
+    def combine(self, rows: paddle.Tensor, plan: None, /) -> paddle.Tensor:
         raise RuntimeError("a planning model cannot run")
+
+
+def planning_parallel(cfg: TrainConfig, ep_degree: int) -> ExpertParallel | None:
+    """The expert-parallel context of rank 0 for a model that is built but never run."""
+    if ep_degree == 1:
+        return None
+    group = CommGroup("ep", tuple(range(ep_degree)), 0)
+    return ExpertParallel(group, _PlanningExchange(ep_degree, cfg.model.moe.num_experts // ep_degree))
 
 
 @dataclass(frozen=True)
@@ -40,8 +56,7 @@ class ParamCounts:
 def count_parameters(cfg: TrainConfig, ep_degree: int) -> ParamCounts:
     """Parameter counts by class, from a lazily built model (no weights allocated)."""
     with paddle.LazyGuard():
-        exchange = _PlanningExchange() if ep_degree > 1 else None
-        model = GPTMoE(cfg.model, moe_exchange=exchange, ep_size=ep_degree)
+        model = GPTMoE(cfg.model, planning_parallel(cfg, ep_degree))
     groups = classify_parameters(model)
     n = {k: sum(math.prod(p.shape) for _, p in v) for k, v in groups.items()}
     return ParamCounts(n["dense"], n["gate"], n["expert"], n["expert"] * ep_degree)
@@ -59,7 +74,9 @@ def _gib(nbytes: float) -> str:
 
 
 def format_plan(cfg: TrainConfig, world_size: int, ranks_per_node: int | None = None) -> str:
-    par = cfg.parallel.resolve(world_size)
+    """The plan for ``world_size`` ranks; ``ValueError`` naming the problem when the config
+    cannot run on that many."""
+    par = cfg.resolve_parallel(world_size)
     rpn = ranks_per_node or par.ranks_per_node or world_size
     counts = count_parameters(cfg, par.ep_degree)
     lists = group_rank_lists(world_size, par.ep_degree, min(rpn, world_size), par.sharding_degree)
@@ -90,3 +107,20 @@ def format_plan(cfg: TrainConfig, world_size: int, ranks_per_node: int | None = 
         f"{cfg.optim.grad_accum_steps} micro-step(s); {cfg.train.max_steps} steps",
     ]
     return "\n".join(lines)
+
+
+def model_spec_from_train_config(
+    path: Path, alpha: float | None = None, name: str | None = None, overrides: Sequence[str] = ()
+) -> ModelSpec:
+    """D, S and L of a training config's model for the capacity model (``tools/plan.py``);
+    ``alpha`` defaults to ``k / num_experts`` (k after the gate's rule)."""
+    cfg = load_config(TrainConfig, path, list(overrides))
+    counts = count_parameters(cfg, 1)
+    m = cfg.model
+    return ModelSpec(
+        name or Path(path).stem,
+        float(counts.dense + counts.gate),
+        float(counts.expert_total),
+        max(len(m.moe_layers), 1),
+        float(alpha) if alpha is not None else min(m.moe.k / m.moe.num_experts, 1.0),
+    )

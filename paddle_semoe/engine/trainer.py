@@ -18,46 +18,71 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import paddle
-import paddle.distributed as dist
 
 from paddle_semoe.comm import ExpertExchange, GradientReducer, clip_grad_norm_, reduce_gradients_unfused
+from paddle_semoe.comm.nccl_fused import FusedNcclExchange
 from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.config import dump_yaml, to_dict
-from paddle_semoe.data import TokenBatcher, load_split, unigram_cross_entropy_nats, val_batches
-from paddle_semoe.engine import checkpoint as ckpt
+from paddle_semoe.data import check_tokenizer_on_resume, copy_tokenizer_files, load_training_split, val_batches
+from paddle_semoe.engine.checkpoint import TrainingError, write_checkpoint
 from paddle_semoe.engine.amp import autocast, scaler_for, unscale_
 from paddle_semoe.engine.config import TrainConfig
 from paddle_semoe.engine.distributed import DistContext
 from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta, peak_rss_bytes
 from paddle_semoe.engine.optim import MoEOptimizer, lr_at
-from paddle_semoe.engine.state import ExpertLayout, collect_rank_state, restore_rank_state
-from paddle_semoe.models.gpt import GPTMoE
+from paddle_semoe.engine.preempt import Preempted, StopRequest
+from paddle_semoe.io.checkpoint import (
+    AUTO, AUTO_VERIFIED, LATEST, CheckpointError, read_manifest, remove_partial, resolve_checkpoint, save_shard, shard_name,
+)
+from paddle_semoe.io.model_state import ExpertLayout, collect_rank_state, restore_rank_state
+from paddle_semoe.models.gpt import ExpertParallel, GPTMoE
 from paddle_semoe.moe.experts import GroupedExperts, deferred_expert_weights
+from paddle_semoe.moe.monitor import balance_biases, routing_scalars
+from paddle_semoe.moe.routers import update_balance_biases
+from paddle_semoe.storage.adamw import AdamWHyper
+from paddle_semoe.storage.dense_shard import build_sharded_dense
+from paddle_semoe.storage.lazy import clip_grad_norm_lazy_
+from paddle_semoe.storage.tiered import build_tiered_experts, expected_index_names
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite steps)."""
+class StepSums(NamedTuple):
+    """One step's micro-batch statistics on this rank, still on the device (reading them syncs).
+
+    The losses are means over the micro-batches, accumulated in float64 exactly as the host
+    would (each float32 value widened, divided by the micro-batch count, added in order).
+    """
+
+    loss: paddle.Tensor  # [] float64: total loss (lm + aux)
+    lm_loss: paddle.Tensor  # [] float64
+    aux_loss: paddle.Tensor  # [] float64
+    demand: list[paddle.Tensor]  # per MoE layer: [E] int64 routing choices per expert, summed
+    dropped: paddle.Tensor  # [] float64: dropped fraction, mean over micro-batches and MoE layers
+    dropped_by_choice: list[paddle.Tensor]  # per MoE layer: [K] float64 dropped share per choice rank (micro-batch mean)
 
 
 @dataclass
 class StepResult:
+    """One optimizer step on this rank. ``loss``, ``grad_norm`` and ``skipped`` were decisions,
+    so they are host values; the rest stays on the device until a log step reads it."""
+
     loss: float
-    lm_loss: float
-    aux_loss: float
+    lm_loss: paddle.Tensor  # [] float64
+    aux_loss: paddle.Tensor  # [] float64
     grad_norm: float
     skipped: bool
-    demand: list[np.ndarray]  # per MoE layer: routing choices per expert (this rank)
-    dropped: float
+    demand: list[paddle.Tensor]  # per MoE layer: [E] int64 routing choices per expert (this rank)
+    dropped: paddle.Tensor  # [] float64
+    dropped_by_choice: list[paddle.Tensor]  # per MoE layer: [K] float64 (this rank)
 
 
 def expert_init_value(seed: int, layer_idx: int, g: int, pname: str, shape: tuple, std: float) -> np.ndarray:
@@ -99,51 +124,48 @@ class Trainer:
         self.layout = ExpertLayout(ep, self.topology.ep_rank if ep > 1 else 0, mcfg.moe.num_experts)
 
         # data: every rank is data-parallel; the global batch is split over ranks and micro-steps
-        per_step = ctx.world_size * cfg.optim.grad_accum_steps
-        if cfg.data.global_batch_size % per_step:
-            raise ValueError(
-                f"data.global_batch_size={cfg.data.global_batch_size} must be divisible by "
-                f"world_size x optim.grad_accum_steps = {ctx.world_size} x {cfg.optim.grad_accum_steps}"
-            )
-        self.split = load_split(cfg.data.corpus, cfg.data.val_fraction)
-        self.unigram_baseline = unigram_cross_entropy_nats(self.split.train, self.split.val, mcfg.vocab_size)
-        self.batcher = TokenBatcher(
-            self.split.train, cfg.data.global_batch_size, cfg.data.seq_len,
-            seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+        # (TrainConfig.resolve_parallel, called by check_parallel_support, checked the split)
+        # the built-in corpus (byte tokens), or data.datasets: prepared, memory-mapped, blended by weight
+        self.split = load_training_split(
+            cfg.data.corpus, cfg.data.val_fraction, [(d.path, d.weight) for d in cfg.data.datasets], mcfg.vocab_size,
+            verify=cfg.data.verify,
+        )
+        self.unigram_baseline = self.split.unigram_baseline(mcfg.vocab_size)
+        self.batcher = self.split.batcher(
+            cfg.data.global_batch_size, cfg.data.seq_len, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
         )
 
         # model: dense weights identical on every rank (same seed); experts by global index
         paddle.seed(cfg.train.seed)
         backend = "nccl" if par.a2a_backend == "nccl_fused" else par.a2a_backend  # collectives of the fused path
         self.comm = None if ctx.world_size == 1 else make_communicator(backend, rank=ctx.rank, timeout_s=par.comm_timeout_s)
-        exchange = None
-        if ep > 1 and par.a2a_backend == "nccl_fused":
-            from paddle_semoe.comm.nccl_fused import FusedNcclExchange
-
-            exchange = FusedNcclExchange(
-                self.topology, mcfg.moe.num_experts // ep, hierarchical=par.hierarchical_a2a, timeout_s=par.comm_timeout_s
-            )
-        elif ep > 1:
-            exchange = ExpertExchange(
-                self.topology, mcfg.moe.num_experts // ep, communicator=self.comm, hierarchical=par.hierarchical_a2a
-            )
+        parallel = None  # the model gets its EP group, exchange and communicator explicitly
+        if ep > 1:
+            exchange: FusedNcclExchange | ExpertExchange
+            if par.a2a_backend == "nccl_fused":  # rows through the fused op; self.comm (NCCL) for the rest
+                exchange = FusedNcclExchange(
+                    self.topology, mcfg.moe.num_experts // ep, hierarchical=par.hierarchical_a2a,
+                    timeout_s=par.comm_timeout_s,
+                )
+            else:
+                exchange = ExpertExchange(
+                    self.topology, mcfg.moe.num_experts // ep, communicator=self.comm, hierarchical=par.hierarchical_a2a
+                )
+            parallel = ExpertParallel(self.topology.ep_group, exchange, self.comm)
         with deferred_expert_weights(cfg.storage.enabled):  # tiered: no expert stack is ever allocated
-            self.model = GPTMoE(mcfg, moe_exchange=exchange, ep_size=ep, recompute_moe=cfg.train.recompute_experts)
+            self.model = GPTMoE(mcfg, parallel, recompute_moe=cfg.train.recompute_experts)
         self.tiered = None
         if cfg.storage.enabled:
-            from paddle_semoe.storage.tiered import build_tiered_experts
-
             self.tiered = build_tiered_experts(cfg, self.model, self.layout, ctx.rank, ctx.world_size)
         else:
             init_experts_by_global_index(self.model, cfg.train.seed, self.layout, mcfg.init_std)
         sharded_dense = None
         if cfg.storage.shard_dense:  # horizontal prefetch: dense shards gathered ahead of each block
-            from paddle_semoe.storage.adamw import AdamWHyper
-            from paddle_semoe.storage.dense_shard import build_sharded_dense
-
             o = cfg.optim
             group = self.topology.sharding_group.ranks if self.topology.sharding_group is not None else (ctx.rank,)
-            sharded_dense = build_sharded_dense(self.model, group, ctx.rank, AdamWHyper(o.beta1, o.beta2, o.eps, o.weight_decay))
+            sharded_dense = build_sharded_dense(
+                self.model, group, ctx.rank, AdamWHyper(o.beta1, o.beta2, o.eps, o.weight_decay), par.comm_timeout_s
+            )
         paddle.seed(cfg.train.seed * 1_000_003 + 7919 * ctx.rank + 1)  # per-rank stream: dropout, gate noise
         self.optimizer = MoEOptimizer(
             self.model, cfg.optim, ctx.hcg if par.sharding_degree > 1 else None, lazy_experts=self.tiered,
@@ -163,7 +185,11 @@ class Trainer:
             bucket = int(par.bucket_mb * (1 << 20)) if par.bucket_mb is not None else None
             self.reducer = GradientReducer(params, self.topology, self.comm, bucket)
 
+        # host collectives of the loop (NaN check, metrics, checkpoints) over all ranks, under the watchdog
+        self.coll = self.comm or make_communicator("gloo", rank=ctx.rank)
+        self.world = self.topology.dp_group
         self.step = 0
+        self.resumed_from: Path | None = None  # kept by pruning until a newer checkpoint verifies
         self.nan_skips = 0
         self.tokens_seen = 0
         self._lazy_kept: list[np.ndarray] = []  # lazy expert update: rows kept per global expert, this step
@@ -172,18 +198,23 @@ class Trainer:
             Path(cfg.monitor.logdir or self.output_dir / "vdl") if cfg.monitor.visualdl else None,
             enabled=ctx.is_main,
         )
+        # SIGTERM/SIGINT -> checkpoint and Preempted at a step boundary (install on every rank or none)
+        self.stop_request: StopRequest | None = None
 
     # ------------------------------------------------------------------ collectives
-    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        if self.ctx.world_size == 1:
-            return values
-        t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return [float(v) for v in t.numpy()]
+    def _all_reduce(self, values: Any, op: str = "sum", what: str | None = None) -> np.ndarray:
+        """float64 sum / max of host values over all ranks (:meth:`Communicator.all_reduce`)."""
+        return self.coll.all_reduce(np.asarray(values, dtype=np.float64), self.world, op, what)
 
-    def _barrier(self) -> None:
+    def _sum_tensor_over_ranks(self, t: paddle.Tensor) -> None:
+        """In place: ``t`` = its sum over all ranks (the aux-free routers' expert loads)."""
         if self.ctx.world_size > 1:
-            dist.barrier()
+            t.set_value(paddle.to_tensor(self._all_reduce(t.numpy(), what="expert load").astype("float32")))
+
+    def _any_rank_bad(self, loss: float, grad_norm: float) -> bool:
+        """The non-finite step check: True on every rank when any rank saw a non-finite value."""
+        bad = 0.0 if (math.isfinite(loss) and math.isfinite(grad_norm)) else 1.0
+        return bool(self._all_reduce([bad], "max", "non-finite step check")[0] > 0)
 
     # ------------------------------------------------------------------ training
     def _micro_batches(self, batch: np.ndarray) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
@@ -204,21 +235,23 @@ class Trainer:
         lo, hi = self.layout.offset, self.layout.offset + self.layout.num_local
         return [np.asarray(k)[lo:hi] for k in kept]
 
-    def accumulate_gradients(self, batch: np.ndarray) -> tuple[float, float, float, list[np.ndarray], float]:
+    def accumulate_gradients(self, batch: np.ndarray) -> StepSums:
         """Forward/backward over the micro-batches of ``batch`` and the gradient reduction.
 
-        Leaves synchronized, unscaled gradients in ``.grad``. Returns (loss, lm loss, aux loss,
-        per-layer expert demand, dropped fraction) of this rank.
+        Leaves synchronized, unscaled gradients in ``.grad``. The statistics stay on the device
+        (no per-micro-batch sync); only the lazy expert update's kept rows per local expert are
+        read, once per step, into ``self._lazy_kept`` (the update's decision needs them).
         """
         cfg = self.cfg
         self._ensure_experts()
         self.model.train()
         accum = cfg.optim.grad_accum_steps
         lazy = self.optimizer.lazy
-        loss_sum = lm_sum = aux_sum = 0.0
-        demand: list[np.ndarray] = []
-        self._lazy_kept = []
-        dropped = 0.0
+        zero = paddle.zeros([], dtype="float64")
+        loss_sum, lm_sum, aux_sum, dropped = zero, zero, zero, zero
+        demand: list[paddle.Tensor] = []
+        by_choice: list[paddle.Tensor] = []
+        kept: list[paddle.Tensor] = []
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for x, y in self._micro_batches(batch):
             with autocast(cfg.amp):
@@ -226,22 +259,23 @@ class Trainer:
             (out.loss * (scale / accum)).backward()
             if lazy is not None:
                 lazy.after_backward()
-                for i, s in enumerate(out.moe_stats):
-                    k = s.kept.numpy().astype(np.int64)
-                    if len(self._lazy_kept) <= i:
-                        self._lazy_kept.append(k)
-                    else:
-                        self._lazy_kept[i] += k
-            loss_sum += float(out.loss) / accum
-            lm_sum += float(out.lm_loss) / accum
-            aux_sum += float(out.aux_loss) / accum
+            loss_sum = loss_sum + out.loss.detach().astype("float64") / accum
+            lm_sum = lm_sum + out.lm_loss.detach().astype("float64") / accum
+            aux_sum = aux_sum + out.aux_loss.detach().astype("float64") / accum
             for i, s in enumerate(out.moe_stats):
-                d = s.demand.numpy()
-                if len(demand) <= i:
-                    demand.append(d.astype(np.int64))
-                else:
-                    demand[i] += d
-                dropped += float(s.dropped_fraction) / (accum * max(len(out.moe_stats), 1))
+                if i == len(demand):  # first micro-batch
+                    demand.append(paddle.zeros(s.demand.shape, dtype="int64"))
+                    kept.append(paddle.zeros(s.kept.shape, dtype="int64"))
+                demand[i] = demand[i] + s.demand.astype("int64")
+                if lazy is not None:
+                    kept[i] = kept[i] + s.kept.astype("int64")
+                frac = s.dropped_fraction.detach().astype("float64") / (accum * max(len(out.moe_stats), 1))
+                dropped = dropped + frac
+                if s.dropped_by_choice is not None:  # (None under activation recomputation)
+                    if i == len(by_choice):
+                        by_choice.append(paddle.zeros(s.dropped_by_choice.shape, dtype="float64"))
+                    by_choice[i] = by_choice[i] + s.dropped_by_choice.detach().astype("float64") / accum
+        self._lazy_kept = [k.numpy() for k in kept] if lazy is not None else []
 
         if self.reducer is not None:
             self.reducer.reduce()
@@ -249,28 +283,23 @@ class Trainer:
             reduce_gradients_unfused(self.params, self.topology, self.comm)
         if scale != 1.0:
             unscale_(self.params, scale)
-        return loss_sum, lm_sum, aux_sum, demand, dropped
+        return StepSums(loss_sum, lm_sum, aux_sum, demand, dropped, by_choice)
 
     def train_step(self, batch: np.ndarray) -> StepResult:
         cfg = self.cfg
-        loss_sum, lm_sum, aux_sum, demand, dropped = self.accumulate_gradients(batch)
+        sums = self.accumulate_gradients(batch)
+        loss_sum = float(sums.loss)  # the step's one read of its statistics: the non-finite check needs it
 
         # global norm (MoE-aware) for logging and clipping
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         expert_coef = 1.0
         lazy = self.optimizer.lazy
         if lazy is not None:
-            from paddle_semoe.storage.lazy import clip_grad_norm_lazy_
-
             lazy.set_active(self._lazy_activity(self._lazy_kept))
-            grad_norm, expert_coef = clip_grad_norm_lazy_(
-                self.params, lazy, max_norm if math.isfinite(max_norm) else 1e30, self.topology, self.comm
-            )
+            grad_norm, expert_coef = clip_grad_norm_lazy_(self.params, lazy, max_norm, self.topology, self.coll)
         else:
-            grad_norm = clip_grad_norm_(self.params, max_norm if math.isfinite(max_norm) else 1e30, self.topology, self.comm)
-        bad = 0.0 if (math.isfinite(loss_sum) and math.isfinite(grad_norm)) else 1.0
-        bad = self._all_reduce([bad], op="max")[0]
-        skipped = bad > 0
+            grad_norm = clip_grad_norm_(self.params, max_norm, self.topology, self.coll)
+        skipped = self._any_rank_bad(loss_sum, grad_norm)
         if self.scaler is not None:
             self.scaler.update(found_inf=skipped)
         if skipped and self.scaler is not None and not self.scaler.at_minimum and math.isfinite(loss_sum):
@@ -290,8 +319,11 @@ class Trainer:
             lazy.discard()
         if not skipped:
             self.optimizer.step(expert_grad_scale=expert_coef)
+            # aux-loss-free routers: bias += rate * sign(mean - load), load summed over all ranks
+            update_balance_biases(self.model, self._sum_tensor_over_ranks)
         self.optimizer.clear_grad()
-        return StepResult(loss_sum, lm_sum, aux_sum, grad_norm, skipped, demand, dropped)
+        return StepResult(loss_sum, sums.lm_loss, sums.aux_loss, grad_norm, skipped, sums.demand, sums.dropped,
+                          sums.dropped_by_choice)
 
     @paddle.no_grad()
     def evaluate(self) -> float:
@@ -323,95 +355,95 @@ class Trainer:
             "nan_skips": self.nan_skips,
             "tokens_seen": self.tokens_seen,
             "corpus_sha256": self.split.sha256,
+            "tokenizer": self.split.tokenizer_identity(),
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def save_checkpoint(self) -> Path:
-        """Collective: every rank writes its shard; rank 0 writes the manifest and publishes."""
-        final = self.ckpt_root / ckpt.step_dir_name(self.step)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        self.optimizer.sync_params()
-        tensors, meta = collect_rank_state(self.model, self.optimizer, self.layout, self.ctx.rank, self._progress())
-        record = ckpt.save_shard(tmp / ckpt.shard_name(self.ctx.rank), tensors, meta)
-        records = self._gather_records(record)
-        if self.tiered is not None:  # the SSD tier: hard links + one checksummed index per rank
-            from paddle_semoe.storage.tiered import index_name
+        """Collective: every rank writes its shard (and SSD-tier index); rank 0 the manifest."""
 
-            name, sha, nbytes = self.tiered.save_checkpoint(tmp, self.ctx.rank)
-            records += self._gather_records(ckpt.FileRecord(name, sha, nbytes), name_of=index_name)
-        if self.ctx.is_main:
-            dump_yaml(self.cfg, tmp / "config.yaml")
-            records.append(ckpt.FileRecord("config.yaml", ckpt.sha256_file(tmp / "config.yaml"), (tmp / "config.yaml").stat().st_size))
-            manifest_meta = {
-                "ep_degree": self.layout.ep_degree,
-                "num_experts": self.layout.num_experts,
-                "sharded_dense_optimizer": self.optimizer.sharded is not None,
-                "expert_storage": self.tiered is not None,
-                "model": to_dict(self.cfg.model),
-            }
-            ckpt.write_manifest(tmp, self.step, self.ctx.world_size, records, manifest_meta)
-            ckpt.publish(tmp, final, self.cfg.train.keep_checkpoints)
-        self._barrier()
-        return final
+        def write_files(tmp: Path) -> list:
+            self.optimizer.sync_params()
+            tensors, meta = collect_rank_state(self.model, self.optimizer, self.layout, self.ctx.rank, self._progress())
+            records = [save_shard(tmp / shard_name(self.ctx.rank), tensors, meta)]
+            if self.ctx.is_main:  # the tokenizer travels with the model (prepared datasets; none for bytes)
+                records += copy_tokenizer_files(tmp, self.split.tokenizer_files())
+            if self.tiered is not None:  # the SSD tier: hard links + one checksummed index per rank
+                records.append(self.tiered.save_checkpoint(tmp, self.ctx.rank))
+            return records
 
-    def _gather_records(self, record: ckpt.FileRecord, name_of=ckpt.shard_name) -> list[ckpt.FileRecord]:
-        """All ranks' file records on every rank (sha256 as 4 int64 words + size); the file of
-        rank r is named ``name_of(r)``."""
-        if self.ctx.world_size == 1:
-            return [record]
-        words = np.frombuffer(bytes.fromhex(record.sha256), dtype=">u8").astype(np.uint64).view(np.int64)
-        mine = paddle.to_tensor(np.concatenate([words, [record.bytes]]).astype(np.int64))
-        gathered: list[paddle.Tensor] = []
-        dist.all_gather(gathered, mine)
-        out = []
-        for r, t in enumerate(gathered):
-            arr = t.numpy()
-            sha = arr[:4].view(np.uint64).astype(">u8").tobytes().hex()
-            out.append(ckpt.FileRecord(name_of(r), sha, int(arr[4])))
-        return out
+        meta = {
+            "ep_degree": self.layout.ep_degree,
+            "num_experts": self.layout.num_experts,
+            "sharded_dense_optimizer": self.optimizer.sharded is not None,
+            "expert_storage": self.tiered is not None,
+            "model": to_dict(self.cfg.model),
+        }
+        return write_checkpoint(
+            self.ckpt_root, self.step, self.coll, self.world, write_files=write_files, meta=meta,
+            keep=self.cfg.train.keep_checkpoints, write_config=lambda path: dump_yaml(self.cfg, path),
+            protect=self.resumed_from,
+        )
 
     def resume(self, spec: str | None) -> bool:
-        path = ckpt.resolve_checkpoint(spec, self.ckpt_root)
+        path = resolve_checkpoint(spec, self.ckpt_root)
         if path is None:
             return False
-        manifest = ckpt.read_manifest(path)
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError as exc:
+            if spec != AUTO:
+                raise
+            raise CheckpointError(
+                f"{exc}; to resume from the newest checkpoint that verifies instead, rerun with "
+                f"-o train.resume={AUTO_VERIFIED}"
+            ) from exc
         tiered_ckpt = bool(manifest.meta.get("expert_storage", False))
         if tiered_ckpt != (self.tiered is not None):
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} keeps its experts {'in the SSD tier' if tiered_ckpt else 'as resident parameters'}; "
                 f"resume it with storage.enabled={'true' if tiered_ckpt else 'false'}"
             )
         progress = restore_rank_state(manifest, self.model, self.optimizer, self.layout, self.ctx.rank, self.ctx.world_size)
         if self.tiered is not None:
-            from paddle_semoe.storage.tiered import expected_index_names
-
             self.tiered.restore_checkpoint(path, expected_index_names(list(manifest.files)))
         self.step = int(progress["step"])
         self.nan_skips = int(progress["nan_skips"])
         self.tokens_seen = int(progress["tokens_seen"])
+        check_tokenizer_on_resume(progress.get("tokenizer"), self.split.tokenizer_identity(), str(path))
         self.batcher.load_state_dict(progress["data"])
         if self.scaler is not None and progress.get("loss_scaler"):
             self.scaler.load_state_dict(progress["loss_scaler"])
+        self.resumed_from = path
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
     # ------------------------------------------------------------------ the loop
+    def _stop_signal(self) -> int:
+        """The stop signal any rank received (0: none), the same on every rank (a max all-reduce
+        at the step boundary; no collective when no :attr:`stop_request` is installed)."""
+        if self.stop_request is None:
+            return 0
+        mine = float(self.stop_request.signum)
+        if self.ctx.world_size == 1:
+            return int(mine)
+        return int(self._all_reduce([mine], "max", "stop request")[0])
+
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         run = cfg.train
+        if self.ctx.is_main:  # interrupted saves' leftovers (the output-directory lock keeps other runs out)
+            remove_partial(self.ckpt_root)
         resumed = self.resume(run.resume)
-        if not resumed and (self.ckpt_root / ckpt.LATEST).exists():
+        if not resumed and (self.ckpt_root / LATEST).exists():
             raise TrainingError(
-                f"{self.output_dir} already holds checkpoints ({(self.ckpt_root / ckpt.LATEST).read_text().strip()}); "
+                f"{self.output_dir} already holds checkpoints ({(self.ckpt_root / LATEST).read_text().strip()}); "
                 "resume with -o train.resume=auto or pick another -o train.output_dir (nothing was overwritten)"
             )
         if self.ctx.is_main and not resumed:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
+        self.metrics.drop_after(self.step)  # records logged after the checkpoint would repeat
         logger.info(
             "training from step %d to %d; unigram baseline (held-out) %.3f nats/token",
             self.step, run.max_steps, self.unigram_baseline,
@@ -436,8 +468,16 @@ class Trainer:
                 self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
                 if self.ctx.is_main:
                     logger.info("step %d: val loss %.4f (unigram baseline %.3f)", self.step, val_loss, self.unigram_baseline)
+            saved = None
             if run.save_every and self.step % run.save_every == 0 and self.step < run.max_steps:
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+            signum = self._stop_signal()
+            if signum and self.step < run.max_steps:  # every rank stops after the same step
+                ckpt = saved or self.save_checkpoint()
+                self.metrics.close()
+                if self.tiered is not None:
+                    self.tiered.close()
+                raise Preempted(self.step, ckpt, signal.Signals(signum).name)
         if not math.isfinite(val_loss):  # nothing ran here (resumed at max_steps): still report
             val_loss = self.evaluate()
             self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
@@ -462,21 +502,31 @@ class Trainer:
 
     def _log_train(self, r: StepResult, lr: float, progress: Progress, tokens_per_step: int) -> None:
         dt, ds = progress.interval(self.step)
-        loss, lm, aux = (v / self.ctx.world_size for v in self._all_reduce([r.loss, r.lm_loss, r.aux_loss]))
+        # a log step: the first host read of the step's lm/aux losses and routing statistics
+        loss, lm, aux = (v / self.ctx.world_size for v in self._all_reduce([r.loss, float(r.lm_loss), float(r.aux_loss)]))
         self._last_logged_loss = lm
         tps = tokens_per_step * ds / dt if dt > 0 else float("nan")
-        demand = [d for d in r.demand]
+        dropped = float(r.dropped)
+        demand = [d.numpy() for d in r.demand]
         if demand and self.ctx.world_size > 1:
             flat = self._all_reduce([float(v) for d in demand for v in d])
             sizes = [d.size for d in demand]
             demand = np.split(np.asarray(flat), np.cumsum(sizes)[:-1])
         scalars = {
             "loss": loss, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": r.grad_norm,
-            "tokens_per_s": tps, "dropped_fraction": r.dropped, "peak_rss_bytes": float(peak_rss_bytes()),
+            "tokens_per_s": tps, "dropped_fraction": dropped, "peak_rss_bytes": float(peak_rss_bytes()),
             "nan_skips": float(self.nan_skips),
         }
         self.metrics.scalars(self.step, scalars)
-        storage = {}  # this rank's storage counters (only alpha with resident lazy experts)
+        # routing health per MoE layer: max/mean load, dropped share per choice rank, aux-free bias
+        by_choice = [c.numpy() for c in r.dropped_by_choice]
+        if by_choice and self.ctx.world_size > 1:
+            flat = self._all_reduce([float(v) for c in by_choice for v in c.reshape(-1)], what="dropped by choice")
+            by_choice = np.split(np.asarray(flat) / self.ctx.world_size, np.cumsum([c.size for c in by_choice])[:-1])
+        routing = routing_scalars(self.cfg.model.moe_layers, demand, by_choice, balance_biases(self.model))
+        if routing:
+            self.metrics.scalars(self.step, routing, prefix="routing")
+        storage: dict[str, float] = {}  # this rank's storage counters (only alpha with resident lazy experts)
         if self.optimizer.lazy is not None:
             storage.update(self.optimizer.lazy.interval_scalars())
         if self.optimizer.sharded_dense is not None:
@@ -489,6 +539,6 @@ class Trainer:
         if self.ctx.is_main:
             logger.info(
                 "step %d/%d | loss %.4f (lm %.4f aux %.4f) | lr %.2e | gnorm %.3f | %.0f tok/s | drop %.3f | ETA %s",
-                self.step, self.cfg.train.max_steps, loss, lm, aux, lr, r.grad_norm, tps, r.dropped,
+                self.step, self.cfg.train.max_steps, loss, lm, aux, lr, r.grad_norm, tps, dropped,
                 format_eta(progress.eta(self.step)),
             )

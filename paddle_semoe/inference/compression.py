@@ -14,7 +14,7 @@ distillation, so the quality/size trade-off is explicit.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import paddle
@@ -122,15 +122,6 @@ def held_out_loss(model: GPTMoE, batches) -> float:
         total += float(out.lm_loss) * n
         count += n
     return total / max(count, 1.0)
-
-
-@dataclass(frozen=True)
-class CompressionPoint:
-    experts: int
-    expert_bytes: int
-    val_loss_merged: float
-    val_loss_distilled: float
-    distil_steps: int
 
 
 def expert_bytes(cfg: GPTConfig) -> int:

@@ -21,9 +21,14 @@ InferShape/InferDtype functions.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
+from typing import Sequence
 
 import numpy as np
 import paddle
@@ -31,25 +36,44 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 
 from paddle_semoe import ops
-from paddle_semoe.config import load_config, to_dict
-from paddle_semoe.engine.checkpoint import read_manifest as read_checkpoint
-from paddle_semoe.engine.config import TrainConfig
-from paddle_semoe.engine.state import ExpertLayout, restore_rank_state
-from paddle_semoe.inference.package import EXPERT_TENSORS, Section, write_manifest, write_section
-from paddle_semoe.models.gpt import GPTConfig, GPTMoE
-from paddle_semoe.moe.dispatch import combine, dispatch
+from paddle_semoe.config import from_dict, to_dict
+from paddle_semoe.io.checkpoint import CheckpointError, read_manifest as read_checkpoint
+from paddle_semoe.io.files import FileRecord, fsync_dir, record_of, sha256_file, write_atomic
+from paddle_semoe.io.model_state import ExpertLayout, restore_rank_state
+from paddle_semoe.inference.package import (
+    EXPERT_TENSORS,
+    READABLE_FORMATS,
+    PackageError,
+    Section,
+    expert_checksums,
+    write_int8_section,
+    write_manifest,
+    write_section,
+)
+from paddle_semoe.models.gpt import Block, GPTConfig, GPTMoE
+from paddle_semoe.moe import GroupedExperts, MoELayer
 
 logger = logging.getLogger(__name__)
 
 
 def model_from_checkpoint(ckpt_dir: Path) -> GPTMoE:
-    """An all-experts-local (EP=1) model holding a checkpoint's parameters (any saved EP degree)."""
+    """An all-experts-local (EP=1) model holding a checkpoint's parameters (any saved EP degree);
+    the model config comes from the manifest (``meta["model"]``, written by the trainer)."""
     manifest = read_checkpoint(ckpt_dir)
-    cfg = load_config(TrainConfig, Path(ckpt_dir) / "config.yaml")
-    model = GPTMoE(cfg.model)
-    restore_rank_state(manifest, model, None, ExpertLayout(1, 0, cfg.model.moe.num_experts), 0, 1)
+    if "model" not in manifest.meta:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no model config in its manifest: not a GPT-MoE checkpoint")
+    config = from_dict(GPTConfig, manifest.meta["model"])
+    model = GPTMoE(config)
+    restore_rank_state(manifest, model, None, ExpertLayout(1, 0, config.moe.num_experts), 0, 1)
     model.eval()
     return model
+
+
+def checkpoint_tokenizer_files(ckpt_dir: Path) -> list[tuple[str, Path]]:
+    """``(name, path)`` of the tokenizer files a checkpoint carries (``tokenizer/...`` in its
+    verified manifest); empty for models trained on the built-in byte corpora."""
+    manifest = read_checkpoint(ckpt_dir)
+    return [(name, Path(ckpt_dir) / name) for name in sorted(manifest.files) if name.startswith("tokenizer/")]
 
 
 def expert_arrays(model: GPTMoE) -> dict[int, dict[str, np.ndarray]]:
@@ -62,10 +86,16 @@ def expert_arrays(model: GPTMoE) -> dict[int, dict[str, np.ndarray]]:
 
 
 def dense_arrays(model: GPTMoE) -> dict[str, np.ndarray]:
-    return {n: p.numpy() for n, p in model.named_parameters() if ".experts." not in n}
+    """Every non-expert parameter, plus the persistable buffers (the aux-free routers' balance bias)."""
+    params = {n for n, _ in model.named_parameters()}
+    out = {n: p.numpy() for n, p in model.named_parameters() if ".experts." not in n}
+    out.update({n: b.numpy() for n, b in model.state_dict().items() if n not in params})
+    return out
 
 
 # ----------------------------------------------------------------------------- sub-graphs
+# Each graph calls the pieces of the training Block / MoELayer (attend, ln2, route, the experts'
+# grouped FFN, combine): the exported model is cut from the code that trains, not a copy of it.
 class _Embed(nn.Layer):
     def __init__(self, m: GPTMoE):
         super().__init__()
@@ -76,7 +106,7 @@ class _Embed(nn.Layer):
 
 
 class _DenseBlock(nn.Layer):
-    def __init__(self, block):
+    def __init__(self, block: Block):
         super().__init__()
         self.block = block
 
@@ -85,33 +115,37 @@ class _DenseBlock(nn.Layer):
 
 
 class _MoEPre(nn.Layer):
-    def __init__(self, block):
+    """Attention, then routing: ``x -> x_mid, rows, counts, weights, positions``."""
+
+    def __init__(self, block: Block, layer: MoELayer):
         super().__init__()
         self.block = block
+        self.layer = layer
 
     def forward(self, x):
-        b = self.block
-        a, _ = b.attn(b.ln1(x))
-        x_mid = x + a
-        h = b.ln2(x_mid).reshape([-1, x.shape[-1]])
-        cfg = b.ffn.config
-        d = dispatch(h, b.ffn.router(h).logits, top_k=cfg.k, capacity_factor=0.0, normalize=cfg.normalize, backend="custom")
+        x_mid, _ = self.block.attend(x)
+        d = self.layer.route(self.block.ln2(x_mid).reshape([-1, x.shape[-1]])).dispatch
         return x_mid, d.rows, d.counts, d.weights, d.positions
 
 
 class _Experts(nn.Layer):
-    def __init__(self, activation: str):
+    """The grouped FFN with the weights as inputs (a ring supplies them between graphs)."""
+
+    def __init__(self, experts: GroupedExperts):
         super().__init__()
-        self.activation = activation
+        self._compute = experts.compute  # the method only: the graph holds no expert parameters
 
     def forward(self, rows, counts, w1, b1, w2, b2):
-        return ops.grouped_ffn(rows, counts, w1, b1, w2, b2, activation=self.activation, backend="custom")
+        return self._compute(rows, counts, w1, b1, w2, b2)
 
 
 class _MoEPost(nn.Layer):
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self._combine = layer.combine  # the method only: the graph holds no parameters
+
     def forward(self, x_mid, rows, weights, positions):
-        y = ops.combine(rows, weights, positions, backend="custom")
-        return x_mid + y.reshape(paddle.shape(x_mid))
+        return x_mid + self._combine(rows, weights, positions).reshape(paddle.shape(x_mid))
 
 
 class _Head(nn.Layer):
@@ -130,59 +164,168 @@ def _save(layer: nn.Layer, specs: list[InputSpec], path: Path) -> str:
 
 
 def export_graphs(model: GPTMoE, out: Path) -> dict:
-    """Write the static sub-graphs; returns {graph name: file prefix relative to ``out``}."""
+    """Write the static sub-graphs; returns {graph name: file prefix relative to ``out``}.
+
+    The graphs contain the compiled custom ops (Paddle Inference runs them), so the model's
+    ops backend must resolve to them; MoE routing is exported dropless.
+    """
     cfg: GPTConfig = model.config
-    D, E = cfg.d_model, cfg.moe.num_experts
-    F = cfg.moe.d_ff or cfg.d_ff
+    if ops.resolve_backend(cfg.ops_backend) is None:
+        raise ValueError(
+            f"static graphs need the compiled custom ops, but model.ops_backend={cfg.ops_backend!r} resolves to the "
+            "pure-Paddle reference (export with --no-graphs, or build the ops)"
+        )
+    moe_cfg = cfg.moe_config()
+    if moe_cfg.num_shared_experts > 0:
+        raise ValueError("static graphs do not carry shared experts yet (model.moe.num_shared_experts > 0): export with --no-graphs")
+    D, E, F, K = cfg.d_model, moe_cfg.num_experts, moe_cfg.d_ff, moe_cfg.k
     gdir = out / "graphs"
     gdir.mkdir(parents=True, exist_ok=True)
     x_spec = InputSpec([None, None, D], "float32", "x")
     graphs: dict = {"embed": "graphs/" + _save(_Embed(model), [InputSpec([None, None], "int64", "tokens")], gdir / "embed")}
     blocks = []
-    for i, b in enumerate(model.blocks):
-        if b.is_moe:
-            blocks.append({"kind": "moe", "pre": "graphs/" + _save(_MoEPre(b), [x_spec], gdir / f"moe_pre_{i:02d}")})
-        else:
-            blocks.append({"kind": "dense", "graph": "graphs/" + _save(_DenseBlock(b), [x_spec], gdir / f"block_{i:02d}")})
+    moe_layers = model.moe_layers()
+    was_dropless = [layer.eval_dropless for layer in moe_layers]
+    model.eval()
+    model.set_eval_dropless(True)
+    try:
+        for i, b in enumerate(model.blocks):
+            if isinstance(b.ffn, MoELayer):
+                blocks.append({"kind": "moe", "pre": "graphs/" + _save(_MoEPre(b, b.ffn), [x_spec], gdir / f"moe_pre_{i:02d}")})
+            else:
+                blocks.append({"kind": "dense", "graph": "graphs/" + _save(_DenseBlock(b), [x_spec], gdir / f"block_{i:02d}")})
+    finally:
+        for layer, flag in zip(moe_layers, was_dropless):
+            layer.eval_dropless = flag
     graphs["blocks"] = blocks
-    rows = InputSpec([None, D], "float32", "rows")
-    graphs["experts"] = "graphs/" + _save(
-        _Experts(cfg.activation),
-        [rows, InputSpec([E], "int32", "counts"), InputSpec([E, D, F], "float32", "w1"), InputSpec([E, F], "float32", "b1"),
-         InputSpec([E, F, D], "float32", "w2"), InputSpec([E, D], "float32", "b2")],
-        gdir / "experts",
-    )
-    graphs["moe_post"] = "graphs/" + _save(
-        _MoEPost(),
-        [x_spec, rows, InputSpec([None, cfg.moe_config().k], "float32", "weights"), InputSpec([None, cfg.moe_config().k], "int32", "positions")],
-        gdir / "moe_post",
-    )
+    if moe_layers:  # one experts graph and one combine graph serve every MoE layer (same code, no parameters)
+        rows = InputSpec([None, D], "float32", "rows")
+        graphs["experts"] = "graphs/" + _save(
+            _Experts(moe_layers[0].experts),
+            [rows, InputSpec([E], "int32", "counts"), InputSpec([E, D, F], "float32", "w1"), InputSpec([E, F], "float32", "b1"),
+             InputSpec([E, F, D], "float32", "w2"), InputSpec([E, D], "float32", "b2")],
+            gdir / "experts",
+        )
+        graphs["moe_post"] = "graphs/" + _save(
+            _MoEPost(moe_layers[0]),
+            [x_spec, rows, InputSpec([None, K], "float32", "weights"), InputSpec([None, K], "int32", "positions")],
+            gdir / "moe_post",
+        )
     graphs["head"] = "graphs/" + _save(_Head(model), [x_spec], gdir / "head")
     return graphs
 
 
-def export_package(model: GPTMoE, out: Path, *, graphs: bool = True) -> Path:
-    """Write the package for ``model`` (all experts local) into ``out`` (replaced if present)."""
+def _is_package(path: Path) -> bool:
+    """True when ``path`` holds an inference package (a ``manifest.json`` of a readable format)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") in READABLE_FORMATS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that export must not touch: a non-empty directory that is not an earlier
+    package (never deleted), a file, or an earlier package without ``overwrite``."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise PackageError(f"--out {out} exists and is not a directory: refusing to replace it")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not _is_package(out):
+        raise PackageError(
+            f"--out {out} is a non-empty directory that is not an inference package: refusing to touch it "
+            "(export never deletes what it did not create; pick a new or empty directory)"
+        )
+    if not overwrite:
+        raise PackageError(f"--out {out} already holds an inference package: pass --overwrite to replace it")
+
+
+def _package_records(root: Path, recorded: set[str]) -> list[FileRecord]:
+    """Records of every file under ``root`` not yet in ``recorded`` (graphs, their .info files,
+    ...), so the manifest covers every file of the package."""
+    return [
+        record_of(path, path.relative_to(root).as_posix())
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() not in recorded and path.name != "manifest.json"
+    ]
+
+
+def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files: Sequence[tuple[str, Path]] = (),
+                   int8: bool = False, overwrite: bool = False) -> Path:
+    """Write the package for ``model`` (all experts local) into ``out``, atomically.
+
+    ``out`` must be new, empty, or (with ``overwrite``) an earlier package; anything else is
+    refused (:func:`check_export_target`). The package is written into a temporary directory
+    beside ``out`` and renamed into place; on failure the temporary directory is removed and an
+    earlier package at ``out`` is left intact. Every file is recorded (SHA-256, size) in the
+    manifest and verified on load.
+
+    ``int8``: also write weight-only int8 copies of the expert sections
+    (``experts/layer_XX.int8.bin``: per-output-channel scales; serve with ``quant="int8"``).
+
+    ``extra_files``: ``(name in the package, source path)`` copied in and recorded with their
+    SHA-256 (the checkpoint's tokenizer, so generation decodes with the training tokenizer)."""
+    out = Path(out)
+    check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        sections, int8_sections, graph_index = _write_package(model, tmp, graphs, extra_files, int8)
+        _publish_package(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "exported %d MoE layers (%.1f MiB of experts) + dense weights%s to %s",
+        len(sections), sum(s.nbytes for s in sections) / 2**20, " + static graphs" if graph_index else "", out,
+    )
+    return out
+
+
+def _write_package(model: GPTMoE, tmp: Path, graphs: bool, extra_files: Sequence[tuple[str, Path]],
+                   int8: bool) -> tuple[list[Section], list[Section], dict]:
     (tmp / "experts").mkdir(parents=True)
     model.eval()
-    sections = []
+    sections, int8_sections = [], []
     for i, arrays in expert_arrays(model).items():
         rel = f"experts/layer_{i:02d}.bin"
         specs, size, sha = write_section(tmp / rel, arrays)
-        sections.append(Section(i, rel, size, sha, specs))
-    np.savez(tmp / "dense.npz", **dense_arrays(model))
-    from paddle_semoe.engine.checkpoint import sha256_file
+        sections.append(Section(i, rel, size, sha, specs, expert_checksums(arrays["w1"], arrays["w2"])))
+        if int8:
+            rel8 = f"experts/layer_{i:02d}.int8.bin"
+            specs8, size8, sha8, crc8 = write_int8_section(tmp / rel8, arrays["w1"], arrays["w2"])
+            int8_sections.append(Section(i, rel8, size8, sha8, specs8, crc8))
+    dense: dict[str, Any] = dense_arrays(model)  # (numpy's stub would read a key as allow_pickle)
+    np.savez(tmp / "dense.npz", **dense)
 
     graph_index = export_graphs(model, tmp) if graphs else {}
-    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"), graph_index)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    logger.info(
-        "exported %d MoE layers (%.1f MiB of experts) + dense weights%s to %s",
-        len(sections), sum(s.nbytes for s in sections) / 2**20, " + static graphs" if graphs else "", out,
-    )
-    return out
+    extra = []
+    for name, src in extra_files:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(tmp / name, Path(src).read_bytes())
+        extra.append(record_of(tmp / name, name))
+    recorded = {"dense.npz", *(s.file for s in sections + int8_sections), *(r.name for r in extra)}
+    extra += _package_records(tmp, recorded)  # the static graphs and anything else written above
+    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"), graph_index, extra, int8_sections)
+    return sections, int8_sections, graph_index
+
+
+def _publish_package(tmp: Path, out: Path) -> None:
+    """Rename the finished package ``tmp`` to ``out``; an earlier package at ``out`` is moved
+    aside first and removed only once the new one is in place (restored if the rename fails)."""
+    backup = None
+    if out.exists() and any(out.iterdir()):
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, backup / "pkg")
+    elif out.exists():
+        out.rmdir()  # empty: nothing of anyone's is lost
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup / "pkg", out)
+            shutil.rmtree(backup, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

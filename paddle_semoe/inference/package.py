@@ -6,8 +6,14 @@ Layout of a package directory::
     dense.npz                all dense parameters (embeddings, attention, norms, routers, dense FFNs)
     experts/layer_XX.bin     one section per MoE layer: w1, b1, w2, b2 of all E experts, raw
                              float32, each tensor at a 4096-byte aligned offset, file size a
-                             multiple of 4096 (O_DIRECT-readable straight into an aligned slot)
+                             multiple of 4096 (O_DIRECT-readable straight into an aligned slot).
+                             Expert e of the layer is addressable on its own: its rows of each
+                             tensor are one contiguous range (``expert_ranges``); the w1/w2
+                             ranges are 4096-aligned whenever D*F*4 is a multiple of 4096, and
+                             format 2 records a CRC-32 per expert (``expert_crc32``).
     graphs/*.json|.pdiparams Paddle static sub-graphs for Paddle Inference (see predictor.py)
+
+Every file but the manifest itself is recorded in it (the graphs and tokenizer under ``files``).
 
 Loading verifies the SHA-256 of every file it will serve from, once, and refuses the package
 naming the file if one is missing, truncated or corrupt; sections are re-checked (size and
@@ -16,22 +22,25 @@ mtime) before every disk read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import dataclasses
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from paddle_semoe.engine.checkpoint import CheckpointError, write_atomic
-from paddle_semoe.engine.checkpoint import verify_file as checkpoint_verify_file
+from paddle_semoe.io.checkpoint import CheckpointError
+from paddle_semoe.io.files import FileRecord, sha256_bytes, verify_file as _verify_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "paddle-semoe-inference/1"
+FORMAT = "paddle-semoe-inference/2"
+FORMAT_V1 = "paddle-semoe-inference/1"  # same files, no per-expert checksums (derived on load)
+READABLE_FORMATS = (FORMAT_V1, FORMAT)
 ALIGN = 4096
 EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
 
@@ -65,10 +74,37 @@ class Section:
     nbytes: int  # file size (aligned)
     sha256: str
     tensors: tuple[TensorSpec, ...]
+    expert_crc32: tuple[int, ...] = ()  # per expert: CRC-32 of its w1 rows then its w2 rows
 
     @property
     def payload_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise PackageError(f"section {self.file} has no tensor {name!r}")
+
+    def expert_range(self, name: str, e: int) -> tuple[int, int]:
+        """``(file offset, nbytes)`` of expert ``e``'s slice of tensor ``name`` (leading dim E)."""
+        t = self.tensor(name)
+        if not 0 <= e < t.shape[0]:
+            raise PackageError(f"section {self.file}: expert {e} out of range [0, {t.shape[0]})")
+        per = t.nbytes // t.shape[0]
+        return t.offset + e * per, per
+
+
+def expert_checksums(w1: np.ndarray, w2: np.ndarray) -> tuple[int, ...]:
+    """CRC-32 per expert of ``w1[e]`` bytes followed by ``w2[e]`` bytes (w1 [E,D,F], w2 [E,F,D])."""
+    return tuple(
+        zlib.crc32(np.ascontiguousarray(w2[e]).tobytes(), zlib.crc32(np.ascontiguousarray(w1[e]).tobytes()))
+        for e in range(w1.shape[0])
+    )
 
 
 def section_layout(shapes: dict[str, tuple[int, ...]], dtype: str = "float32") -> tuple[tuple[TensorSpec, ...], int]:
@@ -83,12 +119,46 @@ def section_layout(shapes: dict[str, tuple[int, ...]], dtype: str = "float32") -
 
 def write_section(path: Path, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
     specs, size = section_layout({k: v.shape for k, v in arrays.items()}, str(arrays["w1"].dtype))
+    return _write_specs(path, specs, size, arrays)
+
+
+INT8_TENSORS = ("w1", "w1_scale", "w2", "w2_scale")
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weight-only int8 per output channel: ``w [E, K, N]`` (x @ w[e] maps K -> N)
+    -> ``(q int8 [E, K, N], scale float32 [E, N])`` with ``w ~= q * scale[:, None, :]``."""
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None, :]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def write_int8_section(path: Path, w1: np.ndarray, w2: np.ndarray) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
+    """An int8 expert section: ``w1``/``w2`` int8 (each expert's rows one contiguous range) and
+    their per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of the
+    int8 w1/w2 rows). Biases stay in the float32 section."""
+    q1, s1 = quantize_int8(w1)
+    q2, s2 = quantize_int8(w2)
+    arrays = {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2}
+    specs, off = [], 0
+    for name in INT8_TENSORS:
+        a = arrays[name]
+        spec = TensorSpec(name, tuple(int(d) for d in a.shape), str(a.dtype), off)
+        specs.append(spec)
+        off = _align(off + spec.nbytes)
+    specs_t, size = tuple(specs), max(off, ALIGN)
+    _, _, sha = _write_specs(path, specs_t, size, arrays)
+    return specs_t, size, sha, expert_checksums(q1, q2)
+
+
+def _write_specs(path: Path, specs: tuple[TensorSpec, ...], size: int, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
     buf = bytearray(size)
     for s in specs:
         data = np.ascontiguousarray(arrays[s.name]).tobytes()
         buf[s.offset : s.offset + len(data)] = data
     write_atomic(path, bytes(buf))
-    return specs, size, hashlib.sha256(buf).hexdigest()
+    return specs, size, sha256_bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -99,6 +169,7 @@ class Manifest:
     dense_file: str
     dense_sha256: str
     graphs: dict[str, Any]
+    int8_sections: tuple[Section, ...] = ()  # optional weight-only int8 copies, same layer order
 
     def section(self, layer: int) -> Section:
         for s in self.sections:
@@ -115,16 +186,33 @@ class Manifest:
         return sum(s.nbytes for s in self.sections)
 
 
-def write_manifest(root: Path, model: dict, sections: list[Section], dense_sha256: str, graphs: dict) -> None:
+def _section_doc(s: Section) -> dict:
+    return {**asdict(s), "tensors": [{**asdict(t), "shape": list(t.shape)} for t in s.tensors]}
+
+
+def _section_of(s: dict) -> Section:
+    return Section(
+        layer=int(s["layer"]), file=s["file"], nbytes=int(s["nbytes"]), sha256=s["sha256"],
+        tensors=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"], int(t["offset"])) for t in s["tensors"]),
+        expert_crc32=tuple(int(c) for c in s.get("expert_crc32", ())),
+    )
+
+
+def write_manifest(
+    root: Path, model: dict, sections: list[Section], dense_sha256: str, graphs: dict, extra_files: Sequence[FileRecord] = (),
+    int8_sections: Sequence[Section] = (),
+) -> None:
+    """``extra_files``: further files the package carries (e.g. ``tokenizer/...``), verified on load;
+    ``int8_sections``: weight-only int8 copies of the expert sections (optional)."""
     doc = {
         "format": FORMAT,
         "model": model,
         "moe_layers": [s.layer for s in sections],
-        "sections": [
-            {**asdict(s), "tensors": [{**asdict(t), "shape": list(t.shape)} for t in s.tensors]} for s in sections
-        ],
+        "sections": [_section_doc(s) for s in sections],
+        "int8_sections": [_section_doc(s) for s in int8_sections],
         "dense": {"file": "dense.npz", "sha256": dense_sha256},
         "graphs": graphs,
+        "files": [asdict(r) for r in extra_files],
     }
     write_atomic(root / "manifest.json", json.dumps(doc, indent=2).encode())
 
@@ -139,25 +227,60 @@ def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
         doc = json.loads(mpath.read_text())
     except json.JSONDecodeError as exc:
         raise PackageError(f"inference manifest {mpath} is corrupt: {exc}") from exc
-    if doc.get("format") != FORMAT:
-        raise PackageError(f"{mpath} has format {doc.get('format')!r}, expected {FORMAT!r}")
-    sections = tuple(
-        Section(
-            layer=int(s["layer"]), file=s["file"], nbytes=int(s["nbytes"]), sha256=s["sha256"],
-            tensors=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"], int(t["offset"])) for t in s["tensors"]),
-        )
-        for s in doc["sections"]
-    )
-    m = Manifest(root, doc["model"], sections, doc["dense"]["file"], doc["dense"]["sha256"], doc.get("graphs", {}))
+    fmt = doc.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise PackageError(f"{mpath} has format {fmt!r}; this version reads {' and '.join(map(repr, READABLE_FORMATS))}")
+    try:
+        sections = tuple(_section_of(s) for s in doc["sections"])
+        int8 = tuple(_section_of(s) for s in doc.get("int8_sections", []))
+        m = Manifest(root, doc["model"], sections, doc["dense"]["file"], doc["dense"]["sha256"], doc.get("graphs", {}), int8)
+        files = [(str(f["name"]), str(f["sha256"]), int(f["bytes"])) for f in doc.get("files", [])]
+        for key in ("vocab_size", "max_seq_len", "d_model"):  # what every reader of the model config needs
+            int(m.model[key])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"inference manifest {mpath} is missing or has a malformed entry {exc}: re-export the package") from exc
     if verify:
         verify_file(root / m.dense_file, m.dense_sha256, None)
-        for s in sections:
+        for s in sections + int8:
             verify_file(root / s.file, s.sha256, s.nbytes)
+        for name, sha, nbytes in files:
+            verify_file(root / name, sha, nbytes)
+        _check_graphs_recorded(mpath, m.graphs, {name for name, _, _ in files})
+        if fmt == FORMAT_V1:  # format 1 has no per-expert checksums: derive them from the verified files
+            m = dataclasses.replace(m, sections=tuple(_with_expert_checksums(root, s) for s in sections))
     return m
 
 
+def _graph_prefixes(graphs: dict[str, Any]) -> list[str]:
+    """Every file prefix (``graphs/embed``, ...) of a manifest's graph index."""
+    out: list[str] = []
+    for key, value in graphs.items():
+        if key == "blocks":
+            out += [str(v) for b in value for k, v in b.items() if k != "kind"]
+        else:
+            out.append(str(value))
+    return out
+
+
+def _check_graphs_recorded(mpath: Path, graphs: dict[str, Any], recorded: set[str]) -> None:
+    """Refuse a package whose static graphs have no checksums in the manifest (exported by an
+    older version): they could not be verified before Paddle Inference loads them."""
+    for prefix in _graph_prefixes(graphs):
+        if not any(name.startswith(prefix + ".") for name in recorded):
+            raise PackageError(
+                f"inference manifest {mpath} records no checksum for the static graph {prefix}: it cannot be verified; "
+                "re-export the package"
+            )
+
+
+def _with_expert_checksums(root: Path, s: Section) -> Section:
+    buf = np.fromfile(root / s.file, dtype=np.uint8)
+    v = section_views(buf, s)
+    return Section(s.layer, s.file, s.nbytes, s.sha256, s.tensors, expert_checksums(v["w1"], v["w2"]))
+
+
 def verify_file(path: Path, sha256: str, nbytes: int | None) -> None:
-    checkpoint_verify_file(path, sha256, nbytes, kind="inference package", error=PackageError)
+    _verify_file(path, sha256, nbytes, kind="inference package", error=PackageError)
 
 
 def load_dense(m: Manifest) -> dict[str, np.ndarray]:

@@ -62,8 +62,9 @@ class PaddleInferenceModel:
             ("moe", _Graph(root, b["pre"], threads)) if b["kind"] == "moe" else ("dense", _Graph(root, b["graph"], threads))
             for b in g["blocks"]
         ]
-        self.experts_graph = _Graph(root, g["experts"], threads)
-        self.post = _Graph(root, g["moe_post"], threads)
+        has_moe = any(b["kind"] == "moe" for b in g["blocks"])  # a dense model has no expert graphs
+        self.experts_graph = _Graph(root, g["experts"], threads) if has_moe else None
+        self.post = _Graph(root, g["moe_post"], threads) if has_moe else None
         self.head = _Graph(root, g["head"], threads)
         self.experts = build_provider(manifest, serve)
 
@@ -78,6 +79,7 @@ class PaddleInferenceModel:
             if kind == "dense":
                 (x,) = graph(x)
                 continue
+            assert self.experts_graph is not None and self.post is not None  # a package with MoE blocks has both
             x_mid, rows, counts, weights, positions = graph(x)
             w = self.experts.acquire(j)
             try:

@@ -11,6 +11,9 @@ NumPy buffer (zero copy), and is told when the layer is done with them:
   ones, pass after pass (a generation step runs layers 0..N-1 again and again).
 * :class:`OnDemandExperts` has one buffer and loads each layer synchronously before it runs.
 
+:class:`LayerWeights` turns a provider into the expert-weight source of one MoE layer
+(``GroupedExperts.weight_source``): the served model runs the training layer's own code.
+
 Sources: :class:`HostSource` keeps every section in host memory (loaded from the package
 files once) and copies into slots; :class:`DiskSource` streams sections from the package
 files each time (``direct=True``: O_DIRECT, so the page cache cannot hide the disk).
@@ -27,7 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import paddle
@@ -42,9 +45,6 @@ class ExpertSource(Protocol):
     def load(self, index: int, out: np.ndarray) -> None:
         """Fill ``out`` (uint8, >= section bytes, 4096-aligned) with section ``index``."""
 
-    def host_bytes(self) -> int:
-        """Bytes of expert weights this source keeps in host memory."""
-
 
 class HostSource:
     """All sections in host memory (read from the package files once)."""
@@ -54,15 +54,12 @@ class HostSource:
         self.buffers = []
         for s in manifest.sections:
             buf = aligned_buffer(s.nbytes)
-            SectionFile(manifest.root, s, direct=False).read_into(memoryview(buf))
+            SectionFile(manifest.root, s, direct=False).read_into(buf.data)
             self.buffers.append(buf)
 
     def load(self, index: int, out: np.ndarray) -> None:
         src = self.buffers[index]
         np.copyto(out[: src.size], src)
-
-    def host_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
 
 
 class DiskSource:
@@ -72,13 +69,88 @@ class DiskSource:
         self.files = [SectionFile(manifest.root, s, direct) for s in manifest.sections]
 
     def load(self, index: int, out: np.ndarray) -> None:
-        self.files[index].read_into(memoryview(out))
-
-    def host_bytes(self) -> int:
-        return 0
+        self.files[index].read_into(out.data)
 
 
 # ----------------------------------------------------------------------------- providers
+class ExpertProvider(Protocol):
+    """Hands out MoE layer ``j``'s expert tensors {w1 [E,D,F], b1 [E,F], w2 [E,F,D], b2 [E,D]}
+    (float32, sharing memory with the provider's buffer) until ``release(j)``."""
+
+    stats: "ProviderStats"
+
+    def acquire(self, j: int) -> dict[str, paddle.Tensor]: ...
+
+    def release(self, j: int) -> None: ...
+
+    def resident_expert_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class RoutedExpertProvider(Protocol):
+    """An expert-granular provider (:class:`paddle_semoe.inference.cache.ExpertCache`): holds
+    ``num_slots`` single-expert slots in arenas ``tensors`` {w1 [S,D,F], b1 [S,F], w2 [S,F,D],
+    b2 [S,D]}; loads only the experts a layer's routing selected."""
+
+    expert_granular: bool
+    num_slots: int
+    tensors: dict[str, paddle.Tensor]
+
+    def observe(self, j: int, experts: np.ndarray) -> None: ...
+
+    def acquire_experts(self, j: int, experts: np.ndarray) -> np.ndarray: ...
+
+    def release_experts(self, j: int, slots: np.ndarray) -> None: ...
+
+
+class LayerWeights:
+    """The expert-weight source (:class:`paddle_semoe.moe.experts.ExpertWeightSource`) of MoE
+    layer ``j``: attached to that layer's ``GroupedExperts``, it runs the layer's own grouped
+    FFN on the weights the provider holds for ``j``, between ``acquire(j)`` and ``release(j)``.
+
+    With an expert-granular provider (``provider.expert_granular``), only the experts with
+    nonzero counts are requested (in chunks of at most ``num_slots``); their rows are gathered
+    into slot order, the grouped FFN runs on the slot arenas with per-slot counts, and the
+    outputs are scattered back: the same op on the same rows and weights, so bit-exact."""
+
+    def __init__(self, provider: ExpertProvider | RoutedExpertProvider, j: int):
+        self.provider = provider
+        self.j = j
+
+    def run(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
+        if getattr(self.provider, "expert_granular", False):
+            return self._run_routed(rows_RD, counts_E, compute)
+        w = self.provider.acquire(self.j)  # type: ignore[union-attr]
+        try:
+            return compute(rows_RD, counts_E, w["w1"], w["b1"], w["w2"], w["b2"])
+        finally:
+            self.provider.release(self.j)  # type: ignore[union-attr]
+
+    def _run_routed(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
+        p: RoutedExpertProvider = self.provider  # type: ignore[assignment]
+        counts = counts_E.numpy().astype(np.int64)
+        active = np.flatnonzero(counts)
+        p.observe(self.j, active)
+        out = paddle.zeros_like(rows_RD)  # rows past sum(counts) stay zero
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        w = p.tensors
+        for c0 in range(0, active.size, p.num_slots):
+            chunk = active[c0 : c0 + p.num_slots]
+            slots = p.acquire_experts(self.j, chunk)
+            try:
+                order = np.argsort(slots, kind="stable")
+                idx = np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in chunk[order]])
+                counts_S = np.zeros(p.num_slots, np.int32)
+                counts_S[slots] = counts[chunk]
+                idx_t = paddle.to_tensor(idx)
+                y = compute(paddle.gather(rows_RD, idx_t), paddle.to_tensor(counts_S), w["w1"], w["b1"], w["w2"], w["b2"])
+            finally:
+                p.release_experts(self.j, slots)
+            out = paddle.scatter(out, idx_t, y, overwrite=True)
+        return out
+
+
 @dataclass
 class ProviderStats:
     loads: int = 0

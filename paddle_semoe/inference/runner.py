@@ -1,9 +1,12 @@
 """GPT-MoE inference with dense weights resident and expert weights from a provider.
 
-The model skeleton is built under ``paddle.LazyGuard``: dense parameters are materialized
-and loaded from the package; the MoE layers' own expert parameters are never allocated. Each
-MoE block routes its tokens, then runs the grouped expert op on the weights the provider
-(:mod:`paddle_semoe.inference.ring`) hands out for that layer, then combines. Generation uses
+Serving runs the training model's own code: the :class:`~paddle_semoe.models.gpt.GPTMoE`
+skeleton is built under ``paddle.LazyGuard``, its dense parameters are materialized and loaded
+from the package, and each MoE layer's ``GroupedExperts`` gets a weight source
+(:class:`~paddle_semoe.inference.ring.LayerWeights`) that runs the layer's grouped FFN on the
+weights the provider (:mod:`paddle_semoe.inference.ring`) holds for that layer; the layers' own
+expert parameters are never allocated. The MoE layers route dropless (``eval_dropless``), so
+cached decoding, full recomputation and any batch size give the same tokens. Generation uses
 a key/value cache (one prefill pass, then one token per step).
 """
 
@@ -16,24 +19,33 @@ from dataclasses import dataclass, field
 import numpy as np
 import paddle
 
-from paddle_semoe import ops
 from paddle_semoe.config import from_dict
+from paddle_semoe.inference.cache import (
+    QUANTS,
+    DiskExpertReader,
+    ExpertCache,
+    ExpertReader,
+    HostExpertReader,
+    slots_for_expert_budget,
+)
 from paddle_semoe.inference.package import Manifest, load_dense
 from paddle_semoe.inference.ring import (
     DiskSource,
+    ExpertProvider,
+    ExpertSource,
     HostSource,
+    LayerWeights,
     OnDemandExperts,
     ResidentExperts,
     RingExperts,
     slots_for_budget,
 )
-from paddle_semoe.models.gpt import Block, GPTConfig, GPTMoE, KVCache
+from paddle_semoe.models.gpt import GPTConfig, GPTMoE, KVCache
 from paddle_semoe.moe import MoELayer
-from paddle_semoe.moe.dispatch import Dispatch, combine, dispatch
 
 logger = logging.getLogger(__name__)
 
-MODES = ("resident", "ring", "naive")
+MODES = ("resident", "ring", "naive", "cache")
 SOURCES = ("host", "disk")
 
 
@@ -42,12 +54,23 @@ class ServeConfig:
     """How expert weights are served.
 
     Attributes:
-        mode: ``resident`` (all experts in memory), ``ring`` (K slots, async loads),
-            ``naive`` (one buffer, synchronous load per layer).
-        num_slots: K for ``ring``; None: derived from ``budget_bytes``.
-        budget_bytes: expert bytes the "device" may hold (ring); used when num_slots is None.
+        mode: ``resident`` (all experts in memory), ``ring`` (K layer slots, async loads),
+            ``naive`` (one buffer, synchronous load per layer), ``cache`` (S single-expert
+            slots: only routed experts are loaded, hot experts stay; see cache.py).
+        num_slots: K layer slots for ``ring``, S expert slots for ``cache``; None: derived
+            from ``budget_bytes``.
+        budget_bytes: expert bytes the "device" may hold (ring, cache); used when num_slots is None.
         source: ``host`` (sections cached in host memory) or ``disk`` (streamed from files).
         direct_io: with ``disk``, read with O_DIRECT so the page cache cannot serve the reads.
+        prefetch: ``cache``: pre-gating, layer j+1's router on layer j's input picks the experts
+            to load while layer j computes.
+        verify_reads: ``cache``: check every expert read against its CRC-32.
+        lfu_beta, lfu_decay_every: ``cache``: hit counters decay by ``lfu_beta`` every
+            ``lfu_decay_every`` forward passes.
+        record_routing: ``cache``: keep the routing trace (for the Belady comparison).
+        quant: ``cache``: ``float32`` sections, or ``int8`` (weight-only int8 sections, a
+            quarter of the bytes to read, dequantized into the float32 slot).
+        loader_threads: ``cache``: concurrent expert loads.
     """
 
     mode: str = "ring"
@@ -55,41 +78,73 @@ class ServeConfig:
     budget_bytes: int | None = None
     source: str = "disk"
     direct_io: bool = True
+    prefetch: bool = True
+    verify_reads: bool = False
+    lfu_beta: float = 0.9
+    lfu_decay_every: int = 1
+    record_routing: bool = False
+    quant: str = "float32"
+    loader_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if self.mode == "ring" and self.num_slots is None and self.budget_bytes is None:
-            raise ValueError("ring mode needs num_slots or budget_bytes")
+        if self.mode in ("ring", "cache") and self.num_slots is None and self.budget_bytes is None:
+            raise ValueError(f"{self.mode} mode needs num_slots or budget_bytes")
+        if not 0.0 < self.lfu_beta <= 1.0:
+            raise ValueError(f"lfu_beta must be in (0, 1], got {self.lfu_beta}")
+        if self.lfu_decay_every < 1:
+            raise ValueError(f"lfu_decay_every must be >= 1, got {self.lfu_decay_every}")
+        if self.loader_threads < 1:
+            raise ValueError(f"loader_threads must be >= 1, got {self.loader_threads}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.quant != "float32" and self.mode != "cache":
+            raise ValueError(f"quant={self.quant!r} is served by mode 'cache' only, got mode {self.mode!r}")
         if self.num_slots is not None and self.num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
 
 
-def build_provider(manifest: Manifest, serve: ServeConfig, trace: bool = False):
-    source = HostSource(manifest) if serve.source == "host" else DiskSource(manifest, direct=serve.direct_io)
+def parse_mode(spec: str) -> tuple[str, int | None]:
+    """``resident`` | ``naive`` | ``ring[:K]`` | ``cache[:S]`` -> (mode, slots or None)."""
+    name, sep, k = spec.strip().partition(":")
+    if name not in MODES:
+        raise ValueError(f"unknown serving mode {spec!r}: expected one of resident, naive, ring[:K], cache[:S]")
+    if not sep:
+        return name, None
+    if name in ("resident", "naive"):
+        raise ValueError(f"serving mode {name!r} takes no slot count, got {spec!r}")
+    try:
+        n = int(k)
+    except ValueError:
+        raise ValueError(f"serving mode {spec!r}: the slot count must be an integer") from None
+    if n < 1:
+        raise ValueError(f"serving mode {spec!r}: the slot count must be >= 1")
+    return name, n
+
+
+def build_provider(manifest: Manifest, serve: ServeConfig, trace: bool = False) -> ExpertProvider | ExpertCache:
+    if serve.mode == "cache":
+        reader: ExpertReader = (HostExpertReader(manifest, serve.verify_reads, serve.quant) if serve.source == "host"
+                                else DiskExpertReader(manifest, serve.direct_io, serve.verify_reads, serve.quant))
+        s = (serve.num_slots if serve.num_slots is not None
+             else slots_for_expert_budget(manifest, serve.budget_bytes or 0, serve.quant))
+        return ExpertCache(manifest, reader, s, beta=serve.lfu_beta, decay_every=serve.lfu_decay_every,
+                           record_routing=serve.record_routing, loader_threads=serve.loader_threads, trace=trace)
+    source: ExpertSource = HostSource(manifest) if serve.source == "host" else DiskSource(manifest, direct=serve.direct_io)
     if serve.mode == "resident":
         return ResidentExperts(manifest, source, trace)
     if serve.mode == "naive":
         return OnDemandExperts(manifest, source, trace)
-    k = serve.num_slots if serve.num_slots is not None else slots_for_budget(manifest, serve.budget_bytes)
+    k = serve.num_slots if serve.num_slots is not None else slots_for_budget(manifest, serve.budget_bytes or 0)
     return RingExperts(manifest, source, k, trace)
 
 
-def route_for_inference(layer: MoELayer, x_TD: paddle.Tensor) -> Dispatch:
-    """Dropless routing (no capacity): a token's output does not depend on how many other
-    tokens share its forward pass, so cached decoding, full recomputation and any batch
-    size give the same tokens."""
-    cfg = layer.config
-    return dispatch(
-        x_TD, layer.router(x_TD).logits, top_k=cfg.k, capacity_factor=0.0, normalize=cfg.normalize,
-        backend=cfg.ops_backend,
-    )
-
-
 def build_skeleton(manifest: Manifest) -> GPTMoE:
-    """The GPT-MoE with dense weights loaded and expert parameters left unallocated."""
+    """The GPT-MoE with dense weights loaded, expert parameters left unallocated, in eval mode
+    with dropless routing (attach weight sources before running it)."""
     cfg = from_dict(GPTConfig, manifest.model)
     with paddle.LazyGuard():
         model = GPTMoE(cfg)
@@ -101,7 +156,14 @@ def build_skeleton(manifest: Manifest) -> GPTMoE:
             raise ValueError(f"inference package {manifest.root} lacks dense parameter {name!r}")
         p.initialize()
         p.set_value(dense[name])
+    params = {n for n, _ in model.named_parameters()}
+    for name, b in model.state_dict().items():  # persistable buffers: the aux-free balance bias
+        if name not in params:
+            if name not in dense:
+                raise ValueError(f"inference package {manifest.root} lacks buffer {name!r}")
+            b.set_value(dense[name])
     model.eval()
+    model.set_eval_dropless(True)
     return model
 
 
@@ -123,7 +185,7 @@ class InferenceModel:
 
     manifest: Manifest
     model: GPTMoE
-    experts: object  # ResidentExperts | RingExperts | OnDemandExperts
+    experts: ExpertProvider | ExpertCache
     moe_blocks: list[int] = field(default_factory=list)
 
     @classmethod
@@ -132,41 +194,23 @@ class InferenceModel:
         moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
         if moe_blocks != [s.layer for s in manifest.sections]:
             raise ValueError(f"package sections {[s.layer for s in manifest.sections]} != model MoE blocks {moe_blocks}")
-        return cls(manifest, model, build_provider(manifest, serve, trace), moe_blocks)
+        provider = build_provider(manifest, serve, trace)
+        layers = model.moe_layers()
+        for j, layer in enumerate(layers):  # section j = the j-th MoE layer
+            layer.experts.weight_source = LayerWeights(provider, j)
+        if isinstance(provider, ExpertCache) and serve.prefetch:
+            for j in range(len(layers) - 1):
+                layers[j].register_forward_pre_hook(_PreGate(provider, layers[j + 1], j + 1))
+        return cls(manifest, model, provider, moe_blocks)
 
     def close(self) -> None:
         self.experts.close()
 
-    # -------------------------------------------------------------- one forward pass
-    def _moe(self, block: Block, j: int, h: paddle.Tensor) -> paddle.Tensor:
-        layer = block.ffn
-        d = route_for_inference(layer, h.reshape([-1, h.shape[-1]]))
-        w = self.experts.acquire(j)
-        try:
-            rows = ops.grouped_ffn(d.rows, d.counts, w["w1"], w["b1"], w["w2"], w["b2"], activation=layer.config.activation)
-        finally:
-            self.experts.release(j)
-        return combine(rows, d).reshape(h.shape)
-
     @paddle.no_grad()
     def forward(self, tokens: paddle.Tensor, caches: list[KVCache] | None = None) -> tuple[paddle.Tensor, list[KVCache]]:
-        """tokens int64 [B, S] -> (logits [B, S, V], new caches)."""
-        m = self.model
-        past = caches[0].k.shape[2] if caches else 0
-        x = m.embed(tokens, past)
-        new_caches = []
-        j = 0
-        for i, block in enumerate(m.blocks):
-            a, cache = block.attn(block.ln1(x), caches[i] if caches else None)
-            new_caches.append(cache)
-            x = x + a
-            h = block.ln2(x)
-            if block.is_moe:
-                x = x + self._moe(block, j, h)
-                j += 1
-            else:
-                x = x + block.ffn(h)
-        return m.head(x), new_caches
+        """tokens int64 [B, S] -> (logits [B, S, V], new caches): the training model's forward."""
+        out = self.model(tokens, caches=caches)
+        return out.logits, out.caches
 
     @paddle.no_grad()
     def generate(
@@ -192,6 +236,27 @@ class InferenceModel:
                 logits, caches = self.forward(paddle.to_tensor(nxt[:, None]), caches)
                 forward_tokens += nxt.size
         return GenerationResult(out, max_new_tokens, time.perf_counter() - t0, forward_tokens)
+
+
+class _PreGate:
+    """Forward pre-hook of MoE layer j: applies layer j+1's router to layer j's input (the
+    normed hidden state) and asks the cache to prefetch the experts it selects (top-k per
+    token, selection bias included), so they load while layer j computes."""
+
+    def __init__(self, cache: ExpertCache, next_layer: MoELayer, next_j: int):
+        self.cache = cache
+        self.router = next_layer.router
+        self.k = next_layer.config.k
+        self.next_j = next_j
+
+    def __call__(self, layer: MoELayer, inputs: tuple) -> None:
+        x = inputs[0]
+        out = self.router(x.reshape([-1, x.shape[-1]]))
+        scores = out.logits if out.select_bias is None else out.logits + out.select_bias
+        k = min(self.k, int(scores.shape[-1]))
+        ids = paddle.topk(scores, k, axis=-1)[1].numpy()
+        self.cache.prefetch(self.next_j, np.unique(ids).tolist())
+        return None
 
 
 def _pick(logits: np.ndarray, greedy: bool, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,7 +26,7 @@ from paddle.autograd import PyLayer
 
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.comm.transport import Communicator
-from paddle_semoe.moe.params import mark_params
+from paddle_semoe.params import mark_params
 
 SHARD_AXIS_ATTR = "semoe_shard_axis"
 
@@ -80,14 +80,17 @@ class PartitionedEmbedding(nn.Layer):
         P, me = self.group.size, self.group.rank_in_group
         if P == 1:
             return nn.functional.embedding(flat, self.weight).reshape(shape + [self.d_model])
-        n = self.comm.all_gather_counts(np.array([flat.shape[0]], dtype=np.int64), self.group)[:, 0]  # [P]
+        comm = self.comm
+        if comm is None:  # a layer built without one (e.g. for planning) has parameters but no forward
+            raise RuntimeError(f"partitioned embedding over {P} ranks: forward needs a communicator, got None")
+        n = comm.all_gather_counts(np.array([flat.shape[0]], dtype=np.int64), self.group)[:, 0]  # [P]
         # 1. ids to every rank: rank i sends its n_i ids to each rank
         id_splits = np.repeat(n[:, None], P, axis=1)
-        all_ids = self.comm.exchange_rows(paddle.tile(flat.unsqueeze(1), [P, 1]), id_splits, self.group).reshape([-1])
+        all_ids = comm.exchange_rows(paddle.tile(flat.unsqueeze(1), [P, 1]), id_splits, self.group).reshape([-1])
         # 2. look up everyone's ids in my slice: [sum n, D/P], rows grouped by the ids' owner
         local = nn.functional.embedding(all_ids, self.weight)
         # 3. owner j gets the rows of its ids from every rank; slices concatenate along D
         row_splits = np.repeat(n[None, :], P, axis=0)
-        got = _ExchangeRows.apply(local, self.comm, self.group, row_splits)  # [P * n_me, D/P]
+        got = _ExchangeRows.apply(local, comm, self.group, row_splits)  # [P * n_me, D/P]
         out = got.reshape([P, int(n[me]), self.d_local]).transpose([1, 0, 2]).reshape(shape + [self.d_model])
         return out

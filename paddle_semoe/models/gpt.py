@@ -10,51 +10,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute
 
 from paddle_semoe import ops
-from paddle_semoe.moe import MoEConfig, MoELayer, RoutingStats
+from paddle_semoe.comm.topology import CommGroup
+from paddle_semoe.comm.transport import Communicator
+from paddle_semoe.models.embedding import PartitionedEmbedding
+from paddle_semoe.moe import MoEConfig, MoELayer, MoESettings, RoutingStats
 from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS
-
-
-@dataclass(frozen=True)
-class MoESettings:
-    """The MoE FFN settings shared by every MoE block of the model (see MoEConfig)."""
-
-    num_experts: int = 8
-    gate: str = "topk"
-    top_k: int = 2
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    dropless: bool = False
-    normalize_topk: bool | None = None
-    jitter_eps: float = 0.01
-    d_ff: int | None = None  # expert hidden width; None = the model's d_ff
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-
-    def __post_init__(self) -> None:
-        if self.d_ff is not None and self.d_ff <= 0:
-            raise ValueError(f"d_ff must be positive, got {self.d_ff}")
-        self.layer_config(d_model=1, d_ff=self.d_ff or 1, activation="gelu", init_std=1.0, ops_backend="auto")
-
-    def layer_config(self, *, d_model: int, d_ff: int, activation: str, init_std: float, ops_backend: str) -> MoEConfig:
-        """The MoEConfig of one MoE block (validates the shared fields: one source of truth)."""
-        return MoEConfig(
-            d_model=d_model, d_ff=d_ff, num_experts=self.num_experts, gate=self.gate, top_k=self.top_k,
-            capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-            dropless=self.dropless, normalize_topk=self.normalize_topk, jitter_eps=self.jitter_eps,
-            activation=activation, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
-            init_std=init_std, ops_backend=ops_backend,
-        )
+from paddle_semoe.moe.layer import ExpertExchange
 
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The language model (YAML section ``model``); ``moe`` holds the settings every MoE block
+    shares, and :meth:`moe_config` adds the model's widths, activation, init and ops backend."""
+
     vocab_size: int = 256
     max_seq_len: int = 128
     d_model: int = 128
@@ -77,6 +53,8 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.moe_every < 0:
             raise ValueError(f"moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
+        if self.moe.router == "expert_choice":
+            raise ValueError("model.moe.router=expert_choice is not causal (a token's experts depend on later tokens); the GPT decoder needs a token-choice router")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -92,8 +70,9 @@ class GPTConfig:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     def moe_config(self) -> MoEConfig:
-        return self.moe.layer_config(
-            d_model=self.d_model, d_ff=self.moe.d_ff or self.d_ff, activation=self.activation,
+        """The config of every MoE block: ``moe`` with the model's widths, activation, init and backend."""
+        return self.moe.layer(
+            d_model=self.d_model, d_ff=self.d_ff, activation=self.activation,
             init_std=self.init_std, ops_backend=self.ops_backend,
         )
 
@@ -104,10 +83,19 @@ class KVCache(NamedTuple):
 
 
 class CausalSelfAttention(nn.Layer):
+    """Multi-head causal self-attention: qkv projection, attention, output projection.
+
+    On the compiled backend (``ops_backend`` auto/custom, CPU float32) the projections are
+    :func:`ops.fused_linear` (oneDNN GEMM, bias in the epilogue) and the attention is one
+    :func:`ops.causal_attention` call on the qkv output (no head transposes, no [S, S] buffer
+    kept for the backward). Attention-probability dropout while training uses Paddle's ops.
+    """
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.d_head = cfg.d_model // cfg.n_heads
+        self.backend = cfg.ops_backend
         init = nn.initializer.Normal(std=cfg.init_std)
         out_init = nn.initializer.Normal(std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
@@ -115,6 +103,23 @@ class CausalSelfAttention(nn.Layer):
         self.dropout = cfg.dropout
 
     def forward(self, x_BSD: paddle.Tensor, cache: KVCache | None = None) -> tuple[paddle.Tensor, KVCache]:
+        if self.training and self.dropout > 0:
+            return self._forward_with_dropout(x_BSD, cache)
+        B, S, D = x_BSD.shape
+        qkv = ops.fused_linear(x_BSD, self.qkv.weight, self.qkv.bias, backend=self.backend)  # [B, S, 3D]
+        past_k, past_v = (cache.k, cache.v) if cache is not None else (None, None)
+        out = ops.causal_attention(qkv, self.n_heads, k_past=past_k, v_past=past_v, backend=self.backend)
+        y = ops.fused_linear(out, self.proj.weight, self.proj.bias, backend=self.backend)
+        # the new cache (no gradient flows through a cache): heads-major views of k and v
+        kv = qkv.detach().reshape([B, S, 3, self.n_heads, self.d_head])
+        k, v = kv[:, :, 1].transpose([0, 2, 1, 3]), kv[:, :, 2].transpose([0, 2, 1, 3])
+        if cache is not None:
+            k = paddle.concat([cache.k, k], axis=2)
+            v = paddle.concat([cache.v, v], axis=2)
+        return y, KVCache(k, v)
+
+    def _forward_with_dropout(self, x_BSD: paddle.Tensor, cache: KVCache | None) -> tuple[paddle.Tensor, KVCache]:
+        """Paddle's unfused ops: dropout on the attention probabilities needs them materialized."""
         B, S, D = x_BSD.shape
         qkv = self.qkv(x_BSD).reshape([B, S, 3, self.n_heads, self.d_head]).transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, S, Dh]
@@ -127,11 +132,29 @@ class CausalSelfAttention(nn.Layer):
         q_pos = paddle.arange(S_all - S, S_all, dtype="int64").unsqueeze(1)
         k_pos = paddle.arange(S_all, dtype="int64").unsqueeze(0)
         scores = paddle.where(k_pos <= q_pos, scores, paddle.full_like(scores, float("-inf")))
-        attn = F.softmax(scores, axis=-1)
-        if self.training and self.dropout > 0:
-            attn = F.dropout(attn, self.dropout)
+        attn = F.dropout(F.softmax(scores, axis=-1), self.dropout)
         out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B, S, D])
         return self.proj(out), KVCache(k, v)
+
+
+class FusedLayerNorm(nn.Layer):
+    """LayerNorm over the last dim through :func:`ops.layer_norm` (compiled CPU kernel, or
+    Paddle's layer_norm on the reference backend / a GPU). Parameters ``weight`` and ``bias``
+    as in ``nn.LayerNorm``, so checkpoints are interchangeable."""
+
+    def __init__(self, d_model: int, backend: str, epsilon: float = 1e-5):
+        super().__init__()
+        self.backend = backend
+        self.epsilon = epsilon
+        self.weight = self.create_parameter([d_model], default_initializer=nn.initializer.Constant(1.0))
+        self.bias = self.create_parameter([d_model], is_bias=True, default_initializer=nn.initializer.Constant(0.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, epsilon=self.epsilon, backend=self.backend)
+
+    def add_norm(self, x: paddle.Tensor, residual: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """``(layer_norm(x + residual), x + residual)`` in one fused pass."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, epsilon=self.epsilon, backend=self.backend)
 
 
 class DenseFFN(nn.Layer):
@@ -163,38 +186,74 @@ class BlockOutput(NamedTuple):
     stats: RoutingStats | None
 
 
+@dataclass(frozen=True)
+class ExpertParallel:
+    """The expert-parallel context a model is built with (passed explicitly, never read off
+    the exchange).
+
+    Attributes:
+        group: this rank's expert-parallel group; its size is the EP degree.
+        exchange: moves expert-major rows between the group's ranks (every MoE layer).
+        comm: host collectives over ``group`` (the partitioned embedding's row exchange);
+            None for a model that is only built, never run (planning).
+    """
+
+    group: CommGroup
+    exchange: ExpertExchange[Any]
+    comm: Communicator | None = None
+
+    def __post_init__(self) -> None:
+        if self.exchange.ep_degree != self.group.size:
+            raise ValueError(
+                f"the exchange spans ep_degree={self.exchange.ep_degree} ranks but the group "
+                f"{self.group.describe()} has {self.group.size}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+
 class Block(nn.Layer):
-    def __init__(self, cfg: GPTConfig, layer_idx: int, moe_exchange=None, ep_size: int = 1, recompute_moe: bool = False):
+    """Pre-LayerNorm block. The pieces :meth:`attend` and ``ln2`` + ``ffn`` are what the
+    training forward, the serving runner and the exported static graphs all run."""
+
+    def __init__(
+        self, cfg: GPTConfig, layer_idx: int, exchange: ExpertExchange[Any] | None = None, recompute_moe: bool = False
+    ):
         super().__init__()
         self.recompute_moe = recompute_moe
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = FusedLayerNorm(cfg.d_model, cfg.ops_backend)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = FusedLayerNorm(cfg.d_model, cfg.ops_backend)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.dropout = cfg.dropout
+        self.ffn: MoELayer | DenseFFN
         if self.is_moe:
-            self.ffn = MoELayer(cfg.moe_config(), exchange=moe_exchange, ep_size=ep_size)
+            self.ffn = MoELayer(cfg.moe_config(), exchange=exchange)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_std, cfg.n_layers, cfg.ops_backend)
 
-    def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
+    def attend(self, x: paddle.Tensor, cache: KVCache | None = None) -> tuple[paddle.Tensor, KVCache]:
+        """``x + attn(ln1(x))`` (dropout while training) for ``x [B, S, D]``, and the new cache."""
         a, new_cache = self.attn(self.ln1(x), cache)
         if self.training and self.dropout > 0:
             a = F.dropout(a, self.dropout)
-        x = x + a
+        return x + a, new_cache
+
+    def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
+        x, new_cache = self.attend(x, cache)
         h = self.ln2(x)
-        if self.is_moe:
-            if self.recompute_moe and self.training:
-                return self._moe_recomputed(x, h, new_cache)
-            out = self.ffn(h)
-            return BlockOutput(x + out.y, new_cache, out.aux_loss, out.stats)
-        return BlockOutput(x + self.ffn(h), new_cache, None, None)
+        if isinstance(self.ffn, DenseFFN):
+            return BlockOutput(x + self.ffn(h), new_cache, None, None)
+        if self.recompute_moe and self.training:
+            return self._moe_recomputed(x, h, new_cache)
+        out = self.ffn(h)
+        return BlockOutput(x + out.y, new_cache, out.aux_loss, out.stats)
 
     def _moe_recomputed(self, x: paddle.Tensor, h: paddle.Tensor, cache: KVCache) -> BlockOutput:
         """MoE FFN under activation recomputation: its activations are rebuilt in the backward
         pass (RNG state preserved, so gate noise repeats exactly) instead of being kept."""
-        from paddle.distributed.fleet.utils import recompute
-
         y, aux, demand, kept, dropped = recompute(_flat_moe, self.ffn, h)
         return BlockOutput(x + y, cache, aux, RoutingStats(demand, kept, dropped))
 
@@ -214,18 +273,24 @@ class GPTOutput(NamedTuple):
 
 
 class GPTMoE(nn.Layer):
-    """Decoder LM. ``forward(tokens[B, S] int64, targets[B, S] int64 | None, caches)``."""
+    """Decoder LM. ``forward(tokens[B, S] int64, targets[B, S] int64 | None, caches)``.
 
-    def __init__(self, cfg: GPTConfig, moe_exchange=None, ep_size: int = 1, recompute_moe: bool = False):
+    Args:
+        cfg: the model config.
+        parallel: the expert-parallel context (group, exchange, communicator), or None for a
+            single rank holding every expert.
+        recompute_moe: rebuild the MoE activations in the backward pass.
+    """
+
+    def __init__(self, cfg: GPTConfig, parallel: ExpertParallel | None = None, recompute_moe: bool = False):
         super().__init__()
         self.config = cfg
         init = nn.initializer.Normal(std=cfg.init_std)
+        self.tok_emb: PartitionedEmbedding | nn.Embedding
+        self.lm_head: paddle.Tensor | None
         if cfg.partition_embedding:
-            from paddle_semoe.comm.topology import CommGroup
-            from paddle_semoe.models.embedding import PartitionedEmbedding
-
-            group = moe_exchange.topology.ep_group if moe_exchange is not None else CommGroup.solo("ep")
-            comm = moe_exchange.comm if moe_exchange is not None else None
+            group = parallel.group if parallel is not None else CommGroup.solo("ep")
+            comm = parallel.comm if parallel is not None else None
             self.tok_emb = PartitionedEmbedding(cfg.vocab_size, cfg.d_model, comm, group, cfg.init_std)
             # the output projection needs the whole table: with a partitioned input table it is its own
             self.lm_head = self.create_parameter([cfg.vocab_size, cfg.d_model], default_initializer=init)
@@ -233,8 +298,18 @@ class GPTMoE(nn.Layer):
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
             self.lm_head = None
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model, weight_attr=paddle.ParamAttr(initializer=init))
-        self.blocks = nn.LayerList([Block(cfg, i, moe_exchange, ep_size, recompute_moe) for i in range(cfg.n_layers)])
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        exchange = parallel.exchange if parallel is not None else None
+        self.blocks = nn.LayerList([Block(cfg, i, exchange, recompute_moe) for i in range(cfg.n_layers)])
+        self.ln_f = FusedLayerNorm(cfg.d_model, cfg.ops_backend)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE FFNs in block order."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def set_eval_dropless(self, enabled: bool) -> None:
+        """Serving: route every MoE layer without capacity while not training (see MoELayer)."""
+        for layer in self.moe_layers():
+            layer.eval_dropless = enabled
 
     def embed(self, tokens: paddle.Tensor, past: int = 0) -> paddle.Tensor:
         B, S = tokens.shape
@@ -245,7 +320,7 @@ class GPTMoE(nn.Layer):
 
     def head(self, x: paddle.Tensor) -> paddle.Tensor:
         table = self.lm_head if self.lm_head is not None else self.tok_emb.weight
-        return paddle.matmul(self.ln_f(x), table, transpose_y=True)
+        return ops.fused_linear(self.ln_f(x), table, trans_w=True, backend=self.config.ops_backend)
 
     def forward(
         self,
@@ -262,12 +337,14 @@ class GPTMoE(nn.Layer):
             out = block(x, caches[i] if caches else None)
             x = out.x
             new_caches.append(out.cache)
-            if out.aux_loss is not None:
+            if out.aux_loss is not None and out.stats is not None:
                 aux = aux + out.aux_loss
                 stats.append(out.stats)
         logits = self.head(x)
         lm_loss = loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.reshape([-1, logits.shape[-1]]), targets.reshape([-1]))
+            lm_loss = ops.softmax_cross_entropy(
+                logits.reshape([-1, logits.shape[-1]]), targets.reshape([-1]), backend=self.config.ops_backend
+            )
             loss = lm_loss + aux
         return GPTOutput(logits, loss, lm_loss, aux, stats, new_caches)

@@ -13,12 +13,12 @@ task plus a shared expert, routed by task.
 * One classification head (LayerNorm + linear) per task on the CLS token.
 
 Parameters of task ``t`` (its experts, gates, token and head) are tagged with
-:func:`~paddle_semoe.elastic.params.mark_task_params` and exist only on ranks hosting ``t``;
+:func:`~paddle_semoe.params.mark_task_params` and exist only on ranks hosting ``t``;
 everything else is shared. Parameter names contain task *names*, never rank-local indices, and
 :func:`init_by_name` draws every weight from ``(seed, name)``: a model built for any subset of
 tasks holds bit-identical copies of those tasks' parameters (what elastic re-planning needs).
 Expert FFNs run through ``paddle_semoe.ops.grouped_ffn`` over task-routed rows
-(:mod:`paddle_semoe.elastic.dispatch`) and come back through ``ops.combine``.
+(:mod:`paddle_semoe.models.task_route`) and come back through ``ops.combine``.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ import paddle.nn.functional as F
 
 from paddle_semoe import ops
 from paddle_semoe.ops import reference
-from paddle_semoe.elastic.dispatch import local_expert_ids, task_route
-from paddle_semoe.elastic.params import mark_task_params
 from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS
-from paddle_semoe.moe.params import mark_params
+from paddle_semoe.models.task_route import local_expert_ids, task_route
+from paddle_semoe.params import mark_params, mark_task_params
 
 __all__ = ["TaskHead", "TaskMoE", "UFOConfig", "UFOModel", "UFOOutput", "init_by_name"]
 
@@ -216,12 +215,13 @@ class _Block(nn.Layer):
         self.attn = _Attention(cfg.d_model, cfg.n_heads)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.moe = moe
-        self.ffn = None if moe is not None else _DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.ffn: _DenseFFN | None = None if moe is not None else _DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
     def forward(self, x_NSD: paddle.Tensor, task_local_T: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor | None]:
         x = x_NSD + self.attn(self.ln1(x_NSD))
         h = self.ln2(x)
         if self.moe is None:
+            assert self.ffn is not None  # a dense block
             return x + self.ffn(h), None
         N, S, D = h.shape
         y, use_task = self.moe(h.reshape([N * S, D]), task_local_T)

@@ -16,7 +16,7 @@ import paddle
 import paddle.nn as nn
 
 from paddle_semoe import ops
-from paddle_semoe.moe.params import mark_params
+from paddle_semoe.params import mark_params
 from paddle_semoe.ops import reference
 
 _DEFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar("semoe_deferred_expert_weights", default=False)
@@ -100,15 +100,20 @@ class GroupedExperts(nn.Layer):
     def forward(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor) -> paddle.Tensor:
         """rows [R, D] expert-major, counts int32 [E] -> [R, D] (zeros past sum(counts))."""
         if self.weight_source is not None:
-            return self.weight_source.run(rows_RD, counts_E, self._compute)
+            return self.weight_source.run(rows_RD, counts_E, self.compute)
         if self.w1 is None:
             raise RuntimeError(
                 "GroupedExperts built under deferred_expert_weights() has no weights: attach a weight source "
                 "(paddle_semoe.storage.TieredExperts) before running it"
             )
-        return self._compute(rows_RD, counts_E, self.w1, self.b1, self.w2, self.b2)
+        return self.compute(rows_RD, counts_E, self.w1, self.b1, self.w2, self.b2)
 
-    def _compute(self, rows_RD, counts_E, w1, b1, w2, b2) -> paddle.Tensor:
+    def compute(
+        self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, w1: paddle.Tensor, b1: paddle.Tensor,
+        w2: paddle.Tensor, b2: paddle.Tensor,
+    ) -> paddle.Tensor:
+        """The grouped FFN on given weights w1 [E,D,F], b1 [E,F], w2 [E,F,D], b2 [E,D] (this
+        layer's own, a weight source's, or graph inputs in the exported experts graph)."""
         return ops.grouped_ffn(rows_RD, counts_E, w1, b1, w2, b2, activation=self.activation, backend=self.backend)
 
     def forward_sequential(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor) -> paddle.Tensor:

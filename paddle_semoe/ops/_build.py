@@ -13,6 +13,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +109,22 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: Exit statuses of a compiler stopped by Ctrl-C or SIGTERM (killed by the signal, or a shell's 128 + signal).
+_INTERRUPTED = {-signal.SIGINT, 128 + signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM}
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """True when a build error comes from a compiler process stopped by Ctrl-C / SIGTERM (Paddle
+    wraps the ``CalledProcessError`` in a ``RuntimeError``): that is an interrupt, not a failure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, subprocess.CalledProcessError) and exc.returncode in _INTERRUPTED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def build_and_load(verbose: bool = False) -> ModuleType:
     """Return the loaded op module, building it if no cached build matches the sources."""
     import paddle
@@ -143,7 +161,9 @@ def build_and_load(verbose: bool = False) -> ModuleType:
                 build_directory=str(build_dir),
                 verbose=verbose,
             )
-        except BaseException as exc:  # compiler errors arrive as SystemExit/RuntimeError
+        except Exception as exc:  # compiler errors arrive as RuntimeError; Ctrl-C and exits propagate
+            if _interrupted(exc):  # the compiler got the Ctrl-C first: still an interrupt, never a fallback
+                raise KeyboardInterrupt("the custom-op build was interrupted") from exc
             raise OpsBuildError(f"building the custom ops failed: {exc}") from exc
         marker.write_text(f"{name}\n")
         logger.info("built custom ops in %.1f s", time.perf_counter() - t0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 GIB = 1 << 30
 
@@ -237,37 +237,27 @@ def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSp
     return ClusterSpec(str(d.get("name", where)), machines, spec)
 
 
-def model_from_dict(d: Mapping[str, Any], base_dir: Path | None = None, where: str = "model") -> ModelSpec:
-    """Counts given directly, or ``train_config: <yaml>`` (counted from the model it builds)."""
+#: Counts a training config's model: ``(path, alpha, name) -> ModelSpec``
+#: (:func:`paddle_semoe.engine.plan.model_spec_from_train_config`; storage cannot import the engine).
+TrainConfigCounter = Callable[[Path, float | None, str | None], ModelSpec]
+
+
+def model_from_dict(
+    d: Mapping[str, Any], base_dir: Path | None = None, where: str = "model", count_train_config: TrainConfigCounter | None = None
+) -> ModelSpec:
+    """Counts given directly, or ``train_config: <yaml>`` (counted by ``count_train_config``)."""
     _check_keys(d, _MODEL_KEYS, where)
     if "train_config" in d:
+        if count_train_config is None:
+            raise ValueError(f"{where}: 'train_config' needs a config counter (tools/plan.py passes one); give the counts instead")
         path = Path(d["train_config"])
         if base_dir is not None and not path.is_absolute():
             path = (base_dir / path).resolve()
-        return model_from_train_config(path, alpha=d.get("alpha"), name=d.get("name"))
+        return count_train_config(path, d.get("alpha"), d.get("name"))
     for key in ("dense_params", "sparse_params", "moe_layers", "alpha"):
         if key not in d:
             raise ValueError(f"{where}: missing '{key}' (or give 'train_config')")
     return ModelSpec(str(d.get("name", "model")), float(d["dense_params"]), float(d["sparse_params"]), int(d["moe_layers"]), float(d["alpha"]))
-
-
-def model_from_train_config(path: Path, alpha: float | None = None, name: str | None = None, overrides: list[str] = ()) -> ModelSpec:
-    """D, S and L of a training config's model; ``alpha`` defaults to ``top_k / num_experts``."""
-    from paddle_semoe.config import load_config
-    from paddle_semoe.engine.config import TrainConfig
-    from paddle_semoe.engine.plan import count_parameters
-
-    cfg = load_config(TrainConfig, path, list(overrides))
-    counts = count_parameters(cfg, 1)
-    m = cfg.model
-    k = {"gshard": 2, "switch": 1}.get(m.moe.gate, m.moe.top_k)
-    return ModelSpec(
-        name or Path(path).stem,
-        float(counts.dense + counts.gate),
-        float(counts.expert_total),
-        max(len(m.moe_layers), 1),
-        float(alpha) if alpha is not None else min(k / m.moe.num_experts, 1.0),
-    )
 
 
 @dataclass(frozen=True)

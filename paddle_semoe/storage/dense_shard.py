@@ -7,8 +7,9 @@ split into ``S`` equal shards over the sharding group (``S = parallel.sharding_d
 ``r`` owns shard ``r``: it keeps the AdamW moments of that shard only and updates only that
 shard (stage-3 data flow: optimizer states and updates sharded; gradients arrive already
 reduced over the data-parallel group). After an optimizer step every unit is stale; a
-background thread all-gathers the units in forward order on a dedicated process group (Gloo:
-``all_gather`` of equal shapes), and a forward pre-hook on each block waits only for its own
+background thread all-gathers the units in forward order on a dedicated process group, through a
+communicator of its own (so its watchdog bounds these gathers independently of the main
+thread's collectives), and a forward pre-hook on each block waits only for its own
 unit. While block ``i`` computes, the gathers of ``i + 1``, ``i + 2`` ... are under way.
 
 The update is the numpy AdamW of :mod:`paddle_semoe.storage.adamw` (decay on tensors with
@@ -31,6 +32,9 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from paddle_semoe.comm.topology import CommGroup
+from paddle_semoe.comm.transport import make_communicator
+from paddle_semoe.params import param_class
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, step_scalars
 from paddle_semoe.storage.lazy import tensor_view
 from paddle_semoe.storage.stats import StorageStats
@@ -83,6 +87,7 @@ class ShardedDenseParams:
         group_ranks: global ranks of this rank's sharding group (ascending).
         rank: this process's global rank.
         hyper: AdamW constants.
+        timeout_s: watchdog bound of each gather (``None``: unbounded).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class ShardedDenseParams:
         rank: int,
         hyper: AdamWHyper,
         stats: StorageStats | None = None,
+        timeout_s: float | None = None,
     ):
         self.world = len(group_ranks)
         self.rank_in_group = list(group_ranks).index(rank)
@@ -100,11 +106,13 @@ class ShardedDenseParams:
         self.stats = stats or StorageStats()
         self.units = [_Unit(n, ps, self.world, self.rank_in_group) for n, ps in units]
         self.t = 0
-        self._group = None
+        handle = None
         if self.world > 1:  # collective: every rank of the world creates the same groups in order
             import paddle.distributed as dist
 
-            self._group = dist.new_group(list(group_ranks))
+            handle = dist.new_group(list(group_ranks))
+        self._group = CommGroup("dense_shard", tuple(group_ranks), self.rank_in_group, handle)
+        self._comm = make_communicator("gloo" if self.world == 1 else "auto", rank=rank, timeout_s=timeout_s)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.gather_wait_s = 0.0
@@ -161,18 +169,14 @@ class ShardedDenseParams:
             raise RuntimeError(f"horizontal prefetch (all-gather of dense shards) failed: {err!r}") from err
 
     def _gather(self, u: _Unit) -> None:
-        import paddle.distributed as dist
-
         send = np.zeros(u.shard, dtype=np.float32)
         for s, a, b in u.pieces(u.lo, u.hi):
             send[s.start + a - u.lo : s.start + b - u.lo] = tensor_view(s.param).reshape(-1)[a:b]
-        out: list[paddle.Tensor] = []
-        dist.all_gather(out, paddle.to_tensor(send), group=self._group)
-        for r, t in enumerate(out):
+        gathered = self._comm.all_gather(send, self._group, what=f"dense unit {u.name}")
+        for r, buf in enumerate(gathered):
             if r == self.rank_in_group:
                 continue
             lo, hi = r * u.shard, min((r + 1) * u.shard, u.numel)
-            buf = t.numpy()
             for s, a, b in u.pieces(lo, hi):
                 tensor_view(s.param).reshape(-1)[a:b] = buf[s.start + a - lo : s.start + b - lo]
         self.stats.add(h2d_bytes=u.shard * 4 * (self.world - 1))
@@ -228,15 +232,8 @@ class ShardedDenseParams:
         for u in self.units:
             mv = np.zeros((2, u.shard), dtype=np.float32)
             mv[0, : u.m.size], mv[1, : u.v.size] = u.m, u.v
-            if self.world > 1:
-                import paddle.distributed as dist
-
-                out: list[paddle.Tensor] = []
-                dist.all_gather(out, paddle.to_tensor(mv), group=self._group)
-                whole = np.concatenate([t.numpy() for t in out], axis=1)[:, : u.numel]
-            else:
-                whole = mv[:, : u.numel]
-            full.append(whole)
+            parts = self._comm.all_gather(mv, self._group, what=f"dense unit {u.name} moments")
+            full.append(np.concatenate(list(parts), axis=1)[:, : u.numel])
         state: dict[str, paddle.Tensor] = {}
         for u, whole in zip(self.units, full):
             for seg in u.segments:
@@ -265,10 +262,10 @@ class ShardedDenseParams:
             self.t = steps.pop()
 
 
-def build_sharded_dense(model: paddle.nn.Layer, group_ranks: Sequence[int], rank: int, hyper: AdamWHyper) -> ShardedDenseParams:
+def build_sharded_dense(
+    model: paddle.nn.Layer, group_ranks: Sequence[int], rank: int, hyper: AdamWHyper, timeout_s: float | None = None
+) -> ShardedDenseParams:
     """Units of a GPT-style model: everything outside ``model.blocks`` first, then each block."""
-    from paddle_semoe.moe.params import param_class
-
     def dense(layer) -> list[paddle.Tensor]:
         return [p for p in layer.parameters() if not p.stop_gradient and param_class(p) != "expert"]
 
@@ -277,4 +274,4 @@ def build_sharded_dense(model: paddle.nn.Layer, group_ranks: Sequence[int], rank
     rest = [p for p in dense(model) if id(p) not in in_blocks]
     units = [("model", rest)] + [(f"blocks.{i}", dense(b)) for i, b in enumerate(blocks)]
     hooks: list[paddle.nn.Layer | None] = [model] + blocks
-    return ShardedDenseParams(units, hooks, group_ranks, rank, hyper)
+    return ShardedDenseParams(units, hooks, group_ranks, rank, hyper, timeout_s=timeout_s)

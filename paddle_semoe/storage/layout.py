@@ -73,14 +73,6 @@ class ExpertStateLayout:
             o += n
         return tuple(out)
 
-    def offsets(self) -> dict[str, int]:
-        """Float offset of each tensor inside a section."""
-        out, o = {}, 0
-        for name in PARAM_NAMES:
-            out[name] = o
-            o += int(np.prod(self.shapes[name]))
-        return out
-
     def views(self, slot: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """``views(slot)[section][tensor]``: shaped float32 views into a slot.
 

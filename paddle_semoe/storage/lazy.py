@@ -29,6 +29,10 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 import paddle
 
+from paddle_semoe.comm.fusion import clip_by_global_norm_
+from paddle_semoe.comm.topology import Topology
+from paddle_semoe.comm.transport import Communicator
+from paddle_semoe.params import param_class
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, sq_sum, step_scalars
 from paddle_semoe.storage.stats import StorageStats
 
@@ -133,8 +137,8 @@ class ResidentLazyExperts:
             gs = self._grads(ps)
             views = [tensor_view(p) for p in ps]
             for e in act:
-                for k in range(len(ps)):
-                    adamw_update_(views[k][e], self.m[li][k][e], self.v[li][k][e], None if gs[k] is None else gs[k][e], s, decay=True)
+                for k, g in enumerate(gs):
+                    adamw_update_(views[k][e], self.m[li][k][e], self.v[li][k][e], None if g is None else g[e], s, decay=True)
             touched += len(act)
         self.stats.add(steps=1, touched_experts=touched)
         self._active = None
@@ -190,19 +194,17 @@ def clip_grad_norm_lazy_(
     params: Iterable[paddle.Tensor],
     updater: LazyExpertUpdater,
     max_norm: float,
-    topology,
-    communicator=None,
+    topology: Topology,
+    communicator: Communicator | None = None,
     eps: float = 1e-6,
 ) -> tuple[float, float]:
     """Global gradient norm with lazily updated experts; clips dense/gate (and other owned)
     gradients in place and returns ``(norm, coef)``; ``coef`` (<= 1) is for the expert update.
 
-    Collective over the EP group, like :func:`paddle_semoe.comm.clip_grad_norm_`.
+    The squared-norm parts (float64, see the module docstring) go through the project's one
+    clipping rule, :func:`~paddle_semoe.comm.fusion.clip_by_global_norm_`: collective over the
+    EP group, like :func:`~paddle_semoe.comm.fusion.clip_grad_norm_`.
     """
-    from paddle_semoe.moe.params import param_class
-
-    if max_norm <= 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm}")
     skip = updater.param_ids()
     shared = expert = 0.0
     grads = []
@@ -216,17 +218,4 @@ def clip_grad_norm_lazy_(
             shared += sq
         grads.append(p.grad)
     expert += updater.sq_norm()
-    if topology.ep_group.size > 1:
-        from paddle_semoe.comm.transport import make_communicator
-
-        comm = communicator or make_communicator("auto", rank=topology.rank)
-        t = paddle.to_tensor(np.array([expert], dtype=np.float64))
-        comm.all_reduce_(t, topology.ep_group)
-        expert = float(t.numpy()[0])
-    total = math.sqrt(shared + expert)
-    coef = max_norm / (total + eps)
-    if coef < 1.0:
-        with paddle.no_grad():
-            for g in grads:
-                paddle.assign(g * coef, output=g)
-    return total, min(coef, 1.0)
+    return clip_by_global_norm_(grads, shared, expert, max_norm, communicator, topology.ep_group, eps)

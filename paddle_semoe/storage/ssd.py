@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Iterable
 
 
+from paddle_semoe.io.files import fsync_dir
 from paddle_semoe.storage.layout import BLOCK, ExpertStateLayout
 
 logger = logging.getLogger(__name__)
@@ -146,13 +147,6 @@ class SSDTier:
         if not self.o_direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _pack_header(self, layer: int, expert: int, crc: int, seq: int) -> None:
         head = _HEADER.pack(MAGIC, VERSION, layer, expert, self.layout.numel, self.payload_bytes, crc, seq)
         hcrc = _HEADER_CRC.pack(zlib.crc32(head))
@@ -217,7 +211,7 @@ class SSDTier:
             os.close(fd)
         os.replace(tmp, final)
         if self.fsync:
-            self._fsync_dir()
+            fsync_dir(self.root)
         return FileInfo(final.name, layer, expert, crc, self.file_bytes, seq)
 
     def read(self, layer: int, expert: int, payload: memoryview) -> FileInfo:
@@ -310,13 +304,12 @@ class SSDTier:
                 raise StorageError(
                     f"expert state file {path} does not match the checkpoint index: CRC-32 {info.crc32:08x} != {expected[name]:08x}"
                 )
+            if (self.root / name).exists() and os.path.samefile(path, self.root / name):
+                continue  # already this very file (a hard link): renaming a link onto itself is a no-op
             tmp = self.root / (name + ".tmp")
             self._link_or_copy(path, tmp)
             os.replace(tmp, self.root / name)
-        self._fsync_dir()
-
-    def bytes_on_disk(self, keys: Iterable[tuple[int, int]]) -> int:
-        return sum(self.file_bytes for _ in keys)
+        fsync_dir(self.root)
 
     def _link_or_copy(self, src: Path, dst: Path) -> None:
         if dst.exists():

@@ -96,8 +96,4 @@ class StorageStats:
         return out
 
 
-def counter_names() -> tuple[str, ...]:
-    return _COUNTERS
-
-
-__all__ = ["StorageStats", "counter_names"]
+__all__ = ["StorageStats"]

@@ -27,7 +27,6 @@ the model's expert stacks never exist as parameters (checkpoints hold the SSD ti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -38,6 +37,8 @@ from typing import Callable, Sequence
 import numpy as np
 import paddle
 
+from paddle_semoe.io.files import FileRecord, sha256_bytes, write_atomic
+from paddle_semoe.moe.experts import GroupedExperts
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, sq_sum, step_scalars
 from paddle_semoe.storage.cache import OPTIM, PREFETCH, URGENT, HostCache
 from paddle_semoe.storage.config import StorageConfig
@@ -262,13 +263,13 @@ class TieredExperts:
                 if acc is None:
                     self._grads[key] = new
                     continue
-                for k in range(len(new)):  # a later micro-batch: acc + new, like Paddle's accumulation
-                    if new[k] is None:
+                for k, (a, b) in enumerate(zip(acc, new)):  # a later micro-batch: acc + new, like Paddle's accumulation
+                    if b is None:
                         continue
-                    if acc[k] is None:
-                        acc[k] = new[k]
+                    if a is None:
+                        acc[k] = b
                     else:
-                        np.add(acc[k], new[k], out=acc[k])
+                        np.add(a, b, out=a)
         self._retained.clear()
         self.arena.reset()
 
@@ -386,10 +387,10 @@ class TieredExperts:
         return self.stats.interval(self.L * self.E)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, ckpt_dir: Path, rank: int) -> tuple[str, str, int]:
+    def save_checkpoint(self, ckpt_dir: Path, rank: int) -> FileRecord:
         """Write back every dirty state and link the SSD tier into ``ckpt_dir/experts``.
 
-        Returns ``(name, sha256, bytes)`` of this rank's index file (for the manifest).
+        Returns the record of this rank's index file (for the manifest).
         """
         self._check_ready()
         self.cache.flush()
@@ -409,11 +410,9 @@ class TieredExperts:
             ],
         }
         data = json.dumps(index, indent=1, sort_keys=True).encode()
-        from paddle_semoe.engine.checkpoint import write_atomic
-
         name = index_name(rank)
         write_atomic(Path(ckpt_dir) / name, data)
-        return name, hashlib.sha256(data).hexdigest(), len(data)
+        return FileRecord(name, sha256_bytes(data), len(data))
 
     def restore_checkpoint(self, ckpt_dir: Path, index_names: Sequence[str]) -> None:
         """Replace the SSD tier by a checkpoint's (any expert-parallel degree: files are per
@@ -467,8 +466,6 @@ __all__ = ["EXPERTS_DIR", "TieredExperts", "build_tiered_experts", "expected_ind
 def build_tiered_experts(cfg, model, layout, rank: int, world_size: int) -> TieredExperts:
     """The tiered store of a training job (``cfg``: TrainConfig; ``layout``: ExpertLayout),
     attached to every GroupedExperts of ``model`` (built under ``deferred_expert_weights``)."""
-    from paddle_semoe.moe.experts import GroupedExperts
-
     if layout.ep_degree != world_size:
         raise ValueError(
             f"storage.enabled=true needs every expert owned by exactly one rank: parallel.ep_degree="

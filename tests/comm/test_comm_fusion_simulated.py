@@ -17,7 +17,7 @@ from paddle_semoe.comm import (
     reduce_gradients_unfused,
     reduction_rule,
 )
-from paddle_semoe.moe.params import mark_params
+from paddle_semoe.params import mark_params
 
 from tests.dist.comm_cases import build_params, make_problem, rank_loss, reference_grads
 

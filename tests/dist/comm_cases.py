@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 
 from paddle_semoe.comm import ExpertExchange, Topology
-from paddle_semoe.moe.params import mark_params
+from paddle_semoe.params import mark_params
 
 
 #: Count patterns: uneven with empty experts; one rank sends nothing; nobody sends; all to EP rank 0.

@@ -40,6 +40,11 @@ def set_weights(layer: MoELayer, prob: dict, lo: int, hi: int) -> None:
     layer.router.weight.set_value(prob["router"])
     for name in ("w1", "b1", "w2", "b2"):
         getattr(layer.experts, name).set_value(prob[name][lo:hi])
+    if layer.shared_experts is not None:  # one shared expert of width F: expert 0's weights
+        for name in ("w1", "b1", "w2", "b2"):
+            getattr(layer.shared_experts, name).set_value(prob[name][0])
+    if hasattr(layer.router, "balance_bias"):  # aux-free: a fixed bias that changes selection
+        layer.router.balance_bias.set_value(np.linspace(-0.2, 0.2, E).astype("float32"))
 
 
 def chunk_loss(layer: MoELayer, x: np.ndarray, g: np.ndarray, seed: int):
@@ -56,13 +61,17 @@ def main() -> None:
     ap.add_argument("--hierarchical", action="store_true")
     ap.add_argument("--gate", default="topk")
     ap.add_argument("--cf", type=float, default=1.0)
+    ap.add_argument("--router", default="token_choice")
+    ap.add_argument("--shared", type=int, default=0, help="shared experts (0 or 1)")
     args = ap.parse_args()
     dist.init_parallel_env()
     world, rank = dist.get_world_size(), dist.get_rank()
     topo = build_topology(args.ep, ranks_per_node=args.rpn)
     prob = problem(world)
+    routing = dict(device_groups=4, device_limit=2) if args.router == "device_limited" else {}
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, gate=args.gate, top_k=2, capacity_factor=args.cf,
-                    dropless=args.cf <= 0, aux_loss_coef=0.1, z_loss_coef=0.01, ops_backend="custom")
+                    dropless=args.cf <= 0, aux_loss_coef=0.1, z_loss_coef=0.01, ops_backend="custom",
+                    router=args.router, num_shared_experts=args.shared, **routing)
     out: dict[str, np.ndarray] = {}
 
     # reference: all experts on one "rank", chunk by chunk
@@ -81,7 +90,7 @@ def main() -> None:
     el = E // args.ep
     comm = make_communicator("gloo", rank=rank, timeout_s=120)
     exchange = ExpertExchange(topo, el, communicator=comm, hierarchical=args.hierarchical)
-    layer = MoELayer(cfg, exchange=exchange, ep_size=args.ep)
+    layer = MoELayer(cfg, exchange=exchange)
     lo = topo.ep_rank * el
     set_weights(layer, prob, lo, lo + el)
     o, loss = chunk_loss(layer, prob["x"][rank * T:(rank + 1) * T], prob["g"][rank * T:(rank + 1) * T], seed=100 + rank)
@@ -92,6 +101,9 @@ def main() -> None:
     for name in ("w1", "b1", "w2", "b2"):
         out[f"{name}_grad"] = getattr(layer.experts, name).grad.numpy()
         out[f"ref_{name}_grad"] = getattr(ref.experts, name).grad.numpy()[lo:lo + el]
+        if layer.shared_experts is not None:
+            out[f"shared_{name}_grad"] = getattr(layer.shared_experts, name).grad.numpy()
+            out[f"ref_shared_{name}_grad"] = getattr(ref.shared_experts, name).grad.numpy()
     np.savez(args.out / f"rank{rank}.npz", **out)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from paddle_semoe.elastic.state import checkpoint_digest
-from paddle_semoe.engine.checkpoint import read_manifest
+from paddle_semoe.io.checkpoint import read_manifest
 from tests.dist.launch import REPO, launch
 
 pytestmark = pytest.mark.dist

@@ -98,10 +98,11 @@ def test_kill_during_write_back_then_resume_is_bit_identical(tmp_path, monkeypat
     assert len(files) == 8
     infos = tier.verify_all([(int(n[1:4]), int(n[6:12])) for n in files])
     assert all(i.seq >= resumed_from for i in infos)  # newer than the checkpoint: resume must not use them
-    before = len((run_dir / "metrics.jsonl").read_text().splitlines())
     _ok(tr.run(1, CONFIG, common + [f"train.output_dir={run_dir}", "train.resume=auto"], tmp_path))
     assert not list(store.glob("*.tmp"))  # recovery removed the torn file
-    new = tr.metrics(run_dir / "metrics.jsonl", start_line=before)
+    logged = tr.logged_steps(run_dir / "metrics.jsonl")
+    assert logged == sorted(set(logged)) == list(range(1, 13)), logged  # no step logged twice
+    new = tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from)
     assert min(new) == resumed_from + 1 and max(new) == 12
     _assert_same(ref, new, range(resumed_from + 1, 13))
 

@@ -59,15 +59,16 @@ def test_kill_after_checkpoint_then_resume_continues_bit_identically(tmp_path):
     finally:
         tr.kill(job)
     resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
     job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}", "train.resume=auto"], tmp_path)
     try:
-        _wait_for(lambda: 14 in tr.metrics(run_dir / "metrics.jsonl", start_line=lines_before), 180, "resumed step 14")
+        _wait_for(lambda: 14 in tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from), 180, "resumed step 14")
     finally:
         tr.kill(job)
     ref_m = tr.metrics(ref_dir / "metrics.jsonl")
-    new_m = tr.metrics(run_dir / "metrics.jsonl", start_line=lines_before)
+    new_m = tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from)
     steps = [s for s in range(resumed_from + 1, 15)]
+    logged = tr.logged_steps(run_dir / "metrics.jsonl")
+    assert logged == sorted(set(logged)), f"a step is logged twice after the resume: {logged}"
     assert min(new_m) == resumed_from + 1, f"resumed at {min(new_m)}, checkpoint was step {resumed_from}"
     assert len(steps) >= 3
     for s in steps:
@@ -90,7 +91,7 @@ def _val(run_dir: Path) -> float:
 
 def _expert_params(ckpt_dir: Path, ranks: int) -> dict[str, np.ndarray]:
     """Global expert stacks of a checkpoint (concatenated over the EP ranks)."""
-    from paddle_semoe.engine.checkpoint import read_manifest
+    from paddle_semoe.io.checkpoint import read_manifest
 
     m = read_manifest(ckpt_dir)
     out: dict[str, list] = {}
@@ -133,7 +134,7 @@ def test_truncated_shard_is_refused_with_its_name(trained_ep2, tmp_path):
     assert res.returncode != 0
     assert "rank_00001.npz is truncated" in res.output, res.output[-3000:]
     # the good checkpoint is untouched
-    from paddle_semoe.engine.checkpoint import read_manifest
+    from paddle_semoe.io.checkpoint import read_manifest
 
     read_manifest(src)
 
@@ -161,7 +162,7 @@ def test_partitioned_embedding_trains_and_reshards(tmp_path):
     res = tr.run(2, CONFIG, common + [f"train.output_dir={tmp_path}/a"], tmp_path)
     _ok(res)
     a = tmp_path / "a" / "checkpoints" / "step_00000004"
-    tensors, _ = __import__("paddle_semoe.engine.checkpoint", fromlist=["read_manifest"]).read_manifest(a).shard(1)
+    tensors, _ = __import__("paddle_semoe.io.checkpoint", fromlist=["read_manifest"]).read_manifest(a).shard(1)
     assert tensors["param/tok_emb.weight"].shape == (256, 32)  # V x D/2 on each rank
     res = tr.run(1, CONFIG, common + [f"train.output_dir={tmp_path}/b", "parallel.ep_degree=1", f"train.resume={a}"], tmp_path)
     _ok(res)

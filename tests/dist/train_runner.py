@@ -107,13 +107,25 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def metrics(path: Path, kind: str = "train", start_line: int = 0) -> dict[int, dict]:
-    """step -> the last record of that kind in metrics.jsonl (from ``start_line`` on)."""
+def metrics(path: Path, kind: str = "train", after_step: int = 0) -> dict[int, dict]:
+    """step -> the last record of that kind in metrics.jsonl, for steps > ``after_step``.
+
+    A resumed run first drops the records past its checkpoint's step, then appends; so after
+    a resume from step s, the records of steps > s are the resumed run's."""
     out: dict[int, dict] = {}
     if not path.exists():
         return out
-    for line in path.read_text().splitlines()[start_line:]:
-        rec = json.loads(line)
-        if rec.get("kind") == kind:
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill (read while being written)
+            continue
+        if rec.get("kind") == kind and rec["step"] > after_step:
             out[rec["step"]] = rec
     return out
+
+
+def logged_steps(path: Path, kind: str = "train") -> list[int]:
+    """The steps of the records of that kind, in file order (a resumed run repeats none)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [rec["step"] for rec in records if rec.get("kind") == kind]

@@ -8,8 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_semoe.elastic.dispatch import dispatch_counts, local_expert_ids, task_route
-from paddle_semoe.elastic.params import task_of
+from paddle_semoe.models.task_route import dispatch_counts, local_expert_ids, task_route
+from paddle_semoe.params import task_of
 from paddle_semoe.models.ufo import TaskMoE, UFOConfig
 
 from tests.elastic import _ufo_problem as up

@@ -11,31 +11,16 @@ from paddle_semoe.comm import SimulatedWorld
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.elastic.groups import TaskGroups
 from paddle_semoe.elastic.planner import TaskLoad, plan_load_aware, plan_naive
-from paddle_semoe.elastic.state import (
-    Collectives,
-    checkpoint_digest,
-    entity_digest,
-    live_digest,
-    restore_elastic,
-    save_elastic,
-)
+from paddle_semoe.elastic.state import checkpoint_digest, entity_digest, live_digest, restore_elastic, save_elastic
 from paddle_semoe.elastic.sync import ElasticGradSync
-from paddle_semoe.engine import checkpoint as ckpt
-from paddle_semoe.engine.checkpoint import CheckpointError
+from paddle_semoe.io import checkpoint as ckpt
+from paddle_semoe.io.checkpoint import CheckpointError
 
 from tests.elastic import _ufo_problem as up
 
 
-def _collectives(sim: SimulatedWorld, rank: int) -> Collectives:
-    comm = sim.communicator(rank)
-    world = CommGroup("world", tuple(range(sim.world_size)), rank)
-
-    def sum_int64(a: np.ndarray) -> np.ndarray:
-        t = paddle.to_tensor(np.asarray(a, dtype=np.int64))
-        comm.all_reduce_(t, world)
-        return t.numpy()
-
-    return Collectives(sum_int64, lambda: sum_int64(np.zeros(1)))
+def _world(sim: SimulatedWorld, rank: int) -> CommGroup:
+    return CommGroup("world", tuple(range(sim.world_size)), rank)
 
 
 def _opt(model) -> paddle.optimizer.AdamW:
@@ -57,7 +42,9 @@ def _train_one_step_and_save(root, plan, step=3):
         sync.reduce()
         opt.step()
         opt.clear_grad()
-        path, sha = save_elastic(root, step, plan, r, named, opt, {"step": step, "seed": up.SEED}, _collectives(sim, r), keep=2)
+        path, sha = save_elastic(
+            root, step, plan, named, opt, {"step": step, "seed": up.SEED}, sim.communicator(r), _world(sim, r), keep=2
+        )
         return path, sha, {n: p.numpy() for n, p in named}
 
     return sim.run(rank_fn)
@@ -72,7 +59,7 @@ def _restore(path, plan):
         named = list(model.named_parameters())
         opt = _opt(model)
         progress = restore_elastic(manifest, plan, named, opt)
-        sha, _ = live_digest(named, plan, r, _collectives(sim, r))
+        sha, _ = live_digest(named, plan, sim.communicator(r), _world(sim, r))
         # one more step proves the optimizer state came along (compared across plans below)
         return progress, sha, {n: p.numpy() for n, p in named}, opt
 

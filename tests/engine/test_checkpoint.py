@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from paddle_semoe.engine import checkpoint as ck
+from paddle_semoe.io import checkpoint as ck
 
 
 def _write(tmp_path, step=3, world=2):
@@ -74,3 +74,41 @@ def test_publish_keeps_the_newest_and_never_leaves_partial_dirs(tmp_path):
     # a crash while writing step 4 leaves only a .tmp dir; "auto" still finds step 3
     (tmp_path / "step_00000004.tmp").mkdir()
     assert ck.resolve_checkpoint("auto", tmp_path).name == "step_00000003"
+
+
+def test_collective_writer_gathers_every_ranks_files_into_one_manifest(tmp_path):
+    from paddle_semoe.comm import SimulatedWorld
+    from paddle_semoe.comm.topology import CommGroup
+    from paddle_semoe.engine.checkpoint import gather_records, write_checkpoint
+    from paddle_semoe.io.files import FileRecord, write_atomic, sha256_bytes
+
+    sim = SimulatedWorld(2, timeout_s=30)
+
+    def rank_fn(r: int):
+        world = CommGroup("world", (0, 1), r)
+        comm = sim.communicator(r)
+
+        def write_files(tmp):
+            recs = [ck.save_shard(tmp / ck.shard_name(r), {"param/w": np.full((2,), r, np.float32)}, {"rank": r})]
+            if r == 1:  # ranks may write different numbers of files
+                (tmp / "experts").mkdir(exist_ok=True)
+                write_atomic(tmp / "experts" / "index_00001.json", b"{}")
+                recs.append(FileRecord("experts/index_00001.json", sha256_bytes(b"{}"), 2))
+            return recs
+
+        path = write_checkpoint(
+            tmp_path, 6, comm, world, write_files=write_files, meta={"kind": "test"}, keep=2,
+            write_config=lambda p: p.write_text("a: 1\n"),
+        )
+        with pytest.raises(ValueError, match="longer than 128 bytes"):
+            gather_records(comm, CommGroup.solo("x", r), [FileRecord("n" * 129, "00" * 32, 1)])
+        return path
+
+    paths = sim.run(rank_fn)
+    assert paths[0] == paths[1] == tmp_path / "step_00000006"
+    m = ck.read_manifest(paths[0])  # verifies every file
+    assert list(m.files) == ["rank_00000.npz", "rank_00001.npz", "experts/index_00001.json", "config.yaml"]
+    assert m.world_size == 2 and m.step == 6 and m.meta == {"kind": "test"}
+    assert m.shard(1)[0]["param/w"].tolist() == [1.0, 1.0]
+    assert ck.resolve_checkpoint("auto", tmp_path) == paths[0]
+    assert not (tmp_path / "step_00000006.tmp").exists()

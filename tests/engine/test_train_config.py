@@ -36,6 +36,9 @@ def test_tiny_config_loads_and_overrides_apply():
         (["parallel.a2a_backend=mpi"], "parallel", "a2a_backend must be one of"),
         (["amp.dtype=float8"], "amp", "dtype must be one of"),
         (["model.moe.capacity_factor=0.0"], "model.moe", "must be > 0 unless dropless"),
+        # the layer widths come from the model: the shared MoE section has no d_model
+        (["model.moe.d_model=64"], "model.moe.d_model", "unknown config key 'model.moe.d_model'"),
+        (["model.moe.d_ff=0"], "model.moe", "d_ff must be positive, got 0"),
         (["monitor.visualdl=maybe"], "monitor.visualdl", "bool"),
     ],
 )
@@ -47,6 +50,39 @@ def test_malformed_config_names_the_key(overrides, key, fragment):
     assert fragment in msg, msg
     if key:
         assert f"'{key}" in msg or f"{key}:" in msg or key in msg, msg
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.partition_embedding=true", "parallel.ep_degree=8", "model.d_model=100"],
+         "model.partition_embedding=true splits model.d_model=100 over parallel.ep_degree=8: d_model must be divisible"),
+        (["parallel.sharding_degree=2", "parallel.sharding_stage=2"],
+         "sharding_stage 2/3 shards every parameter over the sharding group, but expert parameters are owned per rank"),
+        (["parallel.dp_degree=3"], "ep_degree=2 must divide the world size dp_degree x sharding_degree = 3 x 1"),
+        (["data.global_batch_size=34", "optim.grad_accum_steps=2"],
+         "global_batch_size=34 cannot be split evenly over any world these degrees allow: it must be a multiple of 2 ranks"),
+        (["storage.enabled=true"], "storage.enabled=true needs optim.expert_update=lazy"),
+        (["storage.enabled=true", "optim.expert_update=lazy", "model.moe_every=0"], "needs an MoE model"),
+        (["storage.enabled=true", "optim.expert_update=lazy", "amp.enabled=true"], "does not support amp.enabled=true"),
+        (["storage.shard_dense=true", "parallel.sharding_degree=2", "parallel.sharding_stage=2", "model.moe_every=0"],
+         "storage.shard_dense=true shards the dense parameters itself"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, TINY, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert fragment in msg, msg
+
+
+def test_partitioned_embedding_works_with_every_exchange_backend():
+    """The embedding gets the communicator explicitly (not the fused exchange's NCCL handle),
+    so no backend is refused with it."""
+    for backend in ("auto", "gloo", "nccl", "nccl_fused"):
+        cfg = load_config(TrainConfig, TINY, ["model.partition_embedding=true", f"parallel.a2a_backend={backend}"])
+        assert cfg.model.partition_embedding and cfg.parallel.a2a_backend == backend
 
 
 def test_missing_base_file_names_it(tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
+from paddle_semoe.models.gpt import GPTConfig, GPTMoE
+from paddle_semoe.moe import MoESettings
 
 
 def _model(**kw):

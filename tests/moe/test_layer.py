@@ -5,7 +5,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from paddle_semoe.moe import MoEConfig, MoELayer, classify_parameters, load_balance_loss, router_z_loss
+from paddle_semoe.moe import MoEConfig, MoELayer, MoESettings, classify_parameters, load_balance_loss, router_z_loss
 from tests._helpers import assert_close, assert_equal
 
 
@@ -80,7 +80,7 @@ def test_custom_ops_path_equals_reference_path(kw):
 
 def test_grouped_experts_equal_sequential_reference():
     layer = _layer(num_experts=6, d_ff=48)
-    d, _ = layer.route(paddle.randn([40, 16]))
+    d = layer.route(paddle.randn([40, 16])).dispatch
     assert_close(layer.experts(d.rows, d.counts), layer.experts.forward_sequential(d.rows, d.counts), rtol=2e-5, atol=2e-5)
 
 
@@ -182,3 +182,21 @@ def test_config_errors(kw, match):
     base.update(kw)
     with pytest.raises(ValueError, match=match):
         MoEConfig(**base)
+
+
+def test_settings_resolve_one_layer_config():
+    """MoESettings (YAML model.moe) holds the shared rules; layer() adds widths and kernels."""
+    shared = MoESettings(num_experts=4, gate="switch", top_k=2, capacity_factor=1.5)
+    cfg = shared.layer(d_model=16, d_ff=64, activation="relu", init_std=0.1, ops_backend="reference")
+    assert isinstance(cfg, MoESettings)
+    assert (cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_std, cfg.ops_backend) == (16, 64, "relu", 0.1, "reference")
+    assert (cfg.num_experts, cfg.gate, cfg.capacity_factor, cfg.k, cfg.normalize) == (4, "switch", 1.5, 1, False)
+    assert shared.k == 1 and not shared.normalize
+    # an expert width in the settings wins over the model's FFN width
+    assert MoESettings(num_experts=4, d_ff=24).layer(d_model=16, d_ff=64).d_ff == 24
+    with pytest.raises(TypeError, match="d_ff"):
+        MoEConfig(d_model=16, num_experts=4)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="d_ff must be positive, got 0"):
+        MoESettings(d_ff=0)
+    with pytest.raises(ValueError, match="d_model must be positive"):
+        shared.layer(d_model=0, d_ff=8)

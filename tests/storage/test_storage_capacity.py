@@ -54,10 +54,11 @@ def test_device_limit_on_alpha_and_the_dense_part_alone():
 @pytest.mark.parametrize("name", ["ufo_12b_6x8_a100.yaml", "gpt_moe_104b_8x8_a100.yaml", "cpu_this_machine.yaml"])
 def test_shipped_cluster_descriptions_load_and_fit(name):
     from paddle_semoe.config.yaml_files import load_yaml_with_bases
+    from paddle_semoe.engine.plan import model_spec_from_train_config
 
     raw = load_yaml_with_bases(CLUSTERS / name)
     cluster = cluster_from_dict(raw, name)
-    model = model_from_dict(raw["model"], base_dir=CLUSTERS)
+    model = model_from_dict(raw["model"], base_dir=CLUSTERS, count_train_config=model_spec_from_train_config)
     p = plan(model, cluster)
     assert p.fits, format_plan(p)
     if name.startswith("ufo"):

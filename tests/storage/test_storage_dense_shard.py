@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 
 from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
-from paddle_semoe.moe.params import param_class
+from paddle_semoe.params import param_class
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, step_scalars
 from paddle_semoe.storage.dense_shard import build_sharded_dense
 
@@ -45,7 +45,7 @@ def test_step_is_the_numpy_adamw_on_every_dense_tensor_and_state_round_trips():
     state = sd.state_dict()
     other_model = _model_with_grads()
     other = build_sharded_dense(other_model, [0], 0, H)
-    # checkpoints go through structured names (engine/state.py): translate the tensor names
+    # checkpoints go through structured names (io/model_state.py): translate the tensor names
     rename = {p.name: q.name for (_, p), (_, q) in zip(model.named_parameters(), other_model.named_parameters())}
     suffixes = ("_moment1_0", "_moment2_0", "_lazy_step_0")
     translated = {}

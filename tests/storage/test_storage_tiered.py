@@ -107,7 +107,7 @@ def test_tiered_checkpoint_round_trip_in_process(tmp_path):
         assert [b.train_step(x).loss for x in batches[2:]] == later
     finally:
         b.tiered.close()
-    from paddle_semoe.engine.checkpoint import CheckpointError
+    from paddle_semoe.io.checkpoint import CheckpointError
 
     c = _trainer(tmp_path, "c", [])
     with pytest.raises(CheckpointError, match="keeps its experts in the SSD tier; resume it with storage.enabled=true"):
@@ -134,7 +134,7 @@ def test_storage_config_errors_name_the_key(overrides, fragment):
 def test_tiered_storage_needs_every_expert_on_one_rank():
     from types import SimpleNamespace
 
-    from paddle_semoe.engine.state import ExpertLayout
+    from paddle_semoe.io.model_state import ExpertLayout
     from paddle_semoe.storage.tiered import build_tiered_experts
 
     with pytest.raises(ValueError, match="parallel.ep_degree=1 must equal the number of processes \\(2\\)"):

@@ -1,7 +1,7 @@
 """Task-routed dispatch: tokens go to their task's expert or to the shared expert, no gate
 over experts and no all-to-all.
 
-In the elastic plan a rank hosts the experts of exactly the tasks whose samples it runs, so
+In an elastic plan (:mod:`paddle_semoe.elastic`) a rank hosts the experts of exactly the tasks whose samples it runs, so
 every token's expert is local. The local expert list is ``[shared, hosted task 0, hosted
 task 1, ...]`` (local expert 0 = shared, ``1 + j`` = the j-th hosted task). A token of task
 ``t`` whose learned choice is "task" goes to ``1 + j(t)``, otherwise to 0.

@@ -1,4 +1,4 @@
-"""What a rank saves and how it is restored, including expert resharding.
+"""What a rank of a GPT-MoE job saves and how it is restored, including expert resharding.
 
 Each rank's shard holds:
 
@@ -12,7 +12,8 @@ Each rank's shard holds:
 Restoring onto a different expert-parallel degree (EP=2 -> 1 -> 4 ...) slices and
 concatenates the expert stacks along dim 0 by global expert index; dense state is
 re-assembled by parameter name. Names are the structured ``named_parameters`` names, so they
-do not depend on Paddle's auto-generated tensor names.
+do not depend on Paddle's auto-generated tensor names. Part of the checkpoint format (below the
+trainer, storage and inference): export restores parameters with ``optimizer=None``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,26 @@ from __future__ import annotations
 import logging
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import paddle
 
-from paddle_semoe.engine.checkpoint import CheckpointError, Manifest
-from paddle_semoe.engine.optim import MoEOptimizer
-from paddle_semoe.moe.params import classify_parameters
+from paddle_semoe.io.checkpoint import CheckpointError, Manifest
+from paddle_semoe.params import classify_parameters
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertLayout", "ShardedOptimizer", "collect_rank_state", "opt_state_by_param", "restore_rank_state", "shard_axis"]
+
+
+class ShardedOptimizer(Protocol):
+    """The optimizer interface a shard needs (``paddle_semoe.engine.optim.MoEOptimizer``):
+    Paddle state dicts of the ``"dense"`` and ``"expert"`` parameter groups."""
+
+    def state_dicts(self) -> dict[str, dict]: ...
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,14 @@ def _param_names(model: paddle.nn.Layer) -> dict[str, dict[str, paddle.Tensor]]:
     }
 
 
-def _split_opt_state(state: dict, params: dict[str, paddle.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+def _persistable_buffers(model: paddle.nn.Layer) -> dict[str, paddle.Tensor]:
+    """Persistable non-parameter state (e.g. the aux-free routers' ``balance_bias``): identical
+    on every rank, saved by rank 0 like dense parameters."""
+    params = {n for n, _ in model.named_parameters()}
+    return {n: t for n, t in model.state_dict().items() if n not in params}
+
+
+def opt_state_by_param(state: dict, params: dict[str, paddle.Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """Paddle optimizer state (keys ``<tensor name>_<acc>_0``) -> {structured name: {acc: array}}."""
     by_tensor = {p.name: n for n, p in params.items()}
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -82,7 +100,7 @@ def _join_opt_state(entries: dict[str, dict[str, np.ndarray]], params: dict[str,
 
 def collect_rank_state(
     model: paddle.nn.Layer,
-    optimizer: MoEOptimizer,
+    optimizer: ShardedOptimizer,
     layout: ExpertLayout,
     rank: int,
     progress: dict[str, Any],
@@ -95,9 +113,11 @@ def collect_rank_state(
     if rank == 0:
         for n, p in names["dense"].items():
             tensors[f"param/{n}"] = p.numpy()
+        for n, b in _persistable_buffers(model).items():
+            tensors[f"buffer/{n}"] = b.numpy()
     states = optimizer.state_dicts()
     for part in ("dense", "expert"):
-        for n, accs in _split_opt_state(states.get(part, {}), names[part]).items():
+        for n, accs in opt_state_by_param(states.get(part, {}), names[part]).items():
             for acc, arr in accs.items():
                 tensors[f"opt/{n}/{acc}"] = arr
     tensors["rng/state"] = np.frombuffer(pickle.dumps(paddle.get_rng_state()), dtype=np.uint8)
@@ -126,7 +146,7 @@ def _set_param(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None
 def restore_rank_state(
     manifest: Manifest,
     model: paddle.nn.Layer,
-    optimizer: MoEOptimizer | None,
+    optimizer: ShardedOptimizer | None,
     layout: ExpertLayout,
     rank: int,
     world_size: int,
@@ -156,6 +176,11 @@ def restore_rank_state(
         if key not in tensors0:
             raise CheckpointError(f"checkpoint {where} lacks dense parameter {n!r} (different model?)")
         _set_param(p, n, tensors0[key], where)
+    for n, b in _persistable_buffers(model).items():
+        key = f"buffer/{n}"
+        if key not in tensors0:
+            raise CheckpointError(f"checkpoint {where} lacks the model's buffer {n!r} (different model?)")
+        _set_param(b, n, tensors0[key], where)
     extra = sorted(k[6:] for k in tensors0 if k.startswith("param/") and k[6:] not in names["dense"] and k[6:] not in names["expert"])
     if extra:
         raise CheckpointError(f"checkpoint {where} has parameters the model lacks: {extra[:5]} (different model?)")
@@ -173,7 +198,8 @@ def restore_rank_state(
             raise CheckpointError(f"checkpoint {where}: {n!r} (global size {total}) cannot be split {old_ep} ways")
         old_local = total // old_ep
         lo, hi = layout.ep_rank * new_local, (layout.ep_rank + 1) * new_local
-        pieces, opt_pieces = [], {}
+        pieces: list[np.ndarray] = []
+        opt_pieces: dict[str, list[np.ndarray]] = {}
         for old_rank in range(lo // old_local, (hi - 1) // old_local + 1):
             t, _ = shard(old_rank)
             a, b = max(lo - old_rank * old_local, 0), min(hi - old_rank * old_local, old_local)
