@@ -71,7 +71,8 @@ std::vector<DataType> ExpertCountDtype(const DataType&) { return {DataType::INT3
 
 // ---------------------------------------------------------------- gate_dispatch
 void check_gate_inputs(const char* op, const Tensor& x, const Tensor& logits, const Tensor& noise,
-                       int64_t top_k) {
+                       const Tensor& bias, int64_t top_k, int64_t capacity_rule,
+                       bool batch_priority, int64_t min_capacity, int64_t score_fn) {
   check_rows_dtype(op, "x", x, x.is_gpu());
   PD_CHECK(x.shape().size() == 2, op, ": argument 'x' must have shape [T, D], got ",
            semoe::shape_str(x.shape()));
@@ -88,14 +89,37 @@ void check_gate_inputs(const char* op, const Tensor& x, const Tensor& logits, co
            ": argument 'noise' must have T=", x.shape()[0], " elements or none, got ",
            noise.numel());
   if (noise.numel() > 0) semoe::check_same_place(op, "noise", noise, x);
+  PD_CHECK(semoe::valid_capacity_rule(capacity_rule), op,
+           ": capacity_rule must be 0 (choice-major), 1 (token-major) or 2 (probs), got ",
+           capacity_rule);
+  PD_CHECK(!(batch_priority && capacity_rule == 2), op,
+           ": batch_priority orders tokens for the position rules; it cannot be combined with "
+           "capacity_rule 2 (probs)");
+  PD_CHECK(min_capacity >= 0, op, ": min_capacity must be >= 0, got ", min_capacity);
+  PD_CHECK(semoe::valid_score_fn(score_fn), op,
+           ": score_fn must be 0 (softmax) or 1 (sigmoid), got ", score_fn);
+  PD_CHECK(bias.dtype() == DataType::FLOAT32, op,
+           ": argument 'select_bias' must be float32, got ", bias.dtype());
+  const int64_t T = x.shape()[0];
+  const bool per_expert = bias.shape().size() == 1 && bias.numel() == E;
+  const bool per_token = bias.shape().size() == 2 && bias.shape()[0] == T && bias.shape()[1] == E;
+  PD_CHECK(bias.numel() == 0 || per_expert || per_token, op,
+           ": argument 'select_bias' must have shape [0], [E=", E, "] or [T=", T, ", E=", E,
+           "], got ", semoe::shape_str(bias.shape()));
+  if (bias.numel() > 0) semoe::check_same_place(op, "select_bias", bias, x);
 }
 
 std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Tensor& noise,
-                                 int64_t top_k, int64_t capacity_factor_micro, bool normalize) {
+                                 const Tensor& bias, int64_t top_k,
+                                 int64_t capacity_factor_micro, bool normalize,
+                                 int64_t capacity_rule, bool batch_priority,
+                                 int64_t min_capacity, int64_t score_fn) {
   constexpr const char* kOp = "semoe_gate_dispatch";
-  check_gate_inputs(kOp, x, logits, noise, top_k);
+  check_gate_inputs(kOp, x, logits, noise, bias, top_k, capacity_rule, batch_priority,
+                    min_capacity, score_fn);
   const int64_t T = x.shape()[0], D = x.shape()[1], E = logits.shape()[1], K = top_k;
-  const int64_t cap = semoe::expert_capacity(T, E, K, capacity_factor_micro);
+  const int64_t cap = semoe::expert_capacity(T, E, K, capacity_factor_micro, min_capacity);
+  const auto rule = static_cast<semoe::CapacityRule>(capacity_rule);
   const int64_t n_rows = semoe::dispatch_rows(T, E, K, cap);
   const auto place = x.place();
   Tensor rows = paddle::empty({n_rows, D}, x.dtype(), place);
@@ -105,13 +129,18 @@ std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Te
   Tensor counts = paddle::empty({E}, DataType::INT32, place);
   Tensor probs = paddle::empty({T, E}, DataType::FLOAT32, place);
   const float* noise_ptr = noise.numel() > 0 ? noise.data<float>() : nullptr;
+  const float* bias_ptr = bias.numel() > 0 ? bias.data<float>() : nullptr;
+  const bool bias_per_token = bias.shape().size() == 2;
+  const auto fn = static_cast<semoe::ScoreFn>(score_fn);
   if (x.is_gpu()) {
 #ifdef PADDLE_WITH_CUDA
     const size_t ws_bytes = semoe::cuda::gate_dispatch_workspace_bytes(T, E, K);
     Tensor ws = paddle::empty({static_cast<int64_t>(ws_bytes) + 1}, DataType::UINT8, place);
     SEMOE_CUDA_OK(semoe::cuda::gate_dispatch(
-                      x.data(), cuda_dtype(kOp, x.dtype()), logits.data<float>(), noise_ptr, T, D,
-                      E, K, cap, normalize, n_rows, rows.data(), weights.data<float>(),
+                      x.data(), cuda_dtype(kOp, x.dtype()), logits.data<float>(), noise_ptr,
+                      bias_ptr, bias_per_token, T, D, E, K, cap, normalize,
+                      static_cast<int>(fn), static_cast<int>(rule), batch_priority, n_rows,
+                      rows.data(), weights.data<float>(),
                       ids.data<int32_t>(), pos.data<int32_t>(), counts.data<int32_t>(),
                       probs.data<float>(), ws.data(), ws_bytes, x.stream()),
                   kOp);
@@ -120,8 +149,10 @@ std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Te
     PD_THROW(kOp, ": GPU tensor given but the op library was built without CUDA");
 #endif
   }
-  semoe::gate_dispatch_cpu(x.data<float>(), logits.data<float>(), noise_ptr, T, D, E, K, cap,
-                           normalize, n_rows, rows.data<float>(), weights.data<float>(),
+  semoe::gate_dispatch_cpu(x.data<float>(), logits.data<float>(), noise_ptr, bias_ptr,
+                           bias_per_token, T, D, E, K, cap, normalize, fn, rule,
+                           batch_priority, n_rows, rows.data<float>(),
+                           weights.data<float>(),
                            ids.data<int32_t>(), pos.data<int32_t>(), counts.data<int32_t>(),
                            probs.data<float>());
   return {rows, weights, ids, pos, counts, probs};
@@ -129,18 +160,21 @@ std::vector<Tensor> GateDispatch(const Tensor& x, const Tensor& logits, const Te
 
 std::vector<std::vector<int64_t>> GateDispatchShape(const std::vector<int64_t>& x,
                                                     const std::vector<int64_t>& logits,
+                                                    const std::vector<int64_t>&,
                                                     const std::vector<int64_t>&, int64_t top_k,
-                                                    int64_t capacity_factor_micro, bool) {
+                                                    int64_t capacity_factor_micro, bool, int64_t,
+                                                    bool, int64_t min_capacity, int64_t) {
   const int64_t T = x[0], D = x[1], E = logits[1];
   int64_t n_rows = -1;
   if (T >= 0 && E > 0) {
-    n_rows = semoe::dispatch_rows(T, E, top_k, semoe::expert_capacity(T, E, top_k,
-                                                                      capacity_factor_micro));
+    n_rows = semoe::dispatch_rows(
+        T, E, top_k, semoe::expert_capacity(T, E, top_k, capacity_factor_micro, min_capacity));
   }
   return {{n_rows, D}, {T, top_k}, {T, top_k}, {T, top_k}, {E}, {T, E}};
 }
 
-std::vector<DataType> GateDispatchDtype(const DataType& x, const DataType&, const DataType&) {
+std::vector<DataType> GateDispatchDtype(const DataType& x, const DataType&, const DataType&,
+                                        const DataType&) {
   return {x, DataType::FLOAT32, DataType::INT32, DataType::INT32, DataType::INT32,
           DataType::FLOAT32};
 }
@@ -149,7 +183,7 @@ std::vector<Tensor> GateDispatchGrad(const Tensor& x, const Tensor& probs, const
                                      const Tensor& ids, const Tensor& pos,
                                      const Tensor& grad_rows, const Tensor& grad_weights,
                                      const Tensor& grad_probs, int64_t top_k, int64_t,
-                                     bool normalize) {
+                                     bool normalize, int64_t, bool, int64_t, int64_t score_fn) {
   constexpr const char* kOp = "semoe_gate_dispatch_grad";
   const int64_t T = x.shape()[0], D = x.shape()[1], E = probs.shape()[1], K = top_k;
   Tensor grad_x = paddle::empty({T, D}, x.dtype(), x.place());
@@ -164,7 +198,8 @@ std::vector<Tensor> GateDispatchGrad(const Tensor& x, const Tensor& probs, const
                       pos.data<int32_t>(), has_rows ? grad_rows.data() : nullptr,
                       cuda_dtype(kOp, x.dtype()), has_w ? grad_weights.data<float>() : nullptr,
                       has_p ? grad_probs.data<float>() : nullptr, T, D, E, K, normalize,
-                      grad_x.data(), grad_logits.data<float>(), x.stream()),
+                      static_cast<int>(score_fn), grad_x.data(), grad_logits.data<float>(),
+                      x.stream()),
                   kOp);
     return {grad_x, grad_logits};
 #else
@@ -175,7 +210,8 @@ std::vector<Tensor> GateDispatchGrad(const Tensor& x, const Tensor& probs, const
                                 pos.data<int32_t>(), has_rows ? grad_rows.data<float>() : nullptr,
                                 has_w ? grad_weights.data<float>() : nullptr,
                                 has_p ? grad_probs.data<float>() : nullptr, T, D, E, K,
-                                normalize, grad_x.data<float>(), grad_logits.data<float>());
+                                normalize, static_cast<semoe::ScoreFn>(score_fn),
+                                grad_x.data<float>(), grad_logits.data<float>());
   return {grad_x, grad_logits};
 }
 
@@ -273,9 +309,11 @@ PD_BUILD_OP(semoe_expert_count)
     .SetInferDtypeFn(PD_INFER_DTYPE(ExpertCountDtype));
 
 PD_BUILD_OP(semoe_gate_dispatch)
-    .Inputs({"X", "Logits", "Noise"})
+    .Inputs({"X", "Logits", "Noise", "SelectBias"})
     .Outputs({"Rows", "Weights", "Ids", "Pos", "Counts", "Probs"})
-    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool"})
+    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool",
+            "capacity_rule: int64_t", "batch_priority: bool", "min_capacity: int64_t",
+            "score_fn: int64_t"})
     .SetKernelFn(PD_KERNEL(GateDispatch))
     .SetInferShapeFn(PD_INFER_SHAPE(GateDispatchShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(GateDispatchDtype));
@@ -284,7 +322,9 @@ PD_BUILD_GRAD_OP(semoe_gate_dispatch)
     .Inputs({"X", "Probs", "Weights", "Ids", "Pos", paddle::Grad("Rows"), paddle::Grad("Weights"),
              paddle::Grad("Probs")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Logits")})
-    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool"})
+    .Attrs({"top_k: int64_t", "capacity_factor_micro: int64_t", "normalize: bool",
+            "capacity_rule: int64_t", "batch_priority: bool", "min_capacity: int64_t",
+            "score_fn: int64_t"})
     .SetKernelFn(PD_KERNEL(GateDispatchGrad));
 
 PD_BUILD_OP(semoe_combine)

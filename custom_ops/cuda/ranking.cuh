@@ -3,7 +3,9 @@
 // lane at a time and every sum has a fixed order.
 //
 // Vocabulary. An *assignment* a in [0, A) carries an expert id eid[a] (-1 or out of range:
-// not counted). Visit order is a ascending (token-major for gate_dispatch: a = t*K + j).
+// not counted). Visit order is a ascending; gate_dispatch lays its assignments out in the
+// capacity rule's visit order first (visit_eid), and src maps a visit index back to its
+// assignment (routing.cu).
 // The assignments are cut into *chunks* of plan.per_chunk consecutive assignments, one
 // thread block each; a chunk is cut into one *sub-chunk* of plan.per_warp assignments per
 // warp; a warp walks its sub-chunk in *rounds* of 32 consecutive assignments, one per lane.
@@ -176,10 +178,12 @@ __global__ void expert_offsets_kernel(int32_t* __restrict__ chunk_counts, int64_
   if (threadIdx.x == 0) *kept = static_cast<int32_t>(total);
 }
 
-// pos[a] for every assignment of chunk c (grid = chunks, as chunk_count_kernel):
-// kept when capacity <= 0 or rank < capacity, then pos = offsets[e] + rank; else -1.
-// Assignments with no expert (dropped by random routing) get -1.
-__global__ void assign_positions_kernel(const int32_t* __restrict__ eid, int64_t A, int E,
+// pos[src[a]] (src == nullptr: pos[a]) for every visited assignment a of chunk c (grid =
+// chunks, as chunk_count_kernel): kept when capacity <= 0 or rank < capacity, then
+// pos = offsets[e] + rank; else -1. Assignments with no expert (dropped by random routing)
+// get -1.
+__global__ void assign_positions_kernel(const int32_t* __restrict__ eid,
+                                        const int32_t* __restrict__ src, int64_t A, int E,
                                         int64_t per_chunk, int64_t per_warp,
                                         const int32_t* __restrict__ chunk_base,
                                         const int32_t* __restrict__ offsets, int64_t capacity,
@@ -207,7 +211,7 @@ __global__ void assign_positions_kernel(const int32_t* __restrict__ eid, int64_t
   // Pass 2: the same walk, now starting from the global ranks.
   rank_subchunk(eid, begin, end, E, mine, [&](int64_t a, int e, int rank) {
     const bool keep = e >= 0 && (capacity <= 0 || rank < capacity);
-    pos[a] = keep ? offsets[e] + rank : -1;
+    pos[src != nullptr ? src[a] : a] = keep ? offsets[e] + rank : -1;
   });
 }
 

@@ -43,9 +43,20 @@ def dispatch(
     capacity_factor: float,
     normalize: bool,
     noise_T: paddle.Tensor | None = None,
+    capacity_rule: str = "choice",
+    batch_priority: bool = False,
+    min_capacity: int = 0,
+    select_bias: paddle.Tensor | None = None,
+    score_fn: str = "softmax",
     backend: str | None = None,
 ) -> Dispatch:
-    """Softmax, top-k, capacity (``capacity_factor <= 0``: dropless) and permutation."""
+    """Softmax, top-k, capacity (``capacity_factor <= 0``: dropless) and permutation.
+
+    ``capacity_rule`` (``choice`` | ``token`` | ``probs``), ``batch_priority`` and
+    ``min_capacity`` decide which assignments an overflowing expert keeps; ``select_bias``
+    ([E] or [T, E]) shifts the top-k selection only; ``score_fn`` is softmax or sigmoid. See
+    :func:`paddle_semoe.ops.gate_dispatch` (``MoEConfig.capacity_rule`` gives the rule).
+    """
     r = ops.gate_dispatch(
         x_TD,
         logits_TE,
@@ -53,6 +64,11 @@ def dispatch(
         capacity_factor=capacity_factor,
         normalize=normalize,
         noise=noise_T,
+        capacity_rule=capacity_rule,
+        batch_priority=batch_priority,
+        min_capacity=min_capacity,
+        select_bias=select_bias,
+        score_fn=score_fn,
         backend=backend,
     )
     return Dispatch(

@@ -8,9 +8,12 @@ import paddle
 def load_balance_loss(probs_TE: paddle.Tensor, counts_E: paddle.Tensor, top_k: int) -> paddle.Tensor:
     """GShard/Switch load-balance loss ``E * sum_e f_e * P_e``.
 
-    f_e: fraction of the T*K routing choices that picked expert e (no gradient), from
-    ``counts_E`` (int [E], choices per expert before capacity); P_e: mean router probability
-    of expert e (carries the gradient). Equals 1 for perfectly uniform routing. Scalar f32.
+    f_e = counts_E[e] / (T * K): the share of ALL T*K routing choices (every token's first
+    through K-th choice, counted before capacity, so dropped choices count too, and choices
+    removed by GShard random routing count as well) that picked expert e; no gradient.
+    ``counts_E`` is int [E] (``expert_count`` of the top-k ids). P_e: mean router probability
+    of expert e over the T tokens (carries the gradient). Equals 1 for perfectly uniform
+    routing (f_e = P_e = 1/E). Scalar f32.
     """
     T, E = probs_TE.shape
     if T == 0:

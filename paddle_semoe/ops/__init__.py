@@ -23,17 +23,28 @@ import paddle
 
 from paddle_semoe.ops import reference
 from paddle_semoe.ops._build import OpsBuildError, build_and_load
-from paddle_semoe.ops.reference import ACTIVATIONS, capacity_factor_micro, dispatch_rows, expert_capacity
+from paddle_semoe.ops.reference import (
+    ACTIVATIONS,
+    CAPACITY_RULES,
+    SCORE_FNS,
+    capacity_factor_micro,
+    capacity_rule_code,
+    dispatch_rows,
+    expert_capacity,
+)
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "CAPACITY_RULES",
+    "SCORE_FNS",
     "GateDispatchResult",
     "OpsBuildError",
     "combine",
     "cpu_gemm_backend",
     "dispatch_rows",
     "capacity_factor_micro",
+    "capacity_rule_code",
     "expert_capacity",
     "expert_count",
     "gate_dispatch",
@@ -156,6 +167,11 @@ def gate_dispatch(
     capacity_factor: float,
     normalize: bool,
     noise: paddle.Tensor | None = None,
+    capacity_rule: str = "choice",
+    batch_priority: bool = False,
+    min_capacity: int = 0,
+    select_bias: paddle.Tensor | None = None,
+    score_fn: str = "softmax",
     backend: str | None = None,
 ) -> GateDispatchResult:
     """Fused softmax + top-k + (random routing) + capacity + positions + row permutation.
@@ -164,11 +180,23 @@ def gate_dispatch(
         x: [T, D] token rows (float32 on CPU; also float16/bfloat16 on GPU).
         logits: [T, E] float32 router logits.
         top_k: experts per token, 1 <= K <= E.
-        capacity_factor: capacity = ceil(cf * T * K / E) rows per expert (cf to 1e-6, exact
-            integer arithmetic); <= 0 is dropless.
+        capacity_factor: capacity = max(ceil(cf * T * K / E), min_capacity) rows per expert
+            (cf to 1e-6, exact integer arithmetic); <= 0 is dropless.
         normalize: divide the K selected probabilities by their sum.
         noise: optional [T] float32 uniform draws enabling GShard random routing of the
             experts after the first.
+        capacity_rule: which assignments keep a slot when an expert overflows (``CAPACITY_RULES``):
+            ``choice`` (default: all first choices before any second choice, token order
+            within a choice), ``token`` (token-major, the old rule) or ``probs`` (each expert
+            keeps its highest-probability assignments, ties by token index).
+        batch_priority: V-MoE batch prioritized routing for ``choice``/``token``: tokens are
+            taken in order of their top probability (descending, ties by token index).
+        min_capacity: floor on the capacity (0: none); ignored when dropless.
+        select_bias: optional float32 [E] (one bias per expert, e.g. aux-loss-free balancing) or
+            [T, E] (per token, e.g. -inf outside the allowed devices) added to the scores for
+            the top-k selection only; weights, probs and gradients never see it.
+        score_fn: ``softmax`` (over a token's experts) or ``sigmoid`` (per expert; pair it
+            with ``normalize=True`` for DeepSeek-V3's top-k renormalization).
     """
     op = "gate_dispatch"
     _check_rank(op, "x", x, 2, "[T, D]")
@@ -180,6 +208,20 @@ def gate_dispatch(
         raise ValueError(f"{op}: logits {_shape(logits)} and x {_shape(x)} disagree on tokens T")
     if not 1 <= top_k <= E:
         raise ValueError(f"{op}: top_k must be in [1, num_experts={E}], got {top_k}")
+    rule_code = capacity_rule_code(capacity_rule, batch_priority)
+    if score_fn not in SCORE_FNS:
+        raise ValueError(f"{op}: score_fn must be one of {SCORE_FNS}, got {score_fn!r}")
+    if select_bias is not None:
+        _check_dtype(op, "select_bias", select_bias, paddle.float32)
+        bs = _shape(select_bias)
+        if not (
+            (len(bs) == 1 and _same_dim(bs[0], E))
+            or (len(bs) == 2 and _same_dim(bs[0], T) and _same_dim(bs[1], E))
+        ):
+            raise ValueError(f"{op}: 'select_bias' must have shape [E={E}] or [T={T}, E={E}], got {bs}")
+        select_bias = select_bias.detach()
+    if min_capacity < 0:
+        raise ValueError(f"{op}: min_capacity must be >= 0, got {min_capacity}")
     if noise is not None:
         _check_dtype(op, "noise", noise, paddle.float32)
         if T is not None and noise.size != T:
@@ -188,12 +230,38 @@ def gate_dispatch(
     lib = resolve_backend(backend)
     if lib is None:
         return _without_int_grads(
-            GateDispatchResult(*reference.gate_dispatch(x, logits, noise, top_k, capacity_factor, normalize))
+            GateDispatchResult(
+                *reference.gate_dispatch(
+                    x,
+                    logits,
+                    noise,
+                    top_k,
+                    capacity_factor,
+                    normalize,
+                    capacity_rule,
+                    batch_priority,
+                    min_capacity,
+                    select_bias,
+                    score_fn,
+                )
+            )
         )
     if noise is None:
         noise = paddle.zeros([0], dtype="float32")
+    if select_bias is None:
+        select_bias = paddle.zeros([0], dtype="float32")
     out = lib.semoe_gate_dispatch(
-        x, logits, noise, int(top_k), capacity_factor_micro(capacity_factor), bool(normalize)
+        x,
+        logits,
+        noise,
+        select_bias,
+        int(top_k),
+        capacity_factor_micro(capacity_factor),
+        bool(normalize),
+        rule_code,
+        bool(batch_priority),
+        int(min_capacity),
+        SCORE_FNS.index(score_fn),
     )
     return _without_int_grads(GateDispatchResult(*out))
 
@@ -273,3 +341,304 @@ def grouped_ffn(
         return reference.grouped_ffn(x, counts, w1, b1, w2, b2, activation)
     out, _hidden = lib.semoe_grouped_ffn(x, counts, w1, b1, w2, b2, activation)
     return out
+
+
+# ----------------------------------------------------------------------------- dense-model ops
+# The fused kernels of the model around the MoE layer (attention, projections, LayerNorm, loss).
+# CPU float32 runs the compiled kernels; tensors on a GPU go to Paddle's own ops (the
+# reference functions, which Paddle runs with its fused GPU kernels), said once, loudly.
+LINEAR_ACTIVATIONS = ("none",) + tuple(ACTIVATIONS)
+__all__ += ["LINEAR_ACTIVATIONS", "add_layer_norm", "causal_attention", "fused_linear", "layer_norm", "softmax_cross_entropy"]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_gpu_fallback(op: str) -> None:
+    logger.warning(
+        "\n%s\npaddle-semoe: %s has no CUDA kernel; GPU tensors use Paddle's own ops for it.\n%s",
+        "!" * 78, op, "!" * 78,
+    )
+
+
+def _on_gpu(t: paddle.Tensor) -> bool:
+    place = getattr(t, "place", None)
+    return place is not None and not place.is_cpu_place()
+
+
+def _dense_lib(op: str, first: paddle.Tensor, backend: str | None) -> ModuleType | None:
+    """The compiled module for a CPU call, or None: reference backend, or a GPU tensor."""
+    lib = resolve_backend(backend)
+    if lib is not None and _on_gpu(first):
+        _warn_gpu_fallback(op)
+        return None
+    return lib
+
+
+def _check_float(op: str, arg: str, t: paddle.Tensor) -> None:
+    """float32 on CPU (the compiled kernels); any float dtype on a GPU (Paddle's ops)."""
+    if _on_gpu(t):
+        if t.dtype not in _ROW_DTYPES_GPU:
+            raise ValueError(f"{op}: '{arg}' must be float32, float16 or bfloat16, got {t.dtype}")
+    elif t.dtype != paddle.float32:
+        raise ValueError(f"{op}: '{arg}' must be float32 on CPU, got {t.dtype}")
+
+
+@paddle.jit.not_to_static
+def fused_linear(
+    x: paddle.Tensor,
+    w: paddle.Tensor,
+    b: paddle.Tensor | None = None,
+    *,
+    activation: str = "none",
+    trans_w: bool = False,
+    backend: str | None = None,
+) -> paddle.Tensor:
+    """``act(x @ W + b)`` with the bias and activation in the GEMM epilogue (oneDNN sgemm).
+
+    x [..., K] float32; W [K, N] (``trans_w``: [N, K], e.g. a tied embedding table); b [N] or
+    None; activation one of :data:`LINEAR_ACTIVATIONS`. Returns [..., N]. Gradients for x, W, b.
+    """
+    op = "fused_linear"
+    _check_float(op, "x", x)
+    _check_float(op, "w", w)
+    if len(x.shape) < 2:
+        raise ValueError(f"{op}: 'x' must have shape [..., K], got {_shape(x)}")
+    _check_rank(op, "w", w, 2, "[N, K]" if trans_w else "[K, N]")
+    K = _shape(x)[-1]
+    wk, N = (_shape(w)[1], _shape(w)[0]) if trans_w else _shape(w)
+    if not _same_dim(K, wk):
+        raise ValueError(f"{op}: 'w' {_shape(w)} does not match the K={K} features of 'x' (trans_w={trans_w})")
+    if b is not None:
+        _check_float(op, "b", b)
+        if len(b.shape) != 1 or not _same_dim(_shape(b)[0], N):
+            raise ValueError(f"{op}: 'b' must have shape [N={N}], got {_shape(b)}")
+    if activation not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {LINEAR_ACTIVATIONS}")
+    lib = _dense_lib(op, x, backend)
+    if lib is None:
+        return reference.linear(x, w, b, activation, trans_w)
+    if b is None:
+        b = paddle.zeros([0], dtype=x.dtype)
+    out, _pre = lib.semoe_linear(x, w, b, activation, bool(trans_w))
+    return out
+
+
+def _check_norm_args(op: str, x: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Tensor) -> None:
+    _check_float(op, "x", x)
+    D = _shape(x)[-1] if len(x.shape) else None
+    for arg, t in (("gamma", gamma), ("beta", beta)):
+        _check_float(op, arg, t)
+        if len(t.shape) != 1 or not _same_dim(_shape(t)[0], D):
+            raise ValueError(f"{op}: '{arg}' must have shape [D={D}], got {_shape(t)}")
+
+
+@paddle.jit.not_to_static
+def layer_norm(
+    x: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Tensor, *, epsilon: float = 1e-5, backend: str | None = None
+) -> paddle.Tensor:
+    """LayerNorm over the last dim: x [..., D] float32, gamma/beta [D] -> [..., D]."""
+    op = "layer_norm"
+    _check_norm_args(op, x, gamma, beta)
+    lib = _dense_lib(op, x, backend)
+    if lib is None:
+        return reference.layernorm(x, gamma, beta, epsilon)
+    return lib.semoe_layernorm(x, gamma, beta, float(epsilon))[0]
+
+
+@paddle.jit.not_to_static
+def add_layer_norm(
+    x: paddle.Tensor,
+    residual: paddle.Tensor,
+    gamma: paddle.Tensor,
+    beta: paddle.Tensor,
+    *,
+    epsilon: float = 1e-5,
+    backend: str | None = None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Residual add fused with the LayerNorm after it: returns ``(layer_norm(x + residual),
+    x + residual)``; both [..., D] float32 and both differentiable."""
+    op = "add_layer_norm"
+    _check_norm_args(op, x, gamma, beta)
+    _check_float(op, "residual", residual)
+    if len(residual.shape) != len(x.shape) or not all(_same_dim(a, c) for a, c in zip(_shape(residual), _shape(x))):
+        raise ValueError(f"{op}: 'residual' {_shape(residual)} must have the shape of 'x' {_shape(x)}")
+    lib = _dense_lib(op, x, backend)
+    if lib is None:
+        return reference.add_layernorm(x, residual, gamma, beta, epsilon)
+    out, s, _mean, _rstd = lib.semoe_add_layernorm(x, residual, gamma, beta, float(epsilon))
+    return out, s
+
+
+@paddle.jit.not_to_static
+def softmax_cross_entropy(
+    logits: paddle.Tensor, labels: paddle.Tensor, *, ignore_index: int = -100, backend: str | None = None
+) -> paddle.Tensor:
+    """Mean softmax cross-entropy (nats) over rows with ``label != ignore_index`` (0 if none).
+
+    logits [T, V] float32, labels int64 [T] (or [T, 1]). Returns a 0-D tensor. Only the per-row
+    log-sum-exp [T] is kept for the backward (no probability tensor).
+    """
+    op = "softmax_cross_entropy"
+    _check_float(op, "logits", logits)
+    _check_rank(op, "logits", logits, 2, "[T, V]")
+    _check_dtype(op, "labels", labels, paddle.int64)
+    labels = labels.reshape([-1])
+    if not _same_dim(_shape(labels)[0], _shape(logits)[0]):
+        raise ValueError(f"{op}: labels has {_shape(labels)[0]} entries, logits {_shape(logits)} rows")
+    lib = _dense_lib(op, logits, backend)
+    if lib is None:
+        return reference.softmax_cross_entropy(logits, labels, int(ignore_index))
+    loss, _lse, _count = lib.semoe_softmax_ce(logits, labels, int(ignore_index))
+    return loss.reshape([])
+
+
+@paddle.jit.not_to_static
+def causal_attention(
+    qkv: paddle.Tensor,
+    num_heads: int,
+    *,
+    k_past: paddle.Tensor | None = None,
+    v_past: paddle.Tensor | None = None,
+    backend: str | None = None,
+) -> paddle.Tensor:
+    """Fused causal self-attention straight from the qkv projection.
+
+    qkv [B, S, 3*H*Dh] float32 (last dim laid out [3, H, Dh]: q, k, v); k_past / v_past
+    [B, H, P, Dh] (a KV cache; None = no past). Query i (position P + i) attends to keys
+    0..P+i, scores scaled by 1/sqrt(Dh). Returns [B, S, H*Dh] with heads merged. The kernel
+    keeps only a per-query log-sum-exp for the backward (no [S, S] buffer).
+    """
+    op = "causal_attention"
+    _check_float(op, "qkv", qkv)
+    _check_rank(op, "qkv", qkv, 3, "[B, S, 3*H*Dh]")
+    if num_heads <= 0:
+        raise ValueError(f"{op}: num_heads must be positive, got {num_heads}")
+    B, S, D3 = _shape(qkv)
+    if D3 is not None and D3 % (3 * num_heads):
+        raise ValueError(f"{op}: the last dim of 'qkv' ({D3}) must be 3 * num_heads ({num_heads}) * head_dim")
+    if (k_past is None) != (v_past is None):
+        raise ValueError(f"{op}: give both k_past and v_past or neither")
+    Dh = D3 // (3 * num_heads) if D3 is not None else None
+    if k_past is not None:
+        for arg, t in (("k_past", k_past), ("v_past", v_past)):
+            _check_float(op, arg, t)
+            _check_rank(op, arg, t, 4, "[B, H, P, Dh]")
+            got = _shape(t)
+            if not (_same_dim(got[0], B) and _same_dim(got[1], num_heads) and _same_dim(got[3], Dh)):
+                raise ValueError(f"{op}: '{arg}' must have shape [B={B}, H={num_heads}, P, Dh={Dh}], got {got}")
+        if _shape(k_past) != _shape(v_past):
+            raise ValueError(f"{op}: k_past {_shape(k_past)} and v_past {_shape(v_past)} differ")
+    lib = _dense_lib(op, qkv, backend)
+    if k_past is None:
+        batch = B if B is not None else paddle.shape(qkv)[0]  # symbolic while tracing for export
+        k_past = v_past = paddle.zeros([batch, num_heads, 0, Dh], dtype=qkv.dtype)
+    if lib is None:
+        return reference.causal_attention(qkv, k_past, v_past, num_heads)
+    out, _lse = lib.semoe_causal_attention(qkv, k_past, v_past, int(num_heads))
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer ops
+__all__ += ["adamw_step", "squared_norms"]
+
+
+def _tensor_list_lib(op: str, tensors: list[paddle.Tensor], backend: str | None) -> ModuleType | None:
+    """The compiled module when every tensor is a float32 CPU tensor, else None (Paddle's ops)."""
+    lib = resolve_backend(backend)
+    if lib is None:
+        return None
+    if any(_on_gpu(t) for t in tensors):
+        _warn_gpu_fallback(op)
+        return None
+    for i, t in enumerate(tensors):
+        if t.dtype != paddle.float32:
+            raise ValueError(f"{op}: tensor {i} must be float32 on CPU, got {t.dtype}")
+    return lib
+
+
+def adamw_step(
+    params: list[paddle.Tensor],
+    grads: list[paddle.Tensor],
+    moment1: list[paddle.Tensor],
+    moment2: list[paddle.Tensor],
+    beta1_pow: list[paddle.Tensor],
+    beta2_pow: list[paddle.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+    weight_decay: float,
+    decay_mask: list[bool],
+    grad_scale: float = 1.0,
+    backend: str | None = None,
+) -> None:
+    """One AdamW step over every tensor of the lists, in place, in one kernel call.
+
+    Same update as Paddle's ``adamw`` kernel (decoupled decay ``lr * weight_decay`` where
+    ``decay_mask``; bias correction through the per-tensor beta powers [1], which are advanced
+    too). ``grad_scale`` multiplies every gradient first (a clipping coefficient folded in).
+    All float32; the lists are parallel (moments shaped like their parameter).
+    """
+    op = "adamw_step"
+    n = len(params)
+    for name, lst in (("grads", grads), ("moment1", moment1), ("moment2", moment2), ("beta1_pow", beta1_pow),
+                      ("beta2_pow", beta2_pow), ("decay_mask", decay_mask)):
+        if len(lst) != n:
+            raise ValueError(f"{op}: '{name}' holds {len(lst)} entries for {n} parameters")
+    if n == 0:
+        return
+    lib = _tensor_list_lib(op, list(params) + list(grads) + list(moment1) + list(moment2), backend)
+    if lib is None:  # the kernel checks sizes itself (naming the list and the index)
+        for i, (p, g, m1, m2) in enumerate(zip(params, grads, moment1, moment2)):
+            if not (g.size == m1.size == m2.size == p.size):
+                raise ValueError(f"{op}: parameter {i} {_shape(p)}: grad/moment sizes {g.size}/{m1.size}/{m2.size} differ")
+    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), epsilon=float(epsilon),
+                 weight_decay=float(weight_decay), grad_scale=float(grad_scale))
+    if lib is None:
+        reference.adamw_step(params, grads, moment1, moment2, beta1_pow, beta2_pow, decay_mask=list(decay_mask), **hyper)
+        return
+    # detached views share the storage: the kernel updates the tensors themselves
+    with paddle.no_grad():
+        lib.semoe_adamw_step(
+            [p.detach() for p in params], [g.detach() for g in grads], [m.detach() for m in moment1],
+            [m.detach() for m in moment2], [b.detach() for b in beta1_pow], [b.detach() for b in beta2_pow],
+            hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["epsilon"], hyper["weight_decay"],
+            [1 if d else 0 for d in decay_mask], hyper["grad_scale"],
+        )
+
+
+def squared_norms(tensors: list[paddle.Tensor], *, backend: str | None = None) -> paddle.Tensor:
+    """float32 [n] on the host: sum of squares of each tensor (one kernel call on CPU)."""
+    if not tensors:
+        return paddle.zeros([0], dtype="float32")
+    lib = _tensor_list_lib("squared_norms", list(tensors), backend)
+    if lib is None:
+        return reference.squared_norms(list(tensors))
+    return lib.semoe_squared_norms([t.detach() for t in tensors])
+
+
+# ----------------------------------------------------------------------------- GEMM precision
+CPU_GEMM_PRECISIONS = ("float32", "bfloat16", "bfloat16_ffn")  # index = the kernel's code
+__all__ += ["CPU_GEMM_PRECISIONS", "set_cpu_gemm_precision"]
+
+
+def set_cpu_gemm_precision(precision: str, *, backend: str | None = None) -> str:
+    """Autocast of the CPU GEMMs of the compiled ops: ``bfloat16`` rounds the float32 operands
+    of every GEMM (expert/dense FFN, attention projections, head) to bfloat16 and runs oneDNN's
+    bf16 GEMM (AVX512-BF16 / AMX), accumulating and writing float32; ``bfloat16_ffn`` does so
+    for the FFN GEMMs only (experts and dense FFN), the fused linear layers stay float32.
+    Weights, gradients and optimizer states stay float32.
+    Process-wide. Returns the precision now in effect (``float32`` when bf16 is unavailable,
+    with a warning, or on the reference backend, which always computes in float32)."""
+    if precision not in CPU_GEMM_PRECISIONS:
+        raise ValueError(f"CPU GEMM precision must be one of {CPU_GEMM_PRECISIONS}, got {precision!r}")
+    lib = resolve_backend(backend)
+    if lib is None:
+        if precision != "float32":
+            logger.warning("bfloat16 CPU GEMMs need the compiled ops; the reference backend stays float32")
+        return "float32"
+    code = int(lib.semoe_set_cpu_gemm_precision(paddle.zeros([1], dtype="int32"), precision).numpy()[0])
+    if code < 0:
+        logger.warning("oneDNN's bfloat16 GEMM is not available in this Paddle build; CPU GEMMs stay float32")
+        return "float32"
+    return CPU_GEMM_PRECISIONS[code]

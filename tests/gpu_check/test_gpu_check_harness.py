@@ -128,8 +128,8 @@ def test_dispatch_bugs_are_caught(shim, mutation):
     spec = cases.DispatchSpec(64, 16, 8, 2, 0.75, logits="skewed")
 
     def mutate(args):
-        T, D, E, K = args[4], args[5], args[6], args[7]
-        n_rows, rows, pos, counts = args[10], args[11], args[14], args[15]
+        T, D, E, K = args[6], args[7], args[8], args[9]
+        n_rows, rows, pos, counts = args[15], args[16], args[19], args[20]
         if mutation == "swap_positions":
             _edit(shim, pos, np.int32, T * K, lambda a: a.__setitem__(slice(0, 2), a[1::-1]))
         elif mutation == "dirty_tail_row":

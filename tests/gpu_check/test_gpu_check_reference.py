@@ -74,22 +74,43 @@ def test_capacity_and_rows():
 
 
 def test_assign_positions_hand_case():
-    # Visit order a = t*K + j. Capacity 2:
+    # Token-major visit order a = t*K + j. Capacity 2:
     #   a0 e0 r0 | a1 e1 r0 | a2 e0 r1 | a3 e2 r0 | a4 e0 r2 drop | a5 e1 r1 | a6 e1 r2 drop
     #   a7 e0 r3 drop.  counts = [2, 2, 1], offsets = [0, 2, 4].
     ids = np.array([[0, 1], [0, 2], [0, 1], [1, 0]], dtype=np.int32)
-    pos, counts = ref.assign_positions(ids, np.ones_like(ids, dtype=bool), 3, 2)
+    ones = np.ones_like(ids, dtype=bool)
+    pos, counts = ref.assign_positions(ids, ones, 3, 2, rule="token")
     assert counts.tolist() == [2, 2, 1]
     assert pos.tolist() == [[0, 2], [1, 4], [-1, 3], [-1, -1]]
+    # Choice-major (the default): first choices t0 e0 r0, t1 e0 r1, t2 e0 r2 drop, t3 e1 r0;
+    # second choices t0 e1 r1, t1 e2 r0, t2 e1 r2 drop, t3 e0 r2 drop.
+    pos, counts = ref.assign_positions(ids, ones, 3, 2)
+    assert counts.tolist() == [2, 2, 1]
+    assert pos.tolist() == [[0, 3], [1, 4], [-1, -1], [2, -1]]
     # Dropped by random routing: not counted, later ones move up.
     keep = np.array([[True, False], [True, True], [True, True], [True, True]])
-    pos, counts = ref.assign_positions(ids, keep, 3, 2)
+    pos, counts = ref.assign_positions(ids, keep, 3, 2, rule="token")
     assert counts.tolist() == [2, 2, 1]
     assert pos.tolist() == [[0, -1], [1, 4], [-1, 2], [3, -1]]
-    # Dropless keeps everything, expert-major.
-    pos, counts = ref.assign_positions(ids, np.ones_like(ids, dtype=bool), 3, 0)
+    # Dropless keeps everything, expert-major (choice-major inside each expert).
+    pos, counts = ref.assign_positions(ids, ones, 3, 0)
     assert counts.tolist() == [4, 3, 1]
-    assert pos.tolist() == [[0, 4], [1, 7], [2, 5], [6, 3]]
+    assert pos.tolist() == [[0, 5], [1, 7], [2, 6], [4, 3]]
+
+
+def test_visit_orders_hand_case():
+    ids = np.array([[0, 1], [1, 0], [0, 1]], dtype=np.int32)
+    probs = np.array([[0.5, 0.3], [0.4, 0.6], [0.9, 0.1]], dtype=np.float32)
+    assert ref.visit_order(ids, probs, "token").tolist() == [0, 1, 2, 3, 4, 5]
+    assert ref.visit_order(ids, probs, "choice").tolist() == [0, 2, 4, 1, 3, 5]
+    # BPR: top probabilities 0.5, 0.6, 0.9 -> tokens 2, 1, 0
+    assert ref.visit_order(ids, probs, "choice", True).tolist() == [4, 2, 0, 5, 3, 1]
+    assert ref.visit_order(ids, probs, "token", True).tolist() == [4, 5, 2, 3, 0, 1]
+    # probs: selected probs [0.5, 0.3, 0.6, 0.4, 0.9, 0.1] descending
+    assert ref.visit_order(ids, probs, "probs").tolist() == [4, 2, 0, 3, 1, 5]
+    tied = np.full((3, 2), 0.5, dtype=np.float32)
+    assert ref.visit_order(ids, tied, "probs").tolist() == [0, 1, 2, 3, 4, 5]  # ties by index
+    assert ref.visit_order(ids, tied, "choice", True).tolist() == [0, 2, 4, 1, 3, 5]
 
 
 def test_gather_rows_and_zero_tail():
@@ -104,9 +125,10 @@ def test_gate_dispatch_end_to_end_small():
     d = ref.gate_dispatch(x, logits, None, 2, 1.0, True)  # capacity ceil(3*2/3) = 2
     assert d.ids.tolist() == [[0, 1], [1, 2], [0, 2]]
     assert d.counts.tolist() == [2, 2, 2]
-    assert d.pos.tolist() == [[0, 2], [3, 4], [1, 5]]
+    # choice-major: e0 gets t0, t2 (first choices); e1 gets t1 (first), then t0 (second)
+    assert d.pos.tolist() == [[0, 3], [2, 4], [1, 5]]
     np.testing.assert_allclose(d.weights.sum(axis=1), 1.0)
-    np.testing.assert_array_equal(d.rows, x[[0, 2, 0, 1, 1, 2]])
+    np.testing.assert_array_equal(d.rows, x[[0, 2, 1, 0, 1, 2]])
 
 
 def test_combine_and_grad_hand_case():

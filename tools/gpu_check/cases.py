@@ -184,9 +184,21 @@ class DispatchSpec:
     logits: str = "normal"  # normal | ties | skewed | empty | uniform
     misalign: bool = False
     repeat: bool = False
+    rule: str = "choice"  # capacity rule: choice | token | probs
+    batch_priority: bool = False
+    score_fn: str = "softmax"  # softmax | sigmoid
+    bias: str = "none"  # selection bias: none | expert ([E]) | token ([T, E], with -inf)
 
     def name(self) -> str:
         flags = [f"cf={self.capacity_factor:g}", "norm" if self.normalize else "raw"]
+        if self.rule != "choice":
+            flags.append(self.rule)
+        if self.batch_priority:
+            flags.append("bpr")
+        if self.score_fn != "softmax":
+            flags.append(self.score_fn)
+        if self.bias != "none":
+            flags.append(f"bias={self.bias}")
         if self.noise:
             flags.append("noise")
         if self.logits != "normal":
@@ -225,15 +237,33 @@ def make_logits(s: Suite, spec: DispatchSpec) -> np.ndarray:
     return z
 
 
-def _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d):
+def make_bias(s: Suite, spec: DispatchSpec) -> np.ndarray | None:
+    """Selection bias of the spec: [E] of magnitude ~ the probabilities, or [T, E] that also
+    masks (-inf) all but a random window of ceil(E/2) >= K experts per token."""
+    T, E = spec.T, spec.E
+    if spec.bias == "none":
+        return None
+    if spec.bias == "expert":
+        return (s.rng.standard_normal(E) * 0.05).astype(np.float32)
+    b = (s.rng.standard_normal((T, E)) * 0.05).astype(np.float32)
+    width = max(spec.K, (E + 1) // 2)
+    start = s.rng.integers(0, E - width + 1, size=T)
+    cols = np.arange(E)[None, :]
+    b[(cols < start[:, None]) | (cols >= start[:, None] + width)] = -np.inf
+    return b
+
+
+def _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d, bias_d=None):
     rows_d, w_d, ids_d, pos_d, counts_d, probs_d = bufs
     for b, p in zip(bufs, (POISON_FLOAT, POISON_FLOAT, POISON_INT, POISON_INT, POISON_INT,
                            POISON_FLOAT)):
         s.shim.fill(b, p)
     s.shim.fill(ws_d, POISON_INT)
     s.launch("gate_dispatch", s.shim.lib.semoe_chk_gate_dispatch(
-        ptr(x_d), DTYPE_CODES[spec.dtype], ptr(logits_d), ptr(noise_d), spec.T, spec.D, spec.E,
-        spec.K, cap, int(spec.normalize), n_rows, rows_d.ptr, w_d.ptr, ids_d.ptr, pos_d.ptr,
+        ptr(x_d), DTYPE_CODES[spec.dtype], ptr(logits_d), ptr(noise_d), ptr(bias_d),
+        int(spec.bias == "token"), spec.T, spec.D, spec.E, spec.K, cap, int(spec.normalize),
+        ref.SCORE_FNS[spec.score_fn], ref.CAPACITY_RULES[spec.rule], int(spec.batch_priority),
+        n_rows, rows_d.ptr, w_d.ptr, ids_d.ptr, pos_d.ptr,
         counts_d.ptr, probs_d.ptr, ws_d.ptr, ws_d.nbytes))
     T, K, E, D = spec.T, spec.K, spec.E, spec.D
     st = ref.STORAGE[spec.dtype]
@@ -248,6 +278,7 @@ def check_gate_dispatch(s: Suite, spec: DispatchSpec) -> DispatchOut | None:
     x = s.rows_of((T, D), spec.dtype)
     logits = make_logits(s, spec)
     noise = s.rng.random(T, dtype=np.float32) if spec.noise else None
+    bias = make_bias(s, spec)
     cap = ref.expert_capacity(T, E, K, spec.capacity_factor)
     n_rows = ref.dispatch_rows(T, E, K, cap)
     off = ELEM_BYTES[spec.dtype] if spec.misalign else 0
@@ -255,17 +286,18 @@ def check_gate_dispatch(s: Suite, spec: DispatchSpec) -> DispatchOut | None:
     x_d = s.shim.upload(x, offset=off)
     logits_d = s.shim.upload(logits)
     noise_d = s.shim.upload(noise) if noise is not None else None
+    bias_d = s.shim.upload(bias) if bias is not None else None
     bufs = (s.shim.alloc(x.itemsize * n_rows * D, off), s.shim.alloc(4 * T * K),
             s.shim.alloc(4 * T * K), s.shim.alloc(4 * T * K), s.shim.alloc(4 * E),
             s.shim.alloc(4 * T * E))
     ws_d = s.shim.alloc(s.shim.lib.semoe_chk_gate_dispatch_workspace_bytes(T, E, K))
-    got = _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d)
+    got = _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d, bias_d)
     rows, weights, ids, pos, counts, probs = got
 
-    p64 = ref.softmax(logits)
-    ok = s.close(op, case, "probs vs float64 softmax", probs, p64, p64, 1e-5, 1e-12)
-    ok &= s.exact(op, case, "ids (top-k of the kernel's probs, ties to lower index)", ids,
-                  ref.top_k(probs, K))
+    p64 = ref.scores(logits, spec.score_fn)
+    ok = s.close(op, case, f"probs vs float64 {spec.score_fn}", probs, p64, p64, 1e-5, 1e-12)
+    ok &= s.exact(op, case, "ids (top-k of the kernel's probs + bias, ties to lower index)", ids,
+                  ref.top_k(probs, K, bias))
     if not ((ids >= 0) & (ids < E)).all():
         s.record(op, case, "ids in [0, E)", False, "later checks skipped")
         return None
@@ -273,12 +305,14 @@ def check_gate_dispatch(s: Suite, spec: DispatchSpec) -> DispatchOut | None:
     w_ref = sel / sel.sum(axis=1, keepdims=True) if (spec.normalize and T) else sel
     ok &= s.close(op, case, "weights", weights, w_ref, np.abs(w_ref), 1e-5 + K * 2 * EPS32, 1e-12)
     keep = ref.random_routing_keep(probs, ids, noise)
-    pos_ref, counts_ref = ref.assign_positions(ids, keep, E, cap)
+    pos_ref, counts_ref = ref.assign_positions(ids, keep, E, cap, probs, spec.rule,
+                                               spec.batch_priority)
     ok &= s.exact(op, case, "counts", counts, counts_ref)
     ok &= s.exact(op, case, "positions", pos, pos_ref)
     ok &= s.exact(op, case, "rows (copies + zero tail)", rows, ref.gather_rows(x, pos_ref, n_rows))
     if spec.repeat:
-        again = _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d)
+        again = _launch_dispatch(s, spec, x_d, logits_d, noise_d, cap, n_rows, bufs, ws_d,
+                                 bias_d)
         same = all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in zip(got, again))
         s.record(op, case, "deterministic (two runs bit-identical)", same)
     if not ok:  # downstream checks need trustworthy positions
@@ -311,13 +345,13 @@ def check_gate_dispatch_grad(s: Suite, d: DispatchOut, variant: str = "all",
         s.shim.fill(gl_d, POISON_FLOAT)
         s.launch(op, s.shim.lib.semoe_chk_gate_dispatch_grad(
             *(b.ptr for b in dev), ptr(gr_d), DTYPE_CODES[spec.dtype], ptr(gw_d), ptr(gp_d), T,
-            D, E, K, int(spec.normalize), gx_d.ptr, gl_d.ptr))
+            D, E, K, int(spec.normalize), ref.SCORE_FNS[spec.score_fn], gx_d.ptr, gl_d.ptr))
         return s.shim.download(gx_d, st, (T, D)), s.shim.download(gl_d, np.float32, (T, E))
 
     gx, gl = run()
     gr_vals = ref.decode(grad_rows, spec.dtype) if grad_rows is not None else None
     gx_ref, gl_ref = ref.gate_dispatch_grad(d.probs, d.weights, d.ids, d.pos, gr_vals, grad_w,
-                                            grad_p, spec.normalize, D)
+                                            grad_p, spec.normalize, D, spec.score_fn)
     gx_mag, _ = ref.gate_dispatch_grad(d.probs, d.weights, d.ids, d.pos,
                                        None if gr_vals is None else np.abs(gr_vals), None, None,
                                        spec.normalize, D)
@@ -335,7 +369,10 @@ def check_gate_dispatch_grad(s: Suite, d: DispatchOut, variant: str = "all",
         else:
             contrib = np.abs(grad_w).astype(np.float64)
         np.add.at(gp_abs, (np.repeat(np.arange(T), K), ids64.reshape(-1)), contrib.reshape(-1))
-    gl_mag = p * (gp_abs + (gp_abs * p).sum(axis=1, keepdims=True))
+    if spec.score_fn == "sigmoid":
+        gl_mag = gp_abs * p * (1.0 - p)
+    else:
+        gl_mag = p * (gp_abs + (gp_abs * p).sum(axis=1, keepdims=True))
     s.close(op, case, "grad_logits", gl, gl_ref, gl_mag, 1e-5 + (E + K) * 4 * EPS32, 1e-12)
     if repeat:
         gx2, gl2 = run()
@@ -710,10 +747,31 @@ SMALL_DISPATCH = [
     DispatchSpec(3000, 16, 64, 6, 1.1, logits="skewed", repeat=True),       # several chunks
     DispatchSpec(64, 32, 300, 4, 1.0),                                      # E > 256 path
     DispatchSpec(16, 8, 13000, 2, 0.0),                                     # > 48 KB smem
+    # capacity rules (choice-major is the default above)
+    DispatchSpec(256, 32, 8, 2, 0.5, logits="skewed", rule="token"),        # old rule
+    DispatchSpec(256, 32, 8, 2, 0.5, logits="skewed", rule="probs", repeat=True),
+    DispatchSpec(400, 24, 8, 3, 0.75, dtype="bfloat16", logits="ties", rule="probs"),
+    DispatchSpec(300, 16, 6, 2, 0.6, noise=True, rule="probs", misalign=True),
+    DispatchSpec(256, 32, 8, 2, 0.5, logits="skewed", batch_priority=True, repeat=True),
+    DispatchSpec(400, 24, 8, 3, 0.75, logits="ties", batch_priority=True),
+    DispatchSpec(300, 16, 6, 2, 0.6, noise=True, rule="token", batch_priority=True),
+    DispatchSpec(3000, 16, 64, 6, 1.1, logits="skewed", rule="probs"),      # several chunks
+    DispatchSpec(3000, 16, 64, 6, 1.1, logits="skewed", batch_priority=True),
+    DispatchSpec(64, 32, 300, 4, 0.5, rule="probs"),                        # E > 256 path
+    DispatchSpec(64, 16, 16, 4, 0.5, logits="uniform", batch_priority=True),  # all tied
+    # score functions and selection biases (aux-loss-free, device-limited routing)
+    DispatchSpec(300, 32, 16, 4, 1.0, score_fn="sigmoid", repeat=True),
+    DispatchSpec(300, 32, 16, 4, 1.0, score_fn="sigmoid", bias="expert", dtype="bfloat16"),
+    DispatchSpec(200, 24, 8, 2, 0.75, bias="expert", rule="probs"),
+    DispatchSpec(256, 16, 64, 8, 1.0, score_fn="sigmoid", bias="token", repeat=True),
+    DispatchSpec(64, 16, 300, 8, 1.0, score_fn="sigmoid", bias="token"),       # E > 256 path
+    DispatchSpec(128, 16, 256, 8, 1.25, bias="expert", batch_priority=True),   # fine-grained
 ]
 
 LARGE_DISPATCH = [
     DispatchSpec(16384, 4096, 64, 2, 1.25, dtype="bfloat16", repeat=True),
+    DispatchSpec(16384, 1024, 64, 2, 1.0, dtype="bfloat16", rule="probs", repeat=True),
+    DispatchSpec(16384, 1024, 256, 8, 1.0, dtype="bfloat16", batch_priority=True, repeat=True),
     DispatchSpec(16384, 1024, 64, 2, 0.0, dtype="float32", noise=True, repeat=True),
 ]
 

@@ -68,11 +68,25 @@ def softmax(logits) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def top_k(probs, k: int) -> np.ndarray:
-    """ids [T, k] int32: experts by descending probability, ties to the lower expert index.
-    A stable sort of -p keeps equal probabilities in index order."""
+def sigmoid(logits) -> np.ndarray:
+    """Elementwise sigmoid of [T, E] logits, float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def scores(logits, score_fn: str = "softmax") -> np.ndarray:
+    """Router scores: row softmax or elementwise sigmoid, float64."""
+    if score_fn not in SCORE_FNS:
+        raise ValueError(f"unknown score_fn {score_fn!r} (expected one of {list(SCORE_FNS)})")
+    return sigmoid(logits) if score_fn == "sigmoid" else softmax(logits)
+
+
+def top_k(probs, k: int, bias=None) -> np.ndarray:
+    """ids [T, k] int32: experts by descending selection score probs + bias (bias: None, [E]
+    or [T, E], added in float32 as the kernels do), ties to the lower expert index. A stable
+    sort of -key keeps equal keys in index order."""
     p = np.asarray(probs)
-    order = np.argsort(-p, axis=1, kind="stable")
+    key = p if bias is None else (p.astype(np.float32) + np.asarray(bias, np.float32))
+    order = np.argsort(-key, axis=1, kind="stable")
     return order[:, :k].astype(np.int32)
 
 
@@ -94,6 +108,10 @@ def random_routing_keep(probs_f32, ids, noise) -> np.ndarray:
 
 
 CAPACITY_SCALE = 1_000_000
+# Capacity priority rules by their code (the launcher's `capacity_rule`, routing_rules.h).
+CAPACITY_RULES = {"choice": 0, "token": 1, "probs": 2}
+# Router score functions by their code (the launcher's `score_fn`).
+SCORE_FNS = {"softmax": 0, "sigmoid": 1}
 
 
 def expert_capacity(T: int, E: int, K: int, capacity_factor: float) -> int:
@@ -111,13 +129,35 @@ def dispatch_rows(T: int, E: int, K: int, capacity: int) -> int:
     return T * K if capacity <= 0 else min(T * K, E * capacity)
 
 
-def assign_positions(ids, keep, E: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pos [T, K] int32, counts [E] int32). Assignments visited token-major; a kept one gets
-    rank r = number of earlier kept assignments to its expert; it stays if capacity <= 0 or
-    r < capacity, at pos = offsets[e] + r (offsets = exclusive prefix sum of counts)."""
+def visit_order(ids, probs, rule: str = "choice", batch_priority: bool = False) -> np.ndarray:
+    """[T*K] int64: the assignment a = t*K + j visited v-th under the capacity rule.
+    choice: (j, token) ascending; token: (token, j) ascending; with batch_priority the tokens
+    are taken by top probability probs[t, ids[t, 0]] descending (ties: lower t first);
+    probs: probs[t, ids[t, j]] descending, ties by a (stable sorts throughout)."""
     ids = np.asarray(ids)
-    flat_ids = ids.reshape(-1).astype(np.int64)
-    flat_keep = np.asarray(keep, dtype=bool).reshape(-1)
+    T, K = ids.shape
+    if rule not in CAPACITY_RULES:
+        raise ValueError(f"unknown capacity rule {rule!r} (expected one of {list(CAPACITY_RULES)})")
+    a = np.arange(T * K, dtype=np.int64).reshape(T, K)
+    if rule == "probs":
+        sel = np.take_along_axis(np.asarray(probs, np.float32), ids.astype(np.int64), axis=1)
+        return np.argsort(-sel.reshape(-1), kind="stable")
+    if batch_priority:
+        top = np.asarray(probs, np.float32)[np.arange(T), ids[:, 0]] if T else np.zeros(0)
+        a = a[np.argsort(-top, kind="stable")]
+    return (a.T if rule == "choice" else a).reshape(-1)
+
+
+def assign_positions(ids, keep, E: int, capacity: int, probs=None, rule: str = "choice",
+                     batch_priority: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(pos [T, K] int32, counts [E] int32). Assignments visited in the capacity rule's order
+    (``visit_order``); a kept one gets rank r = number of earlier visited kept assignments to
+    its expert; it stays if capacity <= 0 or r < capacity, at pos = offsets[e] + r (offsets =
+    exclusive prefix sum of counts)."""
+    ids = np.asarray(ids)
+    visit = visit_order(ids, probs, rule, batch_priority)
+    flat_ids = ids.reshape(-1).astype(np.int64)[visit]
+    flat_keep = np.asarray(keep, dtype=bool).reshape(-1)[visit]
     pos = np.full(flat_ids.shape, -1, dtype=np.int64)
     active = np.flatnonzero(flat_keep)
     experts = flat_ids[active]
@@ -131,7 +171,9 @@ def assign_positions(ids, keep, E: int, capacity: int) -> tuple[np.ndarray, np.n
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     kept_idx = active[survives]
     pos[kept_idx] = offsets[flat_ids[kept_idx]] + rank[survives]
-    return pos.reshape(ids.shape).astype(np.int32), counts.astype(np.int32)
+    out = np.empty_like(pos)
+    out[visit] = pos  # visit order -> assignment order
+    return out.reshape(ids.shape).astype(np.int32), counts.astype(np.int32)
 
 
 def gather_rows(x_stored, pos, n_rows: int) -> np.ndarray:
@@ -159,7 +201,7 @@ class Dispatch:
 
 
 def gate_dispatch(x_stored, logits, noise, top_k_: int, capacity_factor: float,
-                  normalize: bool) -> Dispatch:
+                  normalize: bool, rule: str = "choice", batch_priority: bool = False) -> Dispatch:
     """Whole gate-dispatch from logits (float64 softmax; for exact comparisons against a
     float32 kernel use the step functions on the kernel's own probs)."""
     x = np.asarray(x_stored)
@@ -171,19 +213,21 @@ def gate_dispatch(x_stored, logits, noise, top_k_: int, capacity_factor: float,
     weights = sel / sel.sum(axis=1, keepdims=True) if normalize and T else sel
     keep = random_routing_keep(probs.astype(np.float32), ids, noise)
     cap = expert_capacity(T, E, top_k_, capacity_factor)
-    pos, counts = assign_positions(ids, keep, E, cap)
+    pos, counts = assign_positions(ids, keep, E, cap, probs.astype(np.float32), rule,
+                                   batch_priority)
     rows = gather_rows(x, pos, dispatch_rows(T, E, top_k_, cap))
     return Dispatch(rows, weights, ids, pos, counts, probs, keep, cap)
 
 
 def gate_dispatch_grad(probs, weights, ids, pos, grad_rows, grad_weights, grad_probs,
-                       normalize: bool, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+                       normalize: bool, hidden: int,
+                       score_fn: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
     """(grad_x [T, D], grad_logits [T, E]) in float64. grad_* may be None (zero).
 
     grad_x[t] = sum over kept j of grad_rows[pos[t, j]];
     gp = grad_probs + dweights/dprobs^T grad_weights, with (normalize, S = sum_j p[ids_j])
     dL/dp_i = (gw_i - sum_j gw_j w_j) / S, else dL/dp_i = gw_i;
-    grad_logits = p * (gp - sum_e gp_e p_e)."""
+    grad_logits = p * (gp - sum_e gp_e p_e) (softmax) or gp * p * (1 - p) (sigmoid)."""
     p = np.asarray(probs, dtype=np.float64)
     ids = np.asarray(ids).astype(np.int64)
     pos = np.asarray(pos)
@@ -206,6 +250,8 @@ def gate_dispatch_grad(probs, weights, ids, pos, grad_rows, grad_weights, grad_p
             contrib = gw
         rows_idx = np.repeat(np.arange(T), K)
         np.add.at(gp, (rows_idx, ids.reshape(-1)), contrib.reshape(-1))
+    if score_fn == "sigmoid":
+        return grad_x, gp * p * (1.0 - p)
     s = (gp * p).sum(axis=1, keepdims=True)
     return grad_x, p * (gp - s)
 

@@ -159,26 +159,30 @@ uint64_t semoe_chk_gate_dispatch_workspace_bytes(int64_t tokens, int64_t num_exp
 }
 
 int semoe_chk_gate_dispatch(const void* x, int dtype, const float* logits, const float* noise,
-                            int64_t tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-                            int64_t capacity, int normalize, int64_t n_rows, void* rows,
-                            float* weights, int32_t* ids, int32_t* pos, int32_t* counts,
-                            float* probs, void* workspace, uint64_t workspace_bytes) {
+                            const float* bias, int bias_per_token, int64_t tokens,
+                            int64_t hidden, int64_t num_experts, int64_t top_k,
+                            int64_t capacity, int normalize, int score_fn, int capacity_rule,
+                            int batch_priority, int64_t n_rows, void* rows, float* weights,
+                            int32_t* ids, int32_t* pos, int32_t* counts, float* probs,
+                            void* workspace, uint64_t workspace_bytes) {
   if (!valid_dtype(dtype)) return code(cudaErrorInvalidValue);
   return launched(semoe::cuda::gate_dispatch(
-      x, static_cast<DType>(dtype), logits, noise, tokens, hidden, num_experts, top_k, capacity,
-      normalize != 0, n_rows, rows, weights, ids, pos, counts, probs, workspace,
-      static_cast<size_t>(workspace_bytes), 0));
+      x, static_cast<DType>(dtype), logits, noise, bias, bias_per_token != 0, tokens, hidden,
+      num_experts, top_k, capacity, normalize != 0, score_fn, capacity_rule,
+      batch_priority != 0, n_rows, rows, weights, ids, pos,
+      counts, probs, workspace, static_cast<size_t>(workspace_bytes), 0));
 }
 
 int semoe_chk_gate_dispatch_grad(const float* probs, const float* weights, const int32_t* ids,
                                  const int32_t* pos, const void* grad_rows, int dtype,
                                  const float* grad_weights, const float* grad_probs,
                                  int64_t tokens, int64_t hidden, int64_t num_experts,
-                                 int64_t top_k, int normalize, void* grad_x, float* grad_logits) {
+                                 int64_t top_k, int normalize, int score_fn, void* grad_x,
+                                 float* grad_logits) {
   if (!valid_dtype(dtype)) return code(cudaErrorInvalidValue);
   return launched(semoe::cuda::gate_dispatch_grad(
       probs, weights, ids, pos, grad_rows, static_cast<DType>(dtype), grad_weights, grad_probs,
-      tokens, hidden, num_experts, top_k, normalize != 0, grad_x, grad_logits, 0));
+      tokens, hidden, num_experts, top_k, normalize != 0, score_fn, grad_x, grad_logits, 0));
 }
 
 int semoe_chk_combine(const void* rows, int dtype, const float* weights, const int32_t* pos,

@@ -39,15 +39,18 @@ int semoe_chk_expert_count(const int32_t* ids, int64_t n, int64_t num_experts, i
 uint64_t semoe_chk_gate_dispatch_workspace_bytes(int64_t tokens, int64_t num_experts,
                                                  int64_t top_k);
 int semoe_chk_gate_dispatch(const void* x, int dtype, const float* logits, const float* noise,
-                            int64_t tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-                            int64_t capacity, int normalize, int64_t n_rows, void* rows,
-                            float* weights, int32_t* ids, int32_t* pos, int32_t* counts,
-                            float* probs, void* workspace, uint64_t workspace_bytes);
+                            const float* bias, int bias_per_token, int64_t tokens,
+                            int64_t hidden, int64_t num_experts, int64_t top_k,
+                            int64_t capacity, int normalize, int score_fn, int capacity_rule,
+                            int batch_priority, int64_t n_rows, void* rows, float* weights,
+                            int32_t* ids, int32_t* pos, int32_t* counts, float* probs,
+                            void* workspace, uint64_t workspace_bytes);
 int semoe_chk_gate_dispatch_grad(const float* probs, const float* weights, const int32_t* ids,
                                  const int32_t* pos, const void* grad_rows, int dtype,
                                  const float* grad_weights, const float* grad_probs,
                                  int64_t tokens, int64_t hidden, int64_t num_experts,
-                                 int64_t top_k, int normalize, void* grad_x, float* grad_logits);
+                                 int64_t top_k, int normalize, int score_fn, void* grad_x,
+                                 float* grad_logits);
 int semoe_chk_combine(const void* rows, int dtype, const float* weights, const int32_t* pos,
                       int64_t tokens, int64_t top_k, int64_t hidden, void* out);
 uint64_t semoe_chk_combine_grad_workspace_bytes(int64_t n_rows);

@@ -194,18 +194,25 @@ int semoe_chk_expert_count(const int32_t* ids, int64_t n, int64_t num_experts, i
 uint64_t semoe_chk_gate_dispatch_workspace_bytes(int64_t, int64_t, int64_t) { return 0; }
 
 int semoe_chk_gate_dispatch(const void* x, int dtype, const float* logits, const float* noise,
-                            int64_t tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-                            int64_t capacity, int normalize, int64_t n_rows, void* rows,
-                            float* weights, int32_t* ids, int32_t* pos, int32_t* counts,
-                            float* probs, void*, uint64_t) {
+                            const float* bias, int bias_per_token, int64_t tokens,
+                            int64_t hidden, int64_t num_experts, int64_t top_k,
+                            int64_t capacity, int normalize, int score_fn, int capacity_rule,
+                            int batch_priority, int64_t n_rows, void* rows, float* weights,
+                            int32_t* ids, int32_t* pos, int32_t* counts, float* probs, void*,
+                            uint64_t) {
   if (!valid_dtype(dtype)) return kBadDtype;
-  if (tokens < 0 || hidden < 0 || num_experts <= 0 || top_k < 1 || top_k > num_experts) {
+  if (tokens < 0 || hidden < 0 || num_experts <= 0 || top_k < 1 || top_k > num_experts ||
+      !semoe::valid_capacity_rule(capacity_rule) || !semoe::valid_score_fn(score_fn) ||
+      (batch_priority != 0 && capacity_rule == static_cast<int>(semoe::CapacityRule::kProbs))) {
     return kInvalidValue;
   }
   const std::vector<float> xf = widen(x, dtype, tokens * hidden);
   std::vector<float> rf(static_cast<size_t>(n_rows * hidden));
-  semoe::gate_dispatch_cpu(xf.data(), logits, noise, tokens, hidden, num_experts, top_k,
-                           capacity, normalize != 0, n_rows, rf.data(), weights, ids, pos, counts,
+  semoe::gate_dispatch_cpu(xf.data(), logits, noise, bias, bias_per_token != 0, tokens, hidden,
+                           num_experts, top_k, capacity, normalize != 0,
+                           static_cast<semoe::ScoreFn>(score_fn),
+                           static_cast<semoe::CapacityRule>(capacity_rule),
+                           batch_priority != 0, n_rows, rf.data(), weights, ids, pos, counts,
                            probs);
   narrow(rf.data(), dtype, n_rows * hidden, rows);
   return kOk;
@@ -215,8 +222,10 @@ int semoe_chk_gate_dispatch_grad(const float* probs, const float* weights, const
                                  const int32_t* pos, const void* grad_rows, int dtype,
                                  const float* grad_weights, const float* grad_probs,
                                  int64_t tokens, int64_t hidden, int64_t num_experts,
-                                 int64_t top_k, int normalize, void* grad_x, float* grad_logits) {
+                                 int64_t top_k, int normalize, int score_fn, void* grad_x,
+                                 float* grad_logits) {
   if (!valid_dtype(dtype)) return kBadDtype;
+  if (!semoe::valid_score_fn(score_fn)) return kInvalidValue;
   // The number of rows of grad_rows is not passed: widen up to the largest position used.
   int64_t n_rows = 0;
   for (int64_t a = 0; a < tokens * top_k; ++a) n_rows = pos[a] + 1 > n_rows ? pos[a] + 1 : n_rows;
@@ -224,7 +233,8 @@ int semoe_chk_gate_dispatch_grad(const float* probs, const float* weights, const
   std::vector<float> gx(static_cast<size_t>(tokens * hidden));
   semoe::gate_dispatch_grad_cpu(probs, weights, ids, pos, grad_rows ? gr.data() : nullptr,
                                 grad_weights, grad_probs, tokens, hidden, num_experts, top_k,
-                                normalize != 0, gx.data(), grad_logits);
+                                normalize != 0, static_cast<semoe::ScoreFn>(score_fn), gx.data(),
+                                grad_logits);
   narrow(gx.data(), dtype, tokens * hidden, grad_x);
   return kOk;
 }

@@ -96,7 +96,8 @@ def time_routing_ops(shim: Shim, T: int, D: int, E: int, K: int, dtype: str,
 
     def dispatch():
         shim.check(shim.lib.semoe_chk_gate_dispatch(
-            x_d.ptr, dt, logits_d.ptr, None, T, D, E, K, cap, 1, n_rows, rows_d.ptr, w_d.ptr,
+            x_d.ptr, dt, logits_d.ptr, None, None, 0, T, D, E, K, cap, 1, 0, 0, 0, n_rows,
+            rows_d.ptr, w_d.ptr,
             ids_d.ptr, pos_d.ptr, counts_d.ptr, probs_d.ptr, ws_d.ptr, ws_d.nbytes), "dispatch")
 
     dispatch()
@@ -115,7 +116,7 @@ def time_routing_ops(shim: Shim, T: int, D: int, E: int, K: int, dtype: str,
     def dispatch_grad():
         shim.check(shim.lib.semoe_chk_gate_dispatch_grad(
             probs_d.ptr, w_d.ptr, ids_d.ptr, pos_d.ptr, grad_rows_d.ptr, dt, gw_d.ptr, gp_d.ptr,
-            T, D, E, K, 1, gx_d.ptr, gl_d.ptr), "dispatch_grad")
+            T, D, E, K, 1, 0, gx_d.ptr, gl_d.ptr), "dispatch_grad")
 
     def combine():
         shim.check(shim.lib.semoe_chk_combine(rows_d.ptr, dt, w_d.ptr, pos_d.ptr, T, K, D,

@@ -23,17 +23,25 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 cudaError_t expert_count(const int32_t* ids, int64_t n, int64_t num_experts, int32_t* counts,
                          cudaStream_t stream);
 
-// Bytes of device scratch gate_dispatch needs for these sizes.
+// Bytes of device scratch gate_dispatch needs for these sizes (any capacity rule).
 size_t gate_dispatch_workspace_bytes(int64_t tokens, int64_t num_experts, int64_t top_k);
 
-// Fused softmax + top-k + random routing + capacity + positions + row permutation.
-// noise: [T] float32 or nullptr. capacity: rows per expert, <= 0 for dropless.
+// Fused scores + top-k + random routing + capacity + positions + row permutation.
+// noise: [T] float32 or nullptr. bias: selection bias added to the scores for the top-k only,
+// nullptr, [E] or [T, E] (bias_per_token). capacity: rows per expert, <= 0 for dropless.
+// score_fn: a semoe::ScoreFn value (0 softmax, 1 sigmoid).
+// capacity_rule: a semoe::CapacityRule value (routing_rules.h: 0 choice-major, 1 token-major,
+// 2 probs); batch_priority: tokens in top-probability order for rules 0 and 1.
 // rows: [n_rows, D] of `dtype`; rows past the kept ones (sum(counts)) are zeroed.
 // workspace: device scratch of at least gate_dispatch_workspace_bytes(T, E, K) bytes.
-// Positions come from a stable counting pass (no atomics): bit-identical on every run.
+// Positions come from a stable counting pass over the rule's visit order (no atomics decide a
+// slot; the orders of batch_priority and probs come from a stable radix sort): bit-identical
+// on every run.
 cudaError_t gate_dispatch(const void* x, DType dtype, const float* logits, const float* noise,
-                          int64_t tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-                          int64_t capacity, bool normalize, int64_t n_rows, void* rows,
+                          const float* bias, bool bias_per_token, int64_t tokens, int64_t hidden,
+                          int64_t num_experts, int64_t top_k, int64_t capacity, bool normalize,
+                          int score_fn, int capacity_rule,
+                          bool batch_priority, int64_t n_rows, void* rows,
                           float* weights, int32_t* ids, int32_t* pos, int32_t* counts,
                           float* probs, void* workspace, size_t workspace_bytes,
                           cudaStream_t stream);
@@ -43,7 +51,8 @@ cudaError_t gate_dispatch_grad(const float* probs, const float* weights, const i
                                const int32_t* pos, const void* grad_rows, DType dtype,
                                const float* grad_weights, const float* grad_probs,
                                int64_t tokens, int64_t hidden, int64_t num_experts,
-                               int64_t top_k, bool normalize, void* grad_x, float* grad_logits,
+                               int64_t top_k, bool normalize, int score_fn, void* grad_x,
+                               float* grad_logits,
                                cudaStream_t stream);
 
 // out[t] = sum_j weights[t,j] * rows[pos[t,j]] over pos >= 0 (fp32 accumulation).
