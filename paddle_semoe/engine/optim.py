@@ -19,8 +19,9 @@ from typing import Iterator
 
 import paddle
 
+from paddle_semoe import ops
 from paddle_semoe.engine.config import OptimConfig
-from paddle_semoe.moe.params import classify_parameters
+from paddle_semoe.params import classify_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,63 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _adamw(params: list, cfg: OptimConfig) -> paddle.optimizer.AdamW:
+class FusedAdamW(paddle.optimizer.AdamW):
+    """``paddle.optimizer.AdamW`` whose :meth:`step` updates every parameter in ONE
+    multi-tensor kernel call (:func:`paddle_semoe.ops.adamw_step`) instead of one ``adamw_``
+    op per parameter, with an optional gradient scale (a clipping coefficient) folded in.
+
+    The accumulators are Paddle's own (``moment1``, ``moment2``, beta powers, created by the
+    base class), so ``state_dict``/``set_state_dict`` and checkpoints are unchanged, and the
+    update is the same formula as Paddle's kernel (equal to ~1 ulp). Falls back to the base
+    class's step for what the kernel does not cover: GPU or non-float32 parameters, master
+    weights (AMP O2), amsgrad, lr ratios, a gradient-clip object.
+
+    Args:
+        backend: ops backend (``auto``/``custom``/``reference``), as ``GPTConfig.ops_backend``.
+        Other arguments: ``paddle.optimizer.AdamW``'s.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ops_backend = backend
+
+    def _fusable(self, params: list) -> bool:
+        return (
+            not self._multi_precision
+            and not getattr(self, "_amsgrad", False)
+            and self._lr_ratio is None
+            and self._grad_clip is None
+            and not isinstance(self._weight_decay, paddle.Tensor)
+            and all(p.dtype == paddle.float32 and p.place.is_cpu_place() for p in params)
+        )
+
+    @paddle.no_grad()
+    def step(self, grad_scale: float = 1.0) -> None:
+        """One update of every parameter that has a gradient; gradients count ``grad_scale`` times."""
+        params = [p for p in self._parameter_list if not p.stop_gradient and p.grad is not None]
+        if not params:
+            return
+        if not self._fusable(params):
+            if grad_scale != 1.0:
+                for p in params:
+                    paddle.assign(p.grad * grad_scale, output=p.grad)
+            super().step()
+            return
+        self._create_accumulators(paddle.static.default_main_program().global_block(), params)
+        acc = lambda name: [self._get_accumulator_master(name, p) for p in params]  # noqa: E731
+        decay = self._apply_decay_param_fun
+        ops.adamw_step(
+            params, [p.grad for p in params], acc(self._moment1_acc_str), acc(self._moment2_acc_str),
+            acc(self._beta1_pow_acc_str), acc(self._beta2_pow_acc_str),
+            lr=self.get_lr(), beta1=float(self._beta1), beta2=float(self._beta2), epsilon=float(self._epsilon),
+            weight_decay=float(self._weight_decay), decay_mask=[decay is None or bool(decay(p.name)) for p in params],
+            grad_scale=grad_scale, backend=self._ops_backend,
+        )
+
+
+def _adamw(params: list, cfg: OptimConfig, backend: str = "auto") -> FusedAdamW:
     decay = {p.name for p in params if len(p.shape) >= 2}
-    return paddle.optimizer.AdamW(
+    return FusedAdamW(
         learning_rate=cfg.lr,
         parameters=params,
         beta1=cfg.beta1,
@@ -49,7 +104,19 @@ def _adamw(params: list, cfg: OptimConfig) -> paddle.optimizer.AdamW:
         epsilon=cfg.eps,
         weight_decay=cfg.weight_decay,
         apply_decay_param_fun=lambda name: name in decay,
+        backend=backend,
     )
+
+
+def _step(opt: paddle.optimizer.Optimizer, grad_scale: float) -> None:
+    if isinstance(opt, FusedAdamW):
+        opt.step(grad_scale)
+        return
+    if grad_scale != 1.0:
+        for p in opt._parameter_list:
+            if p.grad is not None:
+                paddle.assign(p.grad * grad_scale, output=p.grad)
+    opt.step()
 
 
 class MoEOptimizer:
@@ -84,8 +151,9 @@ class MoEOptimizer:
             self.expert_params = [p for p in self.expert_params if id(p) not in taken]
         elif lazy_experts is not None:
             raise ValueError("a lazy expert updater needs optim.expert_update=lazy")
-        self.dense = _adamw(self.dense_params, cfg) if self.dense_params else None
-        self.expert = _adamw(self.expert_params, cfg) if self.expert_params else None
+        backend = getattr(getattr(model, "config", None), "ops_backend", "auto")
+        self.dense = _adamw(self.dense_params, cfg, backend) if self.dense_params else None
+        self.expert = _adamw(self.expert_params, cfg, backend) if self.expert_params else None
         self.sharded = None
         if hcg is not None and self.dense is not None and hcg.get_sharding_parallel_world_size() > 1:
             from paddle.distributed.fleet.meta_optimizers.dygraph_optimizer.dygraph_sharding_optimizer import (
@@ -116,15 +184,20 @@ class MoEOptimizer:
             opt.set_lr(lr)
 
     @paddle.no_grad()
-    def step(self, expert_grad_scale: float = 1.0) -> None:
+    def step(self, expert_grad_scale: float = 1.0, grad_scale: float = 1.0) -> None:
         """One update. ``expert_grad_scale``: clip coefficient for the lazy expert update
-        (the other gradients were clipped in place)."""
+        (the other gradients were clipped in place). ``grad_scale``: a clip coefficient for the
+        dense and expert AdamW, folded into their fused kernel (instead of clipping in place)."""
         if self.sharded is not None:
+            if grad_scale != 1.0:
+                for p in self.dense_params:
+                    if p.grad is not None:
+                        paddle.assign(p.grad * grad_scale, output=p.grad)
             self.sharded.step()
         elif self.dense is not None:
-            self.dense.step()
+            _step(self.dense, grad_scale)
         if self.expert is not None:
-            self.expert.step()
+            _step(self.expert, grad_scale)
         if self.lazy is not None:
             self.lazy.step(self._lr, expert_grad_scale)
         if self.sharded_dense is not None:

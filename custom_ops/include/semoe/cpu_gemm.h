@@ -4,12 +4,21 @@
 // its kernel by CPU features. We resolve it at run time from the already-loaded library
 // (RTLD_NOLOAD: nothing new is loaded), then fall back to MKL's cblas_sgemm. If neither is
 // present the caller uses its own fallback and must say so.
+//
+// bfloat16 autocast: with set_gemm_precision(kBf16) every GEMM through cpu_gemm() rounds its
+// float32 operands to bfloat16 (round to nearest even) and runs oneDNN's
+// dnnl_gemm_bf16bf16f32 (AVX512-BF16 / AMX kernels), accumulating and writing float32. The
+// weights, their gradients and the optimizer states stay float32 (the caller's tensors).
+// Process-wide (one flag for every kernel of the module); float32 is the default.
 #pragma once
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
+#include <vector>
 
 namespace semoe {
 
@@ -23,15 +32,60 @@ using DnnlSgemm = int (*)(char, char, int64_t, int64_t, int64_t, float, const fl
                           const float*, int64_t, float, float*, int64_t);
 using CblasSgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
                             int, float, float*, int);
+using DnnlGemmBf16 = int (*)(char, char, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t,
+                             const uint16_t*, int64_t, float, float*, int64_t);
 
 inline DnnlSgemm& dnnl_fn() { static DnnlSgemm f = nullptr; return f; }
+inline DnnlGemmBf16& dnnl_bf16_fn() { static DnnlGemmBf16 f = nullptr; return f; }
+inline std::atomic<int>& precision_flag() { static std::atomic<int> p{0}; return p; }
+
+// float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN).
+inline uint16_t to_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// rows x cols block with row stride ld (ld >= cols) -> dense bf16 copy with row stride cols.
+inline void block_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld,
+                          std::vector<uint16_t>& dst) {
+  dst.resize(static_cast<size_t>(rows * cols));
+  uint16_t* d = dst.data();
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    uint16_t* o = d + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) o[c] = to_bf16(s[c]);
+  }
+}
 inline CblasSgemm& cblas_fn() { static CblasSgemm f = nullptr; return f; }
 
 inline void call_dnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                       float* c, int64_t ldc) {
+  if (precision_flag().load(std::memory_order_relaxed) == 1 && dnnl_bf16_fn() != nullptr &&
+      m > 0 && n > 0 && k > 0) {
+    // operands as stored: A is m x k (k x m when ta), B is k x n (n x k when tb)
+    static thread_local std::vector<uint16_t> abuf, bbuf;
+    block_to_bf16(a, ta ? k : m, ta ? m : k, lda, abuf);
+    block_to_bf16(b, tb ? n : k, tb ? k : n, ldb, bbuf);
+    dnnl_bf16_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, abuf.data(), ta ? m : k,
+                   bbuf.data(), tb ? k : n, beta, c, ldc);
+    return;
+  }
   dnnl_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+// float32 always, whatever the precision flag (the FFN-only bf16 mode keeps these in fp32)
+inline void call_dnnl_fp32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                           const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                           float* c, int64_t ldc) {
+  dnnl_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline std::atomic<int>& linear_bf16_flag() { static std::atomic<int> p{0}; return p; }
 
 inline void call_cblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
@@ -87,6 +141,8 @@ inline const CpuGemm& cpu_gemm() {
     static const char* const kMkl[] = {"libmklml_intel.so", "libmkl_rt.so", nullptr};
     if (void* f = detail::find_symbol(kDnnl, "dnnl_sgemm")) {
       detail::dnnl_fn() = reinterpret_cast<detail::DnnlSgemm>(f);
+      if (void* fb = detail::find_symbol(kDnnl, "dnnl_gemm_bf16bf16f32"))
+        detail::dnnl_bf16_fn() = reinterpret_cast<detail::DnnlGemmBf16>(fb);
       g.fn = &detail::call_dnnl;
       g.name = "onednn";
     } else if (void* f2 = detail::find_symbol(kMkl, "cblas_sgemm")) {
@@ -96,6 +152,35 @@ inline const CpuGemm& cpu_gemm() {
     }
   });
   return g;
+}
+
+// GEMM precision: 0 = float32; 1 = bfloat16 operands with float32 accumulation for every
+// kernel using cpu_gemm(); 2 = bfloat16 for the FFN GEMMs (grouped expert/dense FFN) only,
+// the fused linear layers (attention projections, head) through linear_gemm() stay float32.
+// Returns false (and keeps float32) when bf16 was asked but oneDNN's bf16 GEMM is missing.
+inline bool set_gemm_precision(int precision) {
+  cpu_gemm();
+  if (precision != 0 && detail::dnnl_bf16_fn() == nullptr) {
+    detail::precision_flag().store(0);
+    detail::linear_bf16_flag().store(0);
+    return false;
+  }
+  detail::precision_flag().store(precision == 0 ? 0 : 1);
+  detail::linear_bf16_flag().store(precision == 1 ? 1 : 0);
+  return true;
+}
+
+inline int gemm_precision() {
+  return detail::precision_flag().load() == 0 ? 0 : (detail::linear_bf16_flag().load() ? 1 : 2);
+}
+
+// The GEMM of the fused linear layers: cpu_gemm(), or float32 oneDNN in the FFN-only mode.
+inline SgemmFn linear_gemm() {
+  const CpuGemm& g = cpu_gemm();
+  if (g.fn == &detail::call_dnnl && detail::precision_flag().load() == 1 &&
+      detail::linear_bf16_flag().load() == 0)
+    return &detail::call_dnnl_fp32;
+  return g.fn;
 }
 
 }  // namespace semoe
