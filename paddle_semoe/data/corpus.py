@@ -39,9 +39,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .loader import TokenBatcher
+from .subword import ByteTextTokenizer
+from .tokenizer import unigram_cross_entropy_nats
 
 __all__ = [
     "Document",
@@ -58,6 +62,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+BYTE_TOKENIZER_IDENTITY: Mapping[str, Any] = MappingProxyType(
+    {"name": "byte", "sha256": ByteTextTokenizer().sha256, "kind": "byte"}
+)
+"""What checkpoints trained on the built-in corpora record as their tokenizer."""
 
 DOC_SEPARATOR = "\n\n"
 """Every document's text ends with this (trailing newlines are normalised to it)."""
@@ -123,6 +132,23 @@ class CorpusSplit:
     name: str
     val_documents: Tuple[str, ...]
     num_documents: int
+
+    # The interface shared with :class:`~paddle_semoe.data.blend.DatasetsSplit` (the trainer's view).
+    def unigram_baseline(self, vocab_size: int) -> float:
+        """Held-out unigram cross-entropy (nats/token) of the validation bytes."""
+        return unigram_cross_entropy_nats(self.train, self.val, vocab_size)
+
+    def batcher(self, global_batch_size: int, seq_len: int, *, seed: int, rank: int, world_size: int) -> TokenBatcher:
+        """The training batcher over ``train`` (see :class:`~paddle_semoe.data.loader.TokenBatcher`)."""
+        return TokenBatcher(self.train, global_batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
+
+    def tokenizer_identity(self) -> Dict[str, Any]:
+        """The byte tokenizer's identity (name, sha256, kind), recorded in checkpoints."""
+        return dict(BYTE_TOKENIZER_IDENTITY)
+
+    def tokenizer_files(self) -> List[Tuple[str, Path]]:
+        """The byte tokenizer has no files to carry."""
+        return []
 
 
 def _normalise(text: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -36,7 +36,34 @@ _STREAM = 0x5E30E  # separates this RNG stream from other users of the same seed
 _STATE_FORMAT = "paddle_semoe.data.TokenBatcher/1"
 
 
-def _check_tokens(tokens: np.ndarray, what: str) -> np.ndarray:
+class TokenViewLike(Protocol):
+    """A virtual 1-D token array (e.g. :class:`~paddle_semoe.data.dataset.TokenView`)."""
+
+    ndim: int
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def take(self, index: np.ndarray) -> np.ndarray: ...
+
+
+Tokens = Union[np.ndarray, TokenViewLike]
+"""What the batchers read: a 1-D integer array, or a view with ``take``."""
+
+
+def _is_view(tokens: Any) -> bool:
+    """A virtual token array (e.g. :class:`~paddle_semoe.data.dataset.TokenView`): has ``take``."""
+    return not isinstance(tokens, np.ndarray) and callable(getattr(tokens, "take", None)) and hasattr(tokens, "size")
+
+
+def _check_tokens(tokens: Tokens, what: str) -> Tokens:
+    if _is_view(tokens):
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{what} must be a 1-D integer token view")
+        return tokens
     array = np.asarray(tokens)
     if array.ndim != 1:
         raise ValueError(f"{what} must be a 1-D token array, got shape {array.shape}")
@@ -51,10 +78,12 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+def _gather(tokens: Tokens, starts: np.ndarray, seq_len: int) -> np.ndarray:
     """``int64[len(starts), seq_len + 1]``: the windows ``tokens[s : s + seq_len + 1]``."""
     index = starts.astype(np.int64)[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
-    return tokens[index].astype(np.int64)
+    if isinstance(tokens, np.ndarray):
+        return tokens[index].astype(np.int64)
+    return tokens.take(index)
 
 
 def split_inputs_targets(batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -88,7 +117,7 @@ class TokenBatcher:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: Tokens,
         global_batch_size: int,
         seq_len: int,
         *,
@@ -183,6 +212,8 @@ class TokenBatcher:
 
     # ------------------------------------------------------------------------------- resume
     def _tokens_sha256(self) -> str:
+        if self._sha256 is None and _is_view(self._tokens):
+            self._sha256 = str(getattr(self._tokens, "fingerprint"))
         if self._sha256 is None:
             self._sha256 = hashlib.sha256(np.ascontiguousarray(self._tokens).data).hexdigest()
         return self._sha256
@@ -227,10 +258,11 @@ class TokenBatcher:
                 raise ValueError(f"cannot resume data loader: {key} is {state.get(key)!r} in the state but {mine!r} here")
         if state.get("tokens_sha256") != self._tokens_sha256():
             raise ValueError("cannot resume data loader: the token data differs from the state's (tokens_sha256)")
-        epoch, step, seed = state.get("epoch"), state.get("step"), state.get("seed")
-        for key, value in (("epoch", epoch), ("step", step), ("seed", seed)):
+        for key in ("epoch", "step", "seed"):
+            value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"cannot resume data loader: bad {key} {value!r} in the state")
+        epoch, step, seed = int(state["epoch"]), int(state["step"]), int(state["seed"])
         previous = (self._seed, self._epoch, self._step, self._plan)
         self._seed, self._epoch, self._step, self._plan = seed, epoch, step, None
         if step > self.steps_in_epoch(epoch):
@@ -242,7 +274,7 @@ class TokenBatcher:
 
 
 def val_batches(
-    tokens: np.ndarray,
+    tokens: Tokens,
     batch_size: int,
     seq_len: int,
     max_batches: Optional[int] = None,
