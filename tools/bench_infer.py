@@ -13,7 +13,11 @@ decode-like to prefill-like) in three serving modes:
   naive     one slot, each layer loaded synchronously before it runs
 
 Disk reads use O_DIRECT (the page cache never serves them: cold); ``--warm`` adds a ring
-run with buffered reads for comparison. Each row also shows the measured per-layer load
+run with buffered reads for comparison.
+
+``--decode`` runs the generation benchmark instead (see :func:`decode_main`): a model of many
+fine-grained experts, decode steps at batch 1 and 8, an expert budget of a quarter of all
+experts, layer-granular ring vs the expert cache (float32 and int8) vs all-resident. Each row also shows the measured per-layer load
 time (naive mode), per-layer compute time (resident pass / layers) and the ring's bound
 layers x max(load, compute), so the table shows where the ring stops hiding the load.
 """
@@ -33,6 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--decode" in argv:
+        return decode_main([a for a in argv if a != "--decode"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)
@@ -170,6 +178,239 @@ def format_table(r: dict, resident_bytes: dict) -> str:
         + f"  (ring saves {100 * r['memory_saving']:.0f}%)"
     )
     lines.append(f"headline: {r['headline_tokens_per_forward']} tokens per forward")
+    return "\n".join(lines)
+
+
+
+# ----------------------------------------------------------------------------- decode benchmark
+def decode_main(argv) -> dict:
+    """Decode (generation) benchmark: tokens/s of decode steps against all-resident, at batch 1
+    and 8, with the expert budget a quarter of all experts.
+
+    Modes: ``resident`` (every expert in memory), ``ring`` (layer-granular ring, K layers at the
+    budget), ``cache`` (single-expert slots at the budget, LFU-decay, pre-gating prefetch),
+    ``cache_noprefetch``, ``cache_int8`` (int8 sections). Per mode: tokens/s, ratio to resident,
+    cache hit rate against Belady's offline optimum on the same routing trace, pre-gating
+    precision/recall, bytes read per token, and the exposed load time (compute waiting for
+    loads) against the I/O floor = bytes read / the O_DIRECT bandwidth measured in this run.
+    """
+    p = argparse.ArgumentParser(description=decode_main.__doc__)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=256, help="per-expert hidden size (fine-grained experts)")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--moe-layers", type=int, default=8)
+    p.add_argument("--budget", type=float, default=0.25, help="expert memory budget as a share of all experts")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--new", type=int, default=32, help="decode steps timed per batch size")
+    p.add_argument("--modes", default="resident,ring,cache,cache_noprefetch,cache_int8")
+    p.add_argument("--sharpen", type=float, default=8.0,
+                   help="scale the random router weights (a trained router is far from uniform)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quality-package", type=Path, default=None,
+                   help="measure int8 vs float32 (held-out loss, greedy agreement) on this package (exported with "
+                        "--int8, byte vocabulary) instead of the benchmark's random model")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    from paddle_semoe.engine.launch_env import keep_freed_memory
+
+    keep_freed_memory()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import logging
+
+    import numpy as np
+    import paddle
+
+    from paddle_semoe.data.corpus import load_split
+    from paddle_semoe.inference.cache import ExpertGeometry, belady_hit_rate, routing_requests
+    from paddle_semoe.inference.quality import compare_serving
+    from paddle_semoe.inference.export import export_package
+    from paddle_semoe.inference.package import aligned_buffer, read_manifest
+    from paddle_semoe.inference.runner import InferenceModel, ServeConfig
+    from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
+
+    logging.basicConfig(level=logging.WARNING)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_decode_", dir=args.workdir)
+    work = Path(tmp.name)
+    paddle.seed(0)
+    cfg = GPTConfig(vocab_size=256, max_seq_len=args.prompt + args.new + 8, d_model=args.d_model,
+                    n_layers=args.moe_layers, n_heads=8, d_ff=args.d_ff, moe_every=1,
+                    moe=MoESettings(num_experts=args.experts, top_k=args.top_k))
+    model = GPTMoE(cfg)
+    with paddle.no_grad():
+        for layer in model.moe_layers():
+            layer.router.weight.set_value(layer.router.weight * args.sharpen)
+    pkg = export_package(model, work / "pkg", graphs=False, int8="cache_int8" in args.modes)
+    del model
+    man = read_manifest(pkg)
+    geo = ExpertGeometry.of(man)
+    n_all = geo.layers * geo.experts
+    budget = int(args.budget * man.expert_bytes)
+    bw = _odirect_bandwidth(man, geo, aligned_buffer)
+    print(f"model: {geo.layers} MoE layers x {geo.experts} experts (D={geo.d_model}, F={geo.d_ff}, top-{args.top_k}); "
+          f"{geo.streamed_bytes / 2**20:.2f} MiB per expert, {man.expert_bytes / 2**20:.0f} MiB in all; budget "
+          f"{budget / 2**20:.0f} MiB ({100 * args.budget:.0f}%); O_DIRECT bandwidth {bw / 2**30:.2f} GiB/s", flush=True)
+    serves = {
+        "resident": ServeConfig(mode="resident", source="disk"),
+        "ring": ServeConfig(mode="ring", budget_bytes=budget, source="disk", direct_io=True),
+        "cache": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, record_routing=True),
+        "cache_noprefetch": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, prefetch=False,
+                                        record_routing=True),
+        "cache_int8": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, quant="int8",
+                                  record_routing=True),
+    }
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in serves]
+    if unknown:
+        raise SystemExit(f"unknown decode modes {unknown}; choose from {list(serves)}")
+    if "ring" in modes and budget < man.max_section_bytes:
+        print(f"ring skipped: the budget ({budget} B) is below one MoE layer's experts ({man.max_section_bytes} B)")
+        modes.remove("ring")
+    rng = np.random.default_rng(0)
+    results = []
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompts = rng.integers(0, 256, (B, args.prompt)).astype(np.int64)
+        row = {"batch": B, "modes": {}}
+        for name in modes:
+            m = InferenceModel.load(man, serves[name])
+            try:
+                row["modes"][name] = _time_decode(m, prompts, args.new, geo, belady_hit_rate, routing_requests, bw)
+            finally:
+                m.close()
+            r = row["modes"][name]
+            print(f"B={B} {name:<17} {r['tokens_per_s']:8.1f} tok/s  hit {r.get('hit_rate', float('nan')):.2f} "
+                  f"(Belady {r.get('belady_hit_rate', float('nan')):.2f})  {r['bytes_per_token'] / 2**20:7.2f} MiB/token  "
+                  f"exposed {r['exposed_load_s']:.3f}s vs floor {r['io_floor_s']:.3f}s", flush=True)
+        res = row["modes"].get("resident")
+        for r in row["modes"].values():
+            r["vs_resident"] = r["tokens_per_s"] / res["tokens_per_s"] if res else float("nan")
+        results.append(row)
+    quality = None
+    if "cache_int8" in modes:
+        qman = read_manifest(args.quality_package) if args.quality_package else man
+        held = load_split().val.astype(np.int64)
+        seq = min(48, int(qman.model["max_seq_len"]) - 1)
+        q = compare_serving(qman, ServeConfig(mode="resident", source="host"),
+                            ServeConfig(mode="cache", num_slots=ExpertGeometry.of(qman).experts * 2, source="host",
+                                        quant="int8"),
+                            held, seq_len=seq, windows=8, prompts=held[:4 * 8].reshape(4, 8),
+                            new_tokens=min(32, int(qman.model["max_seq_len"]) - 8))
+        quality = {"package": str(args.quality_package or "benchmark model (random weights)"), **q.to_dict()}
+        print(f"int8 vs float32 ({quality['package']}): held-out loss {q.loss_ref:.4f} -> {q.loss_test:.4f} "
+              f"({q.loss_delta:+.4f} nats), greedy-token agreement {100 * q.token_agreement:.1f}%, "
+              f"max |logit diff| {q.max_abs_logit_diff:.3g}", flush=True)
+    report = {
+        "int8_quality": quality,
+        "config": {"d_model": geo.d_model, "d_ff": geo.d_ff, "experts": geo.experts, "top_k": args.top_k,
+                   "moe_layers": geo.layers, "expert_bytes": man.expert_bytes, "budget_bytes": budget,
+                   "budget_share": args.budget, "threads": args.threads, "io": "O_DIRECT (cold)",
+                   "odirect_bandwidth_Bps": bw, "prompt": args.prompt, "decode_steps": args.new,
+                   "router_sharpen": args.sharpen, "total_experts": n_all},
+        "decode": results,
+    }
+    print(format_decode_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    tmp.cleanup()
+    return report
+
+
+def _odirect_bandwidth(man, geo, aligned_buffer, threads: int = 4) -> float:
+    """Bytes/s of O_DIRECT reads of expert-sized ranges (every expert's w1 and w2 of every
+    layer), ``threads`` reads in flight as the cache's loaders keep them: the disk's rate for
+    the cache's access pattern, measured cold in this run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    jobs = [(s, name, e) for s in man.sections for name in ("w1", "w2") for e in range(geo.experts)]
+
+    def read(chunk):
+        buf = aligned_buffer(geo.matrix_bytes + 8192)
+        n = 0
+        fds = {}
+        try:
+            for s, name, e in chunk:
+                fd = fds.get(s.file)
+                if fd is None:
+                    fd = fds[s.file] = os.open(man.root / s.file, flags)
+                off, nb = s.expert_range(name, e)
+                start = off - off % 4096
+                length = (off + nb + 4095) // 4096 * 4096 - start
+                n += os.preadv(fd, [memoryview(buf)[:length]], start)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        total = sum(ex.map(read, [jobs[i::threads] for i in range(threads)]))
+    return total / (time.perf_counter() - t0)
+
+
+def _time_decode(m, prompts, steps, geo, belady_hit_rate, routing_requests, bw) -> dict:
+    import numpy as np
+    import paddle
+
+    logits, caches = m.forward(paddle.to_tensor(prompts))
+    nxt = logits[:, -1, :].numpy().argmax(-1)
+    ex = m.experts
+    st = ex.stats
+    cs = getattr(ex, "cache_stats", None)
+    loads0, bytes0, wait0 = st.loads, st.bytes_loaded, st.wait_s
+    acc0 = (cs.accesses, cs.hits, cs.predicted, cs.predicted_used, cs.used_after_prediction) if cs else None
+    route0 = len(ex.routing) if cs is not None else 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, caches = m.forward(paddle.to_tensor(nxt[:, None].astype(np.int64)), caches)
+        nxt = logits[:, -1, :].numpy().argmax(-1)
+    dt = time.perf_counter() - t0
+    B = prompts.shape[0]
+    nbytes = st.bytes_loaded - bytes0
+    r = {"tokens_per_s": B * steps / dt, "seconds": dt, "loads": st.loads - loads0, "bytes_read": nbytes,
+         "bytes_per_token": nbytes / (B * steps), "exposed_load_s": st.wait_s - wait0, "io_floor_s": nbytes / bw,
+         "resident_expert_bytes": ex.resident_expert_bytes()}
+    r["exposed_vs_floor"] = r["exposed_load_s"] / r["io_floor_s"] if r["io_floor_s"] > 0 else float("nan")
+    if cs is not None:
+        acc, hits = cs.accesses - acc0[0], cs.hits - acc0[1]
+        r["hit_rate"] = hits / acc if acc else 0.0
+        # Belady replays the same decode trace (routing during prefill warmed both the same way)
+        reqs = routing_requests(ex.routing, geo.experts)
+        r["belady_hit_rate"] = _belady_window(reqs, route0, ex.num_slots, belady_hit_rate)
+        pred, used, after = cs.predicted - acc0[2], cs.predicted_used - acc0[3], cs.used_after_prediction - acc0[4]
+        r["pregate_precision"] = used / pred if pred else float("nan")
+        r["pregate_recall"] = used / after if after else float("nan")
+        r["slots"] = ex.num_slots
+    return r
+
+
+def _belady_window(reqs, start, capacity, belady_hit_rate) -> float:
+    """Belady hit rate over requests[start:], with the cache warmed optimally on requests[:start]."""
+    whole = belady_hit_rate(reqs, capacity)
+    head = belady_hit_rate(reqs[:start], capacity) if start else 0.0
+    n_all = sum(len(r) for r in reqs)
+    n_head = sum(len(r) for r in reqs[:start])
+    tail = n_all - n_head
+    return (whole * n_all - head * n_head) / tail if tail else 0.0
+
+
+def format_decode_table(r: dict) -> str:
+    c = r["config"]
+    lines = ["", f"decode tokens/s, {c['moe_layers']} MoE layers x {c['experts']} experts (top-{c['top_k']}), budget "
+                 f"{100 * c['budget_share']:.0f}% of experts, {c['io']}, disk {c['odirect_bandwidth_Bps'] / 2**30:.2f} GiB/s",
+             f"{'B':>2} {'mode':<17} {'tok/s':>8} {'x res':>6} {'hit':>5} {'Belady':>6} {'pre-P':>5} {'pre-R':>5} "
+             f"{'MiB/tok':>8} {'exposed s':>9} {'floor s':>8} {'exp/floor':>9}"]
+    for row in r["decode"]:
+        for name, m in row["modes"].items():
+            f = lambda k, fmt="{:.2f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
+            lines.append(f"{row['batch']:>2} {name:<17} {m['tokens_per_s']:>8.1f} {m['vs_resident']:>6.2f} {f('hit_rate'):>5} "
+                         f"{f('belady_hit_rate'):>6} {f('pregate_precision'):>5} {f('pregate_recall'):>5} "
+                         f"{m['bytes_per_token'] / 2**20:>8.2f} {m['exposed_load_s']:>9.3f} {m['io_floor_s']:>8.3f} "
+                         f"{m['exposed_vs_floor']:>9.2f}")
     return "\n".join(lines)
 
 

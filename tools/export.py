@@ -27,20 +27,27 @@ def main(argv=None) -> int:
     p.add_argument("-c", "--config", type=Path, help="training config (with --fresh)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new or empty directory, or an earlier package (replaced only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier inference package in --out")
     p.add_argument("--no-graphs", action="store_true", help="skip the static graphs (dygraph serving only)")
+    p.add_argument("--int8", action="store_true", help="also write weight-only int8 expert sections (serve --quant int8)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     import paddle
 
     from paddle_semoe.config import ConfigError, load_config
-    from paddle_semoe.engine.checkpoint import CheckpointError, resolve_checkpoint
+    from paddle_semoe.io.checkpoint import CheckpointError, resolve_checkpoint
     from paddle_semoe.engine.config import TrainConfig
-    from paddle_semoe.inference.export import export_package, model_from_checkpoint
+    from paddle_semoe.inference.export import (
+        check_export_target, checkpoint_tokenizer_files, export_package, model_from_checkpoint,
+    )
     from paddle_semoe.models.gpt import GPTMoE
 
     try:
+        check_export_target(args.out, args.overwrite)  # refuse before any work
+        extra = []
         if args.fresh:
             if args.config is None:
                 p.error("--fresh needs -c CONFIG")
@@ -50,7 +57,9 @@ def main(argv=None) -> int:
         else:
             ckpt = resolve_checkpoint(str(args.checkpoint), args.checkpoint)
             model = model_from_checkpoint(ckpt)
-        export_package(model, args.out, graphs=not args.no_graphs)
+            extra = checkpoint_tokenizer_files(ckpt)  # the training tokenizer travels into the package
+        export_package(model, args.out, graphs=not args.no_graphs, extra_files=extra, int8=args.int8,
+                       overwrite=args.overwrite)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -59,4 +68,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from paddle_semoe.engine.launch_env import run_entry
+
+    sys.exit(run_entry(main, name="export"))
