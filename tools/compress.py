@@ -12,6 +12,7 @@ compressed model as an inference package.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -31,7 +32,10 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out-dir", type=Path, default=None, help="export each compressed model as a package here")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier packages in --out-dir")
     args = p.parse_args(argv)
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(errno.ENOENT, "checkpoint not found", str(args.checkpoint))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
 
@@ -41,7 +45,7 @@ def main(argv=None) -> dict:
 
     from paddle_semoe.config import load_config
     from paddle_semoe.data import TokenBatcher, load_split, val_batches
-    from paddle_semoe.engine.checkpoint import resolve_checkpoint
+    from paddle_semoe.io.checkpoint import resolve_checkpoint
     from paddle_semoe.engine.config import TrainConfig
     from paddle_semoe.inference import compression as C
     from paddle_semoe.inference.export import export_package, model_from_checkpoint
@@ -72,7 +76,7 @@ def main(argv=None) -> dict:
         print(f"E={keep:3d}: experts {point['expert_bytes'] / 2**20:7.2f} MiB  val loss merged {merged:.4f} "
               f"-> distilled {distilled:.4f}  (full {full_loss:.4f})", flush=True)
         if args.out_dir:
-            export_package(student, args.out_dir / f"experts_{keep}", graphs=False)
+            export_package(student, args.out_dir / f"experts_{keep}", graphs=False, overwrite=args.overwrite)
     report = {"checkpoint": str(ckpt), "full_val_loss": full_loss, "unigram_baseline": None, "points": rows}
     from paddle_semoe.data import unigram_cross_entropy_nats
 
@@ -90,4 +94,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from paddle_semoe.engine.launch_env import run_entry
+
+    sys.exit(run_entry(lambda argv: 0 if main(argv) is not None else 1, name="compress"))

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     from paddle_semoe import ops
     from paddle_semoe.elastic.trainer import ElasticTrainer, TrainingError
-    from paddle_semoe.engine.checkpoint import CheckpointError
+    from paddle_semoe.io.checkpoint import CheckpointError
     from ufo_example.workload import UFOWorkload
 
     if not paddle.is_compiled_with_cuda():
@@ -115,4 +115,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from paddle_semoe.engine.launch_env import run_entry
+
+    sys.exit(run_entry(main, name="ufo_example.train"))

@@ -1,16 +1,34 @@
-"""Process set-up shared by the job entry points (tools/train.py, ufo_example/train.py).
+"""Process set-up shared by the job entry points (tools/*.py, ufo_example/train.py).
 
 Read the launcher's environment (rank, world, local size), pin CPU threads before Paddle is
-imported, configure rank-aware logging, and load a typed config with one-line errors.
+imported, configure rank-aware logging, load a typed config with one-line errors, and the one
+error boundary of every entry point (:func:`run_entry`).
+
+Exit statuses of the entry points:
+
+======  ==================================================================================
+0       done
+1       an expected failure at run time (I/O error or full disk, a dead peer, a corrupt or
+        mismatched checkpoint/package, training stopped): one line on stderr naming the cause
+2       bad input (config, command-line value, missing file): one line on stderr
+75      preempted (:data:`EXIT_PREEMPTED`): SIGTERM/SIGINT during training, a checkpoint was
+        saved; rerun with ``-o train.resume=auto`` to continue exactly
+130     interrupted (Ctrl-C outside a training loop): nothing is reported as a failure
+other   an unexpected error: its traceback is printed
+======  ==================================================================================
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, Sequence, TypeVar
+
+from paddle_semoe.io.files import IntegrityError
 
 T = TypeVar("T")
 
@@ -83,3 +101,76 @@ def keep_freed_memory() -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; resume=auto continues
+EXIT_INTERRUPTED = 130
+
+#: Expected run-time failures of modules above this one, named so that checking for them imports
+#: nothing (an error can only be of a class whose module is loaded).
+_EXPECTED_BY_NAME = (
+    ("paddle_semoe.comm.watchdog", "CommError"),
+    ("paddle_semoe.engine.checkpoint", "TrainingError"),
+    ("paddle_semoe.engine.run_lock", "RunLockError"),
+)
+
+
+def _named_expected() -> tuple[type[BaseException], ...]:
+    found = []
+    for module, name in _EXPECTED_BY_NAME:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_failure(err: BaseException) -> tuple[int, str] | None:
+    """``(exit status, one line naming the cause)`` of an expected failure, else ``None``.
+
+    Expected: bad values (``ValueError``, which config, tokenizer and input errors are), file
+    and I/O errors (``OSError``; a full disk says so), corrupt or mismatched checkpoints and
+    packages (:class:`~paddle_semoe.io.files.IntegrityError`), a failed collective
+    (``CommError``: a dead peer) and a stopped training run (``TrainingError``).
+    """
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_FAILED, f"disk full ({err.strerror or 'no space left on device'}){where}"
+        if isinstance(err, FileNotFoundError):
+            return EXIT_USAGE, _one_line(f"{err.strerror}{where}" if err.strerror else str(err))
+        return EXIT_FAILED, _one_line(f"I/O error: {err.strerror}{where}" if err.strerror else f"I/O error: {err}")
+    if isinstance(err, (IntegrityError, *_named_expected())):
+        return EXIT_FAILED, _one_line(str(err)) or type(err).__name__
+    if isinstance(err, ValueError):
+        return EXIT_USAGE, _one_line(str(err)) or type(err).__name__
+    return None
+
+
+def run_entry(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+              name: str = "semoe") -> int:
+    """Run an entry point's ``main(argv)`` inside the error boundary; returns the exit status.
+
+    Expected failures (:func:`describe_failure`) print ``error: <one line>`` on stderr (the
+    traceback is logged at DEBUG; ``SEMOE_TRACEBACK=1`` prints it too); unexpected exceptions
+    propagate with their traceback. ``KeyboardInterrupt`` is never a failure: it prints
+    ``<name>: interrupted`` and returns 130. ``SystemExit`` (argparse) passes through.
+    """
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        known = describe_failure(err)
+        if known is None or os.environ.get("SEMOE_TRACEBACK") == "1":
+            raise
+        logging.getLogger(name).debug("expected failure", exc_info=True)
+        print(f"error: {known[1]}", file=sys.stderr, flush=True)
+        return known[0]
+    return int(rc or 0)
