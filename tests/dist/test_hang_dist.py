@@ -21,7 +21,9 @@ TIMEOUT = 5.0
     "point, collective",
     [
         ("nan_check", "all_reduce[max] (non-finite step check)"),
-        ("checkpoint_barrier", "barrier (checkpoint step_00000002: directory created)"),
+        # the writer's first synchronisation: every rank agrees that the directory exists (an
+        # all-reduce of the failure flag, which is also the barrier before the shards are written)
+        ("checkpoint_barrier", "all_reduce[max] (checkpoint step_00000002.tmp: creating the directory)"),
     ],
 )
 def test_hung_rank_makes_the_other_fail_within_comm_timeout(tmp_path, monkeypatch, point, collective):
