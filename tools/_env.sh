@@ -13,6 +13,8 @@ if ! "$PY" -c "import yaml, numpy" >/dev/null 2>&1; then
 fi
 if ! "$PY" -c "import paddle_semoe" >/dev/null 2>&1 || [ "$("$PY" -c 'import paddle_semoe,os;print(os.path.dirname(os.path.dirname(os.path.abspath(paddle_semoe.__file__))))')" != "$PWD" ]; then
   echo "== installing paddle-semoe (editable) from $PWD"
+  # --no-build-isolation builds with the installed setuptools, which needs 'wheel' before v70.1
+  "$PY" -c "import setuptools, wheel" >/dev/null 2>&1 || "$PY" -m pip install -q setuptools wheel
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2}
