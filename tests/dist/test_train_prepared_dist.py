@@ -14,7 +14,6 @@ from paddle_semoe.data import load_documents
 from paddle_semoe.data.prepare import PrepareOptions, prepare_dataset
 from paddle_semoe.data.subword import sha256_file, train_byte_level_bpe
 from tests.dist import train_runner as tr
-from tests.dist.test_train_dist import _wait_for
 
 CONFIG = Path(__file__).resolve().parents[1] / "assets" / "gpt_moe_test.yaml"
 VOCAB = 512
@@ -46,27 +45,7 @@ def _common(data: Path) -> list[str]:
 
 def test_kill_then_resume_on_a_blend_of_prepared_datasets_is_bit_identical(data, tmp_path):
     common = _common(data) + ["train.max_steps=60", "train.save_every=4", "train.eval_every=1000"]
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = tr.start(2, CONFIG, common + [f"train.output_dir={ref_dir}"], tmp_path)
-    try:
-        _wait_for(lambda: 14 in tr.metrics(ref_dir / "metrics.jsonl"), 180, "reference step 14")
-    finally:
-        tr.kill(ref)
-    job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}"], tmp_path)
-    try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 180, "first checkpoint")
-    finally:
-        tr.kill(job)  # SIGKILL
-    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}", "train.resume=auto"], tmp_path)
-    try:
-        _wait_for(lambda: 14 in tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from), 180, "resumed step 14")
-    finally:
-        tr.kill(job)
-    ref_m = tr.metrics(ref_dir / "metrics.jsonl")
-    new_m = tr.metrics(run_dir / "metrics.jsonl", after_step=resumed_from)
-    logged = tr.logged_steps(run_dir / "metrics.jsonl")
-    assert logged == sorted(set(logged)), f"a step is logged twice after the resume: {logged}"
+    ref_m, new_m, resumed_from = tr.kill_then_resume(2, CONFIG, common, tmp_path)
     assert min(new_m) == resumed_from + 1
     steps = list(range(resumed_from + 1, 15))
     assert len(steps) >= 3

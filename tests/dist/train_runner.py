@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +130,42 @@ def logged_steps(path: Path, kind: str = "train") -> list[int]:
     """The steps of the records of that kind, in file order (a resumed run repeats none)."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return [rec["step"] for rec in records if rec.get("kind") == kind]
+
+
+def wait_for(pred, timeout_s: float, what: str) -> None:
+    """Poll ``pred()`` every 50 ms until it is true; AssertionError after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_then_resume(nproc: int, config: Path, common: list[str], tmp_path: Path, until_step: int = 14) -> tuple[dict, dict, int]:
+    """An uninterrupted reference run and the same run SIGKILLed right after its first checkpoint,
+    then resumed with ``train.resume=auto``; both stopped once they logged ``until_step``.
+
+    Returns (reference metrics, resumed metrics of the steps after the checkpoint, checkpoint step);
+    also asserts that the resumed run's metrics repeat no step."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = start(nproc, config, common + [f"train.output_dir={ref_dir}"], tmp_path)
+    try:
+        wait_for(lambda: until_step in metrics(ref_dir / "metrics.jsonl"), 180, f"reference step {until_step}")
+    finally:
+        kill(ref)
+    job = start(nproc, config, common + [f"train.output_dir={run_dir}"], tmp_path)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 180, "first checkpoint")
+    finally:
+        kill(job)  # SIGKILL of the whole job
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    job = start(nproc, config, common + [f"train.output_dir={run_dir}", "train.resume=auto"], tmp_path)
+    try:
+        wait_for(lambda: until_step in metrics(run_dir / "metrics.jsonl", after_step=resumed_from), 180,
+                 f"resumed step {until_step}")
+    finally:
+        kill(job)
+    logged = logged_steps(run_dir / "metrics.jsonl")
+    assert logged == sorted(set(logged)), f"a step is logged twice after the resume: {logged}"
+    return metrics(ref_dir / "metrics.jsonl"), metrics(run_dir / "metrics.jsonl", after_step=resumed_from), resumed_from

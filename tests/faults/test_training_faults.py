@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,6 @@ from paddle_semoe.engine.run_lock import RunLockError, lock_output_dir
 from tests.dist import train_runner as tr
 
 CONFIG = Path(__file__).resolve().parents[1] / "assets" / "gpt_moe_test.yaml"
-
-
-def _wait_for(pred, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ----------------------------------------------------------------------------- output-directory lock
@@ -115,7 +105,7 @@ def test_sigterm_saves_on_every_rank_and_resume_continues_bit_identically(tmp_pa
     run_dir = tmp_path / "run"
     job = tr.start(2, CONFIG, common + [f"train.output_dir={run_dir}"], tmp_path)
     try:
-        _wait_for(lambda: 3 in tr.metrics(run_dir / "metrics.jsonl"), 180, "step 3")
+        tr.wait_for(lambda: 3 in tr.metrics(run_dir / "metrics.jsonl"), 180, "step 3")
         job.send_signal(signal.SIGTERM)  # the launcher terminates its workers, as a scheduler would
         job.wait(timeout=90)
     finally:
@@ -141,7 +131,7 @@ def test_preempted_single_process_exits_with_the_preempted_status(tmp_path):
                                  "parallel.ep_degree=1", f"train.output_dir={tmp_path}/run"], tmp_path)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=tr._env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: 2 in tr.metrics(tmp_path / "run" / "metrics.jsonl"), 120, "step 2")
+        tr.wait_for(lambda: 2 in tr.metrics(tmp_path / "run" / "metrics.jsonl"), 120, "step 2")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     finally:
