@@ -152,6 +152,13 @@ def describe_failure(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _say(line: str) -> None:
+    """The entry point's own last word on stderr: exactly this line, no logger prefix (users and
+    scripts, e.g. tools/chaos.py, read it as the job's result), so not through ``logging``."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_entry(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
               name: str = "semoe") -> int:
     """Run an entry point's ``main(argv)`` inside the error boundary; returns the exit status.
@@ -164,13 +171,13 @@ def run_entry(main: Callable[[Sequence[str] | None], int | None], argv: Sequence
     try:
         rc = main(argv)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        _say(f"{name}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as err:
         known = describe_failure(err)
         if known is None or os.environ.get("SEMOE_TRACEBACK") == "1":
             raise
         logging.getLogger(name).debug("expected failure", exc_info=True)
-        print(f"error: {known[1]}", file=sys.stderr, flush=True)
+        _say(f"error: {known[1]}")
         return known[0]
     return int(rc or 0)
