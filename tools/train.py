@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --dry_run: plan for this many ranks (default: the launched world, else the smallest "
                         "world the config allows)")
     p.add_argument("--eval_only", action="store_true", help="load train.resume, print the held-out loss as JSON, exit")
+    p.add_argument("--eval_text", action="append", default=[], metavar="FILE",
+                   help="with --eval_only: also score these UTF-8 text files, encoded with the checkpoint's tokenizer "
+                        "(loss in nats/token and bits/byte)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / local processes)")
     return p.parse_args(argv)
 
@@ -108,10 +111,12 @@ def _run(args: argparse.Namespace, cfg, log: logging.Logger, train: bool) -> int
         if args.eval_only:
             if not trainer.resume(cfg.train.resume):
                 raise CheckpointError("--eval_only needs -o train.resume=<checkpoint or auto> pointing at a checkpoint")
-            val = trainer.evaluate()
+            result = {"step": trainer.step, "val_loss": trainer.evaluate(), "world_size": ctx.world_size,
+                      "ep_degree": ctx.parallel.ep_degree}
+            if args.eval_text:
+                result["text"] = _score_text(trainer, args.eval_text)
             if ctx.is_main:
-                print(json.dumps({"step": trainer.step, "val_loss": val, "world_size": ctx.world_size,
-                                  "ep_degree": ctx.parallel.ep_degree}), flush=True)
+                print(json.dumps(result), flush=True)
             return 0
         if train:  # SIGTERM/SIGINT: finish the step on every rank, save, exit EXIT_PREEMPTED
             trainer.stop_request = StopRequest().install()
@@ -125,6 +130,26 @@ def _run(args: argparse.Namespace, cfg, log: logging.Logger, train: bool) -> int
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _score_text(trainer, paths: list[str]) -> dict:
+    """Loss of the resumed model on text files, encoded with the tokenizer its checkpoint carries."""
+    import math
+
+    from paddle_semoe.data import encode_text_files, model_tokenizer
+
+    cfg = trainer.cfg
+    tok = model_tokenizer(trainer.resumed_from, cfg.model.vocab_size)
+    ids, n_bytes = encode_text_files(tok, [Path(p) for p in paths])
+    need = cfg.data.seq_len * trainer.ctx.world_size * max(cfg.data.global_batch_size // trainer.ctx.world_size, 1) + 1
+    if trainer.ctx.world_size == 1:
+        need = cfg.data.seq_len + 1
+    if ids.size < need:
+        raise ValueError(f"--eval_text: {', '.join(paths)} encode to {ids.size} tokens with {tok.describe()}; "
+                         f"scoring needs at least {need} (data.seq_len={cfg.data.seq_len}, on {trainer.ctx.world_size} rank(s))")
+    loss = trainer.evaluate(ids)
+    return {"files": paths, "tokenizer": tok.describe(), "tokens": int(ids.size), "bytes": n_bytes, "loss": loss,
+            "bits_per_byte": loss / math.log(2) * ids.size / n_bytes}
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from .subword import (
     TextTokenizer,
     TokenizerError,
     copy_tokenizer_files,
+    encode_text_files,
     load_tokenizer,
     load_tokenizer_dir,
+    model_tokenizer,
     train_byte_level_bpe,
 )
 from .tokenizer import ByteTokenizer, unigram_cross_entropy_nats, unigram_entropy_nats
@@ -86,6 +88,7 @@ __all__ = [
     "check_tokenizer_on_resume",
     "check_weights",
     "copy_tokenizer_files",
+    "encode_text_files",
     "corpus_names",
     "expected_sha256",
     "load_corpus",
@@ -94,6 +97,7 @@ __all__ = [
     "load_tokenizer",
     "load_tokenizer_dir",
     "load_training_split",
+    "model_tokenizer",
     "split_inputs_targets",
     "token_dtype_for",
     "train_byte_level_bpe",

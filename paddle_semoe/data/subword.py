@@ -40,6 +40,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from paddle_semoe.io.files import FileRecord, record_of, write_atomic
 
 from .tokenizer import ByteTokenizer
@@ -471,6 +473,33 @@ def model_tokenizer(root: Optional[Path], model_vocab_size: int, override: Optio
             f"tokenizer {tok.describe()} has more tokens than the model's vocab_size={model_vocab_size}"
         )
     return tok
+
+
+def encode_text_files(tok: TextTokenizer, paths: Sequence[Path]) -> Tuple[np.ndarray, int]:
+    """Encode UTF-8 text files for evaluation: each file is one document, followed by EOS when the
+    tokenizer has one.
+
+    Returns:
+        ``(ids, n_bytes)``: ``int64[N]`` token ids of all files in order, and their UTF-8 size.
+
+    Raises:
+        TokenizerError: a missing or empty file, or undecodable UTF-8 (file and byte offset named).
+    """
+    ids: List[int] = []
+    n_bytes = 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise TokenizerError(f"{path}: no such text file")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TokenizerError(f"{path}: undecodable UTF-8 at byte offset {err.start} ({err.reason})") from None
+        if not text.strip():
+            raise TokenizerError(f"{path}: the file holds no text")
+        ids += tok.encode(text) + ([] if tok.eos_id is None else [tok.eos_id])
+        n_bytes += len(data)
+    return np.asarray(ids, dtype=np.int64), n_bytes
 
 
 def prompt_pad_id(tok: TextTokenizer) -> int:

@@ -326,16 +326,20 @@ class Trainer:
                           sums.dropped_by_choice)
 
     @paddle.no_grad()
-    def evaluate(self) -> float:
-        """Mean token cross-entropy on the held-out split (all ranks, equal batch counts)."""
+    def evaluate(self, tokens: Any = None) -> float:
+        """Mean token cross-entropy (nats) on the held-out split, or on ``tokens`` (``int64[N]``,
+        e.g. a user's text encoded with the model's tokenizer: every full window is scored, and a
+        last partial batch too on a single rank). All ranks see equal batch counts."""
         cfg = self.cfg
         self._ensure_experts()
         self.model.eval()
         per_rank = max(cfg.data.global_batch_size // self.ctx.world_size, 1)
         total = count = 0.0
+        single = self.ctx.world_size == 1
         for batch in val_batches(
-            self.split.val, per_rank, cfg.data.seq_len, max_batches=cfg.train.eval_batches,
-            rank=self.ctx.rank, world_size=self.ctx.world_size,
+            self.split.val if tokens is None else tokens, per_rank, cfg.data.seq_len,
+            max_batches=cfg.train.eval_batches if tokens is None else None,
+            rank=self.ctx.rank, world_size=self.ctx.world_size, drop_last=tokens is None or not single,
         ):
             x, y = paddle.to_tensor(batch[:, :-1]), paddle.to_tensor(batch[:, 1:])
             out = self.model(x, y)

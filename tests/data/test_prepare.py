@@ -319,3 +319,23 @@ def test_reading_windows_leaves_no_shard_pages_mapped(prepared):
         view.take(rng.integers(0, ds.num_tokens - 65, size=(16, 1)) + np.arange(65))
     mapped = sum(_mapped_kib((prepared / s["name"]).resolve()) for s in ds.manifest["shards"])
     assert mapped == 0, f"{mapped} KiB of shard pages still mapped after 3200 windows"
+
+
+def test_encode_text_files_for_evaluation(tmp_path, bpe):
+    from paddle_semoe.data import TokenizerError, encode_text_files
+
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("naïve café ✓\n", encoding="utf-8")
+    ids, n_bytes = encode_text_files(bpe, [tmp_path / "a.txt", tmp_path / "b.txt"])
+    eos = [] if bpe.eos_id is None else [bpe.eos_id]
+    expect = bpe.encode("def f(x):\n    return x\n") + eos + bpe.encode("naïve café ✓\n") + eos
+    assert ids.dtype == np.int64 and ids.tolist() == expect
+    assert n_bytes == len("def f(x):\n    return x\n".encode()) + len("naïve café ✓\n".encode())
+    (tmp_path / "bad.txt").write_bytes(b"ok so far \xff\xfe")
+    with pytest.raises(TokenizerError, match=r"bad.txt: undecodable UTF-8 at byte offset 10"):
+        encode_text_files(bpe, [tmp_path / "bad.txt"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(TokenizerError, match="empty.txt: the file holds no text"):
+        encode_text_files(bpe, [tmp_path / "empty.txt"])
+    with pytest.raises(TokenizerError, match="missing.txt: no such text file"):
+        encode_text_files(bpe, [tmp_path / "missing.txt"])

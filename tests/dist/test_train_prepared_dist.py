@@ -5,6 +5,7 @@ tokenizer mismatch is refused by name."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from paddle_semoe.data import load_documents
 from paddle_semoe.data.prepare import PrepareOptions, prepare_dataset
-from paddle_semoe.data.subword import sha256_file, train_byte_level_bpe
+from paddle_semoe.data.subword import load_tokenizer_dir, sha256_file, train_byte_level_bpe
 from tests.dist import train_runner as tr
 
 CONFIG = Path(__file__).resolve().parents[1] / "assets" / "gpt_moe_test.yaml"
@@ -69,9 +70,19 @@ def test_checkpoint_carries_the_tokenizer_with_its_hash(trained, data):
     assert names["tokenizer/tokenizer.json"]["sha256"] == sha256_file(tok_json) == sha256_file(data / "a" / "tokenizer" / "tokenizer.json")
     assert "tokenizer/tokenizer_meta.json" in names
     res = tr.run(1, CONFIG, _common(data) + [f"train.output_dir={trained.parent.parent}/e", "parallel.ep_degree=1",
-                                            f"train.resume={trained}"], trained.parent, extra=["--eval_only"], timeout_s=120)
+                                            f"train.resume={trained}"], trained.parent,
+                 extra=["--eval_only", "--eval_text", str(data / "b.txt")], timeout_s=120)
     assert res.returncode == 0, res.output[-3000:]
-    assert res.json_lines()[-1]["step"] == 4
+    result = res.json_lines()[-1]
+    assert result["step"] == 4
+    # --eval_text encodes with the checkpoint's tokenizer and scores every full window
+    tok = load_tokenizer_dir(trained / "tokenizer")
+    text = (data / "b.txt").read_text()
+    assert result["text"]["tokens"] == len(tok.encode(text)) + (tok.eos_id is not None)
+    assert result["text"]["bytes"] == len(text.encode())
+    assert 0.0 < result["text"]["loss"] < 1.5 * math.log(VOCAB)
+    assert result["text"]["bits_per_byte"] == pytest.approx(
+        result["text"]["loss"] / math.log(2) * result["text"]["tokens"] / result["text"]["bytes"])
 
 
 def test_resume_on_data_with_another_tokenizer_is_refused_by_name(trained, data, tmp_path):
