@@ -3,8 +3,9 @@
 Each sequence keeps its own key/value caches (one :class:`~paddle_semoe.models.gpt.KVCache`
 ``[1, H, S_seq, Dh]`` per block) and its own position, so sequences of different lengths never
 need padding or masks. A decode step over the active sequences runs, per block, the training
-``Block``'s own pieces: ``attend`` per sequence (its cache, its positions), then ``ln2`` and
-the FFN once over all of the step's tokens; for an MoE block that is one routing and one set of
+``Block``'s own pieces: ``attend_many`` (the qkv and output projections once over the batch,
+the attention over each sequence's own cache and positions), then ``ln2`` and the FFN once
+over all of the step's tokens; for an MoE block that is one routing and one set of
 expert loads for the whole batch. A new sequence is prefilled alone (one forward of its
 prompt), then joins the next decode step; a finished one leaves at once.
 
@@ -172,18 +173,20 @@ class BatchScheduler:
 
     @paddle.no_grad()
     def _decode(self, seqs: list[Sequence]) -> None:
-        """One token for each of ``seqs``: per-sequence attention, batched FFN / experts."""
+        """One token for each of ``seqs``: batched projections, FFN and experts; attention per cache."""
         m = self.model.model
         x = paddle.concat(
             [m.embed(paddle.to_tensor([[s.generated[-1]]], dtype="int64"), s.cache_len) for s in seqs], axis=0
         )  # [B, 1, D]
         for i, block in enumerate(m.blocks):
-            parts = []
-            for b, s in enumerate(seqs):
+            caches = []
+            for s in seqs:
                 assert s.caches is not None  # set by the prefill
-                xb, s.caches[i] = block.attend(x[b : b + 1], s.caches[i])
-                parts.append(xb)
-            x = paddle.concat(parts, axis=0)
+                caches.append(s.caches[i])
+            x, new_caches = block.attend_many(x, caches)
+            for s, c in zip(seqs, new_caches):
+                assert s.caches is not None
+                s.caches[i] = c
             out = block.ffn(block.ln2(x))
             x = x + (out.y if isinstance(block.ffn, MoELayer) else out)
         logits = m.head(x)[:, -1, :].numpy()

@@ -118,6 +118,32 @@ class CausalSelfAttention(nn.Layer):
             v = paddle.concat([cache.v, v], axis=2)
         return y, KVCache(k, v)
 
+    def forward_many(self, x_B1D: paddle.Tensor, caches: list[KVCache]) -> tuple[paddle.Tensor, list[KVCache]]:
+        """One decode token for each of B sequences with caches of different lengths (no padding):
+        the qkv and output projections run once over the batch; only the attention over each
+        sequence's own cache runs per sequence. Row b of the result equals
+        ``forward(x_B1D[b:b+1], caches[b])``. Inference only (no dropout).
+
+        Args:
+            x_B1D: ``float32 [B, 1, D]``.
+            caches: B caches, ``caches[b].k/v`` ``[1, H, P_b, Dh]``.
+        Returns:
+            ``([B, 1, D], B new caches with P_b + 1 positions)``.
+        """
+        B = x_B1D.shape[0]
+        if len(caches) != B:
+            raise ValueError(f"forward_many: {B} tokens but {len(caches)} caches")
+        qkv = ops.fused_linear(x_B1D, self.qkv.weight, self.qkv.bias, backend=self.backend)  # [B, 1, 3D]
+        outs, new_caches = [], []
+        kv = qkv.detach().reshape([B, 1, 3, self.n_heads, self.d_head])
+        for b, cache in enumerate(caches):
+            outs.append(ops.causal_attention(qkv[b : b + 1], self.n_heads, k_past=cache.k, v_past=cache.v, backend=self.backend))
+            k = kv[b : b + 1, :, 1].transpose([0, 2, 1, 3])
+            v = kv[b : b + 1, :, 2].transpose([0, 2, 1, 3])
+            new_caches.append(KVCache(paddle.concat([cache.k, k], axis=2), paddle.concat([cache.v, v], axis=2)))
+        y = ops.fused_linear(paddle.concat(outs, axis=0), self.proj.weight, self.proj.bias, backend=self.backend)
+        return y, new_caches
+
     def _forward_with_dropout(self, x_BSD: paddle.Tensor, cache: KVCache | None) -> tuple[paddle.Tensor, KVCache]:
         """Paddle's unfused ops: dropout on the attention probabilities needs them materialized."""
         B, S, D = x_BSD.shape
@@ -240,6 +266,12 @@ class Block(nn.Layer):
         if self.training and self.dropout > 0:
             a = F.dropout(a, self.dropout)
         return x + a, new_cache
+
+    def attend_many(self, x_B1D: paddle.Tensor, caches: list[KVCache]) -> tuple[paddle.Tensor, list[KVCache]]:
+        """:meth:`attend` for one decode token of each of B sequences, each with its own cache
+        (see :meth:`CausalSelfAttention.forward_many`). Inference only."""
+        a, new_caches = self.attn.forward_many(self.ln1(x_B1D), caches)
+        return x_B1D + a, new_caches
 
     def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
         x, new_cache = self.attend(x, cache)

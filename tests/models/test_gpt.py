@@ -60,3 +60,27 @@ def test_errors():
         GPTConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="top_k must be in"):
         MoESettings(num_experts=4, top_k=5)
+
+
+def test_attend_many_equals_attend_per_sequence():
+    """Batched decode attention (one qkv / projection GEMM over the batch, attention per cache)
+    gives each sequence what its own ``attend`` gives, for caches of different lengths."""
+    paddle.seed(3)
+    cfg = GPTConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, moe_every=0)
+    model = GPTMoE(cfg)
+    model.eval()
+    block = model.blocks[0]
+    caches, xs = [], []
+    for length in (1, 5, 3):
+        _, cache = block.attend(paddle.randn([1, length, 32]))
+        caches.append(cache)
+        xs.append(paddle.randn([1, 1, 32]))
+    with paddle.no_grad():
+        y, new = block.attend_many(paddle.concat(xs, axis=0), caches)
+        for b, (x, cache) in enumerate(zip(xs, caches)):
+            ref_y, ref_cache = block.attend(x, cache)
+            np.testing.assert_allclose(y[b : b + 1].numpy(), ref_y.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(new[b].k.numpy(), ref_cache.k.numpy())
+            np.testing.assert_array_equal(new[b].v.numpy(), ref_cache.v.numpy())
+    with pytest.raises(ValueError, match="3 tokens but 2 caches"):
+        block.attend_many(paddle.concat(xs, axis=0), caches[:2])
