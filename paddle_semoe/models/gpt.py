@@ -274,8 +274,12 @@ class Block(nn.Layer):
         return x_B1D + a, new_caches
 
     def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
-        x, new_cache = self.attend(x, cache)
-        h = self.ln2(x)
+        # attend + ln2 with the residual add fused into the LayerNorm (one pass; the same
+        # numbers as ``x = attend(x); h = ln2(x)``, which serving and export run)
+        a, new_cache = self.attn(self.ln1(x), cache)
+        if self.training and self.dropout > 0:
+            a = F.dropout(a, self.dropout)
+        h, x = self.ln2.add_norm(a, x)
         if isinstance(self.ffn, DenseFFN):
             return BlockOutput(x + self.ffn(h), new_cache, None, None)
         if self.recompute_moe and self.training:
