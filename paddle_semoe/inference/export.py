@@ -8,15 +8,21 @@ graph           inputs -> outputs                                       paramete
 ==============  ======================================================  ==================
 ``embed``       tokens [B,S] int64 -> x [B,S,D]                         embeddings
 ``block_i``     x -> x (a dense block: attention + dense FFN)           block i
-``moe_pre_i``   x -> x_mid, rows, counts, weights, positions            attention, router
-                (attention, then dropless fused gate-dispatch)
+``moe_pre_i``   x -> x_mid, rows, counts, weights, positions [, shared] attention, router,
+                (attention, then dropless fused gate-dispatch;          shared experts
+                ``shared`` [T,D]: the shared experts' output)
 ``experts``     rows, counts, w1, b1, w2, b2 -> rows (grouped FFN)      none (weights are inputs)
-``moe_post``    x_mid, rows, weights, positions -> x (combine + add)    none
+``moe_post``    x_mid, rows, weights, positions [, shared] -> x         none
+                (combine, + shared, + residual)
 ``head``        x -> logits [B,S,V]                                     final norm, table
 ==============  ======================================================  ==================
 
 The custom ops appear in ``moe_pre``/``experts``/``moe_post`` and survive export through their
-InferShape/InferDtype functions.
+InferShape/InferDtype functions. A model with shared experts (``model.moe.num_shared_experts >
+0``) exports ``moe_pre`` with the extra output ``shared`` and ``moe_post`` with the extra input
+``shared``; the shared experts are dense parameters, so they live in ``moe_pre`` and every
+expert-serving mode (resident, ring, naive) feeds the same graphs. ``moe_post`` adds them in the
+training layer's order, ``x_mid + (combine + shared)``.
 """
 
 from __future__ import annotations
@@ -115,7 +121,8 @@ class _DenseBlock(nn.Layer):
 
 
 class _MoEPre(nn.Layer):
-    """Attention, then routing: ``x -> x_mid, rows, counts, weights, positions``."""
+    """Attention, then routing: ``x -> x_mid, rows, counts, weights, positions`` and, when the
+    layer has shared experts, ``shared`` [T, D] (their output on the same normed input)."""
 
     def __init__(self, block: Block, layer: MoELayer):
         super().__init__()
@@ -124,8 +131,11 @@ class _MoEPre(nn.Layer):
 
     def forward(self, x):
         x_mid, _ = self.block.attend(x)
-        d = self.layer.route(self.block.ln2(x_mid).reshape([-1, x.shape[-1]])).dispatch
-        return x_mid, d.rows, d.counts, d.weights, d.positions
+        h_TD = self.block.ln2(x_mid).reshape([-1, x.shape[-1]])
+        d = self.layer.route(h_TD).dispatch
+        if self.layer.shared_experts is None:
+            return x_mid, d.rows, d.counts, d.weights, d.positions
+        return x_mid, d.rows, d.counts, d.weights, d.positions, self.layer.shared_experts(h_TD)
 
 
 class _Experts(nn.Layer):
@@ -146,6 +156,17 @@ class _MoEPost(nn.Layer):
 
     def forward(self, x_mid, rows, weights, positions):
         return x_mid + self._combine(rows, weights, positions).reshape(paddle.shape(x_mid))
+
+
+class _MoEPostShared(nn.Layer):
+    """``x_mid + (combine + shared)``: the order of ``MoELayer.forward`` then ``Block.forward``."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self._combine = layer.combine  # the method only: the graph holds no parameters
+
+    def forward(self, x_mid, rows, weights, positions, shared):
+        return x_mid + (self._combine(rows, weights, positions) + shared).reshape(paddle.shape(x_mid))
 
 
 class _Head(nn.Layer):
@@ -176,8 +197,6 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
             "pure-Paddle reference (export with --no-graphs, or build the ops)"
         )
     moe_cfg = cfg.moe_config()
-    if moe_cfg.num_shared_experts > 0:
-        raise ValueError("static graphs do not carry shared experts yet (model.moe.num_shared_experts > 0): export with --no-graphs")
     D, E, F, K = cfg.d_model, moe_cfg.num_experts, moe_cfg.d_ff, moe_cfg.k
     gdir = out / "graphs"
     gdir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +225,12 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
              InputSpec([E, F, D], "float32", "w2"), InputSpec([E, D], "float32", "b2")],
             gdir / "experts",
         )
-        graphs["moe_post"] = "graphs/" + _save(
-            _MoEPost(moe_layers[0]),
-            [x_spec, rows, InputSpec([None, K], "float32", "weights"), InputSpec([None, K], "int32", "positions")],
-            gdir / "moe_post",
-        )
+        post_specs = [x_spec, rows, InputSpec([None, K], "float32", "weights"), InputSpec([None, K], "int32", "positions")]
+        post: nn.Layer = _MoEPost(moe_layers[0])
+        if moe_cfg.num_shared_experts > 0:  # every MoE layer has them (one MoEConfig for all)
+            post_specs.append(InputSpec([None, D], "float32", "shared"))
+            post = _MoEPostShared(moe_layers[0])
+        graphs["moe_post"] = "graphs/" + _save(post, post_specs, gdir / "moe_post")
     graphs["head"] = "graphs/" + _save(_Head(model), [x_spec], gdir / "head")
     return graphs
 

@@ -2,7 +2,8 @@
 
 Each sub-graph of the package (see export.py) gets a ``paddle.inference`` predictor; the
 expert graph takes the expert weights as inputs, so the same :mod:`ring` providers feed it
-layer by layer. The compiled custom ops must be loaded in the serving process (they are, via
+layer by layer (a model's shared experts are dense: they run inside its ``moe_pre`` graphs, whose
+extra output ``moe_post`` adds). The compiled custom ops must be loaded in the serving process (they are, via
 :func:`paddle_semoe.ops.resolve_backend`). There is no key/value cache in the exported
 graphs: every generation step recomputes the whole sequence (routing is dropless, so this
 gives the same tokens as cached decoding).
@@ -65,6 +66,13 @@ class PaddleInferenceModel:
         has_moe = any(b["kind"] == "moe" for b in g["blocks"])  # a dense model has no expert graphs
         self.experts_graph = _Graph(root, g["experts"], threads) if has_moe else None
         self.post = _Graph(root, g["moe_post"], threads) if has_moe else None
+        # shared experts: every moe_pre has a 6th output (their rows [T, D]) that moe_post adds
+        for kind, graph in self.blocks:
+            if kind == "moe" and self.post is not None and len(graph.outputs) - 1 != len(self.post.inputs):
+                raise PackageError(
+                    f"package {root}: a moe_pre graph has {len(graph.outputs)} outputs but moe_post takes "
+                    f"{len(self.post.inputs)} inputs (expected outputs - 1): re-export the package"
+                )
         self.head = _Graph(root, g["head"], threads)
         self.experts = build_provider(manifest, serve)
 
@@ -80,13 +88,13 @@ class PaddleInferenceModel:
                 (x,) = graph(x)
                 continue
             assert self.experts_graph is not None and self.post is not None  # a package with MoE blocks has both
-            x_mid, rows, counts, weights, positions = graph(x)
+            x_mid, rows, counts, weights, positions, *shared = graph(x)  # shared: [] or [shared experts' rows]
             w = self.experts.acquire(j)
             try:
                 (out,) = self.experts_graph(rows, counts, *(w[k].numpy() for k in ("w1", "b1", "w2", "b2")))
             finally:
                 self.experts.release(j)
-            (x,) = self.post(x_mid, out, weights, positions)
+            (x,) = self.post(x_mid, out, weights, positions, *shared)
             j += 1
         (logits,) = self.head(x)
         return logits

@@ -4,12 +4,18 @@ task plus a shared expert, routed by task.
 * Patch embedding (non-overlapping ``patch_size`` patches, a linear map), a CLS token plus a
   learned per-task token, learned positions; pre-LayerNorm blocks ``x + attn(ln(x))``,
   ``x + ffn(ln(x))`` with bidirectional multi-head attention.
-* Every ``moe_every``-th block's FFN is a :class:`TaskMoE`: the shared expert and the expert of
+* Every ``moe_every``-th block's FFN is an MoE block of the kind ``moe_router`` names:
+  ``task`` (default), a :class:`TaskMoE`: the shared expert and the expert of
   each task this rank hosts. No learned gate over experts: a token of task ``t`` can only go to
   task ``t``'s expert or to the shared expert. The choice between the two is learned per token
   by a small per-task gate (2 logits) and is *hard* with a straight-through gradient: the token
   goes to the arg-max, and its output is multiplied by ``1 + p - stop_gradient(p)`` (value 1,
   gradient of the chosen probability ``p``).
+  ``expert_choice``, an :class:`ExpertChoiceMoE`: a pool of ``num_experts`` experts shared by
+  every task, with a learned router where each expert takes its top-c tokens of every image
+  (Zhou et al. 2022). Expert choice is not causal, which this encoder allows (a decoder refuses
+  it); the routing group is one image, so an image's output never depends on the other images
+  of its batch and elastic re-planning (another split of a task's batch) leaves it unchanged.
 * One classification head (LayerNorm + linear) per task on the CLS token.
 
 Parameters of task ``t`` (its experts, gates, token and head) are tagged with
@@ -17,8 +23,8 @@ Parameters of task ``t`` (its experts, gates, token and head) are tagged with
 everything else is shared. Parameter names contain task *names*, never rank-local indices, and
 :func:`init_by_name` draws every weight from ``(seed, name)``: a model built for any subset of
 tasks holds bit-identical copies of those tasks' parameters (what elastic re-planning needs).
-Expert FFNs run through ``paddle_semoe.ops.grouped_ffn`` over task-routed rows
-(:mod:`paddle_semoe.models.task_route`) and come back through ``ops.combine``.
+Expert FFNs run through ``paddle_semoe.ops.grouped_ffn`` over task-routed (or expert-chosen)
+rows (:mod:`paddle_semoe.models.task_route`) and come back through ``ops.combine``.
 """
 
 from __future__ import annotations
@@ -35,16 +41,28 @@ import paddle.nn.functional as F
 
 from paddle_semoe import ops
 from paddle_semoe.ops import reference
-from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS
+from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS, MoEConfig
+from paddle_semoe.moe.routers import ExpertChoiceRouter
 from paddle_semoe.models.task_route import local_expert_ids, task_route
 from paddle_semoe.params import mark_params, mark_task_params
 
-__all__ = ["TaskHead", "TaskMoE", "UFOConfig", "UFOModel", "UFOOutput", "init_by_name"]
+__all__ = ["UFO_ROUTERS", "ExpertChoiceMoE", "ExpertChoiceRouting", "TaskHead", "TaskMoE", "UFOConfig", "UFOModel", "UFOOutput", "init_by_name"]
+
+#: MoE block kinds of ``UFOConfig.moe_router``.
+UFO_ROUTERS: tuple[str, ...] = ("task", "expert_choice")
 
 
 @dataclass(frozen=True)
 class UFOConfig:
-    """Backbone and expert sizes (YAML section ``model`` of the UFO example)."""
+    """Backbone and expert sizes (YAML section ``model`` of the UFO example).
+
+    MoE blocks (``moe_router``): ``task`` routes a token to its task's expert or the shared
+    expert (:class:`TaskMoE`); ``expert_choice`` routes it through a pool of ``num_experts``
+    experts shared by all tasks where each expert takes its top-c tokens of each image,
+    ``c = min(S, ceil(capacity_factor * S * top_k / num_experts))`` for ``S = seq_len`` tokens
+    (:class:`ExpertChoiceMoE`). ``num_experts``, ``top_k`` (the average experts per token that
+    sets c) and ``capacity_factor`` apply to ``expert_choice`` only.
+    """
 
     image_size: int = 8
     patch_size: int = 2
@@ -58,6 +76,10 @@ class UFOConfig:
     activation: str = "gelu"
     init_std: float = 0.02
     ops_backend: str = "auto"
+    moe_router: str = "task"  # one of UFO_ROUTERS
+    num_experts: int = 4  # expert_choice: experts in the pool
+    top_k: int = 1  # expert_choice: average experts per token (sets c)
+    capacity_factor: float = 1.0  # expert_choice: c = min(S, ceil(cf * S * top_k / num_experts))
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -77,6 +99,14 @@ class UFOConfig:
             raise ValueError(f"ops_backend must be one of {OPS_BACKENDS}, got {self.ops_backend!r}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if self.moe_router not in UFO_ROUTERS:
+            raise ValueError(f"moe_router must be one of {UFO_ROUTERS}, got {self.moe_router!r}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
 
     @property
     def num_patches(self) -> int:
@@ -89,13 +119,22 @@ class UFOConfig:
     def is_moe_block(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
 
+    @property
+    def expert_capacity(self) -> int:
+        """``expert_choice``: tokens c each expert takes from each image (1..seq_len)."""
+        return min(self.seq_len, ops.expert_capacity(self.seq_len, self.num_experts, self.top_k, self.capacity_factor))
+
     def flops_per_sample(self, num_classes: int = 10) -> float:
         """Forward + backward FLOPs of one image (3x the forward's multiply-adds x 2)."""
         S, D = self.seq_len, self.d_model
         patch = 2 * self.num_patches * self.channels * self.patch_size**2 * D
         per_block = 2 * S * D * 3 * D + 2 * 2 * S * S * D + 2 * S * D * D
         ffn_dense = 2 * 2 * S * D * self.d_ff
-        ffn_moe = 2 * 2 * S * D * (self.expert_d_ff or self.d_ff) + 2 * S * D * 2
+        if self.moe_router == "expert_choice":  # num_experts * c rows per image, plus the router
+            ffn_moe = 2 * 2 * self.num_experts * self.expert_capacity * D * (self.expert_d_ff or self.d_ff)
+            ffn_moe += 2 * S * D * self.num_experts
+        else:
+            ffn_moe = 2 * 2 * S * D * (self.expert_d_ff or self.d_ff) + 2 * S * D * 2
         total = patch + 2 * D * num_classes
         for i in range(self.n_layers):
             total += per_block + (ffn_moe if self.is_moe_block(i) else ffn_dense)
@@ -180,6 +219,92 @@ class TaskMoE(nn.Layer):
         return y, use_task
 
 
+class ExpertChoiceRouting(NamedTuple):
+    """One batch's expert choice (R = E * N * c rows, expert-major: expert e owns rows
+    ``[e * N * c, (e + 1) * N * c)``, image by image, best token first)."""
+
+    tokens: paddle.Tensor  # int64 [R] token (flat index into the N * S tokens) of each row
+    counts: paddle.Tensor  # int32 [E] rows per expert, N * c each
+    positions: paddle.Tensor  # int32 [T, E] row of (token, expert), -1 where the expert did not take it
+    probs: paddle.Tensor  # float32 [T, E] router scores, the combine weights
+
+
+class ExpertChoiceMoE(nn.Layer):
+    """A pool of E FFN experts shared by every task, expert-choice routed within each image.
+
+    Scores ``p = softmax(x @ W)`` [T, E] come from an
+    :class:`~paddle_semoe.moe.routers.ExpertChoiceRouter` (its ``gate``-tagged ``weight`` [D, E],
+    float32). Within each image (the routing group, S tokens), expert e takes the c tokens with
+    the highest ``p[:, e]`` (ties: the lower token index), so every expert computes exactly
+    ``N * c`` rows and a token gets 0..E experts; the output of token t is
+    ``sum_e p[t, e] * FFN_e(x_t)`` over the experts that took it. The experts run through
+    ``ops.grouped_ffn`` over expert-major rows and come back through ``ops.combine``; the
+    gradient reaches the router through the combine weights ``p``. The experts are shared
+    parameters (no task tag), replicated on every rank like the shared expert of :class:`TaskMoE`.
+
+    Args:
+        d_model, d_ff: sizes; ``num_experts``: E; ``capacity``: c (1..S of the images it runs on);
+        ``activation``, ``backend``: as for :class:`TaskMoE`; ``ops_backend``: the config's
+        string (``auto`` | ``custom`` | ``reference``) for the router.
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, num_experts: int, capacity: int, activation: str, backend: str | None,
+        ops_backend: str,
+    ):
+        super().__init__()
+        if num_experts < 1 or capacity < 1:
+            raise ValueError(f"ExpertChoiceMoE needs num_experts >= 1 and capacity >= 1, got {num_experts} and {capacity}")
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.activation = activation
+        self.backend = backend
+        # the router's own capacity settings are unused: c is per image, given here
+        self.router = ExpertChoiceRouter(
+            MoEConfig(router="expert_choice", num_experts=num_experts, top_k=1, d_model=d_model, d_ff=d_ff,
+                      activation=activation, ops_backend=ops_backend, aux_loss_coef=0.0, z_loss_coef=0.0)
+        )
+        self.experts = nn.LayerList([_FFNWeights(d_model, d_ff) for _ in range(num_experts)])
+
+    def route(self, x_NSD: paddle.Tensor) -> ExpertChoiceRouting:
+        """Scores and per-image expert choice for x [N, S, D] (no expert computation)."""
+        N, S, D = x_NSD.shape
+        E, c = self.num_experts, self.capacity
+        if c > S:
+            raise ValueError(f"ExpertChoiceMoE: capacity c={c} exceeds the {S} tokens of an image")
+        T = N * S
+        logits_TE, _ = self.router.scores(x_NSD.reshape([T, D]))
+        probs_TE = F.softmax(logits_TE, axis=-1)
+        # expert e of image n takes its c best tokens (stable sort: ties go to the lower index)
+        p_NES = probs_TE.detach().reshape([N, S, E]).transpose([0, 2, 1])
+        top_NEc = paddle.argsort(-p_NES, axis=-1, stable=True)[:, :, :c]
+        base_N11 = (paddle.arange(N, dtype="int64") * S).reshape([N, 1, 1])
+        tok_R = (top_NEc + base_N11).transpose([1, 0, 2]).reshape([E * N * c])  # expert-major rows: (e, n, j)
+        # positions[t, e]: the row of (token t, expert e), -1 where e did not take t
+        expert_R = paddle.arange(E, dtype="int64").reshape([E, 1]).expand([E, N * c]).reshape([E * N * c])
+        positions_TE = paddle.scatter(
+            paddle.full([T * E], -1, dtype="int32"), tok_R * E + expert_R, paddle.arange(E * N * c, dtype="int32")
+        ).reshape([T, E])
+        return ExpertChoiceRouting(tok_R, paddle.full([E], N * c, dtype="int32"), positions_TE, probs_TE)
+
+    def forward(self, x_NSD: paddle.Tensor) -> paddle.Tensor:
+        """x [N, S, D] float32 (N images of S tokens) -> y [N, S, D]."""
+        N, S, D = x_NSD.shape
+        r = self.route(x_NSD)
+        out_RD = ops.grouped_ffn(
+            paddle.gather(x_NSD.reshape([N * S, D]), r.tokens),
+            r.counts,
+            paddle.stack([e.w1 for e in self.experts]),
+            paddle.stack([e.b1 for e in self.experts]),
+            paddle.stack([e.w2 for e in self.experts]),
+            paddle.stack([e.b2 for e in self.experts]),
+            activation=self.activation,
+            backend=self.backend,
+        )
+        y_TD = ops.combine(out_RD, r.probs, r.positions, backend=self.backend)
+        return y_TD.reshape([N, S, D])
+
+
 class _Attention(nn.Layer):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
@@ -209,7 +334,7 @@ class _DenseFFN(nn.Layer):
 
 
 class _Block(nn.Layer):
-    def __init__(self, cfg: UFOConfig, moe: TaskMoE | None) -> None:
+    def __init__(self, cfg: UFOConfig, moe: TaskMoE | ExpertChoiceMoE | None) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = _Attention(cfg.d_model, cfg.n_heads)
@@ -223,6 +348,8 @@ class _Block(nn.Layer):
         if self.moe is None:
             assert self.ffn is not None  # a dense block
             return x + self.ffn(h), None
+        if isinstance(self.moe, ExpertChoiceMoE):
+            return x + self.moe(h), None
         N, S, D = h.shape
         y, use_task = self.moe(h.reshape([N * S, D]), task_local_T)
         return x + y.reshape([N, S, D]), use_task
@@ -230,7 +357,7 @@ class _Block(nn.Layer):
 
 class UFOOutput(NamedTuple):
     cls: paddle.Tensor  # [N, D] final CLS features (before the heads)
-    use_task: list[paddle.Tensor]  # per MoE block: bool [N * S], token chose its task expert
+    use_task: list[paddle.Tensor]  # per task-routed MoE block: bool [N * S], token chose its task expert
 
 
 class UFOModel(nn.Layer):
@@ -267,12 +394,13 @@ class UFOModel(nn.Layer):
             self.task_tokens[names[t]] = token
             self.heads[names[t]] = head
         d_exp = cfg.expert_d_ff or cfg.d_ff
-        self.blocks = nn.LayerList(
-            [
-                _Block(cfg, TaskMoE(D, d_exp, self.hosted, names, cfg.activation, backend) if cfg.is_moe_block(i) else None)
-                for i in range(cfg.n_layers)
-            ]
-        )
+
+        def moe_block() -> TaskMoE | ExpertChoiceMoE:
+            if cfg.moe_router == "expert_choice":
+                return ExpertChoiceMoE(D, d_exp, cfg.num_experts, cfg.expert_capacity, cfg.activation, backend, cfg.ops_backend)
+            return TaskMoE(D, d_exp, self.hosted, names, cfg.activation, backend)
+
+        self.blocks = nn.LayerList([_Block(cfg, moe_block() if cfg.is_moe_block(i) else None) for i in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(D)
         self._local = {t: j for j, t in enumerate(self.hosted)}
 
