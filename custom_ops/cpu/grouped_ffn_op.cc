@@ -2,7 +2,6 @@
 //   out[rows of e] = act(x_e @ w1[e] + b1[e]) @ w2[e] + b2[e]
 // CPU: GEMMs through oneDNN/cblas (semoe/cpu_gemm.h), fused bias+activation passes.
 // GPU: GEMMs through Paddle's matmul (cuBLAS) per expert, element-wise parts by launchers.
-#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -85,12 +84,6 @@ void with_activation(semoe::Activation a, Fn&& fn) {
   }
 }
 
-int64_t max_count(const std::vector<int32_t>& c) {
-  int64_t m = 0;
-  for (int32_t v : c) m = v > m ? v : m;
-  return m;
-}
-
 std::vector<Tensor> GroupedFfn(const Tensor& x, const Tensor& counts, const Tensor& w1,
                                const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                const std::string& activation) {
@@ -106,15 +99,12 @@ std::vector<Tensor> GroupedFfn(const Tensor& x, const Tensor& counts, const Tens
   const std::vector<int32_t> c = host_counts(counts, d.R);
   Tensor out = paddle::empty({d.R, d.D}, x.dtype(), x.place());
   Tensor hidden = paddle::empty({d.R, d.F}, x.dtype(), x.place());
-  // uninitialized scratch: every element is written before it is read
-  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(max_count(c) * d.F)]);
   const semoe::SgemmFn gemm = semoe::cpu_gemm().fn;
   with_activation(act, [&](auto tag) {
     constexpr auto A = static_cast<semoe::Activation>(decltype(tag)::value);
     semoe::grouped_ffn_fwd_cpu<A>(gemm, x.data<float>(), c.data(), w1.data<float>(),
                                   b1.data<float>(), w2.data<float>(), b2.data<float>(), d.R, d.E,
-                                  d.D, d.F, out.data<float>(), hidden.data<float>(),
-                                  scratch.get());
+                                  d.D, d.F, out.data<float>(), hidden.data<float>());
   });
   return {out, hidden};
 }
@@ -149,9 +139,6 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
   Tensor grad_b1 = paddle::empty({E, F}, x.dtype(), x.place());
   Tensor grad_w2 = paddle::empty({E, F, D}, x.dtype(), x.place());
   Tensor grad_b2 = paddle::empty({E, D}, x.dtype(), x.place());
-  const size_t n = static_cast<size_t>(max_count(c) * F);
-  std::unique_ptr<float[]> scratch_a(new float[n]), scratch_g(new float[n]);
-  std::unique_ptr<float[]> scratch_t(new float[static_cast<size_t>(D * F)]);
   const semoe::SgemmFn gemm = semoe::cpu_gemm().fn;
   with_activation(act, [&](auto tag) {
     constexpr auto A = static_cast<semoe::Activation>(decltype(tag)::value);
@@ -159,8 +146,7 @@ std::vector<Tensor> GroupedFfnGrad(const Tensor& x, const Tensor& counts, const 
                                   w2.data<float>(), hidden_pre.data<float>(),
                                   grad_out.data<float>(), R, E, D, F, grad_x.data<float>(),
                                   grad_w1.data<float>(), grad_b1.data<float>(),
-                                  grad_w2.data<float>(), grad_b2.data<float>(), scratch_a.get(),
-                                  scratch_g.get(), scratch_t.get());
+                                  grad_w2.data<float>(), grad_b2.data<float>());
   });
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }

@@ -15,7 +15,9 @@ def _weights(E, D, F, seed=0):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
-@pytest.mark.parametrize("counts,R", [([5, 0, 7, 3], 15), ([4, 4], 12), ([0, 0, 0], 5), ([9], 9), ([0, 0], 0)])
+# 7 non-empty experts: on 2+ threads the experts run one per thread (single-threaded GEMMs)
+@pytest.mark.parametrize("counts,R", [([5, 0, 7, 3], 15), ([4, 4], 12), ([0, 0, 0], 5), ([9], 9), ([0, 0], 0),
+                                      ([6, 3, 0, 8, 5, 2, 7, 1], 35)])
 def test_matches_sequential_reference(activation, counts, R):
     E, D, F = len(counts), 8, 24
     w = _weights(E, D, F, seed=R + E)
@@ -75,3 +77,17 @@ def test_errors_name_the_argument():
 def test_cpu_gemm_is_onednn_here():
     # The x86 Paddle wheel links oneDNN; if this fails the fast path silently degraded.
     assert ops.cpu_gemm_backend("custom") in ("onednn", "cblas")
+
+
+def test_experts_one_per_thread_agree_with_the_reference_call_after_call():
+    """Experts running one per thread must not share scratch or outputs: a race shows up as an
+    occasional wrong expert, so the comparison repeats (it caught a schedule(dynamic) loop that
+    ran every expert on every thread under Paddle's two OpenMP runtimes)."""
+    counts = [130, 120, 140, 122, 90, 0, 111, 101]
+    E, D, F = len(counts), 64, 256
+    w = _weights(E, D, F, seed=5)
+    x = paddle.to_tensor(np.random.default_rng(3).standard_normal((sum(counts), D)).astype("float32"))
+    c = paddle.to_tensor(np.array(counts, np.int32))
+    ref = ops.grouped_ffn(x, c, *w, backend="reference")
+    for _ in range(25):
+        assert_close(ops.grouped_ffn(x, c, *w, backend="custom"), ref, rtol=2e-5, atol=2e-5, what="forward")

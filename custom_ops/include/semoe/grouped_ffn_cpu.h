@@ -4,8 +4,11 @@
 // Rows past sum(counts) produce zeros. Paddle-free; GEMMs through a caller-given SgemmFn.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "semoe/activation.h"
@@ -62,17 +65,79 @@ inline void transpose(const float* a, int64_t rows, int64_t cols, float* out) {
   });
 }
 
-// Forward. hidden_pre[R_all, F] receives h (pre-activation) for the backward pass; scratch
-// must hold counts[e] * F floats for the largest expert.
+// How the experts share the threads. With at least two non-empty experts per thread, each
+// thread runs whole experts (largest first, taken dynamically) and every GEMM and element-wise
+// pass inside runs on that one thread (oneDNN runs single-threaded inside a parallel region):
+// no fork/join per GEMM and no small GEMM split in two. Otherwise (one expert: the dense FFN;
+// few experts) the experts run in order and each GEMM uses every thread. Deterministic: the
+// choice depends only on the counts and the thread count, and experts write disjoint outputs.
+inline int expert_threads(const int32_t* counts, int64_t E) {
+#ifdef _OPENMP
+  const int t = omp_get_max_threads();
+  if (t <= 1 || omp_in_parallel()) return 1;
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += counts[e] > 0;
+  return busy >= 2 * t ? t : 1;
+#else
+  (void)counts;
+  (void)E;
+  return 1;
+#endif
+}
+
+// fn(e, thread) for every expert e; see expert_threads().
+template <typename Fn>
+inline void for_each_expert(const int32_t* counts, int64_t E, int threads, Fn&& fn) {
+  if (threads <= 1) {
+    for (int64_t e = 0; e < E; ++e) fn(e, 0);
+    return;
+  }
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  // Work and scratch slots come from atomics, not from OpenMP work-sharing or thread numbers:
+  // see parallel.h on the two OpenMP runtimes in a Paddle process.
+  std::atomic<int64_t> next{0};
+  std::atomic<int> slot{0};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    const int t = slot.fetch_add(1);
+    if (t < threads)
+      for (int64_t i = next.fetch_add(1); i < E; i = next.fetch_add(1)) fn(order[i], t);
+  }
+}
+
+inline int64_t max_rows(const int32_t* counts, int64_t E) {
+  int64_t m = 0;
+  for (int64_t e = 0; e < E; ++e) m = counts[e] > m ? counts[e] : m;
+  return m;
+}
+
+// Uninitialized float buffers, `per` floats for each of `threads` threads.
+struct ThreadScratch {
+  ThreadScratch(int threads, size_t per) : per_(per), buf_(new float[per * threads]) {}
+  float* get(int thread) { return buf_.get() + per_ * thread; }
+
+ private:
+  size_t per_;
+  std::unique_ptr<float[]> buf_;
+};
+
+// Forward. hidden_pre[R_all, F] receives h (pre-activation) for the backward pass.
 template <Activation A>
 void grouped_ffn_fwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, const float* w1,
                          const float* b1, const float* w2, const float* b2, int64_t n_rows,
-                         int64_t E, int64_t D, int64_t F, float* out, float* hidden_pre,
-                         float* scratch) {
+                         int64_t E, int64_t D, int64_t F, float* out, float* hidden_pre) {
   const std::vector<int64_t> off = prefix_offsets(counts, E);
-  for (int64_t e = 0; e < E; ++e) {
+  const int threads = expert_threads(counts, E);
+  ThreadScratch act(threads, static_cast<size_t>(max_rows(counts, E) * F));
+  for_each_expert(counts, E, threads, [&](int64_t e, int t) {
     const int64_t n = counts[e];
-    if (n == 0) continue;
+    if (n == 0) return;
+    float* scratch = act.get(t);
     const float* xe = x + off[e] * D;
     float* he = hidden_pre + off[e] * F;
     float* ye = out + off[e] * D;
@@ -80,7 +145,7 @@ void grouped_ffn_fwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
     bias_act_parallel<A>(he, scratch, b1 + e * F, n, F);
     broadcast_rows(ye, b2 + e * D, n, D);
     gemm(false, false, n, D, F, 1.f, scratch, F, w2 + e * F * D, D, 1.f, ye, D);
-  }
+  });
   const int64_t used = off[E];
   if (n_rows > used) {
     std::memset(out + used * D, 0, sizeof(float) * (n_rows - used) * D);
@@ -89,17 +154,18 @@ void grouped_ffn_fwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
 }
 
 // Backward. grad_out [R_all, D]. Writes grad_x [R_all, D] (zeros past the used rows) and
-// all weight/bias grads (experts with no rows get zero grads). scratch_a and scratch_g must
-// hold counts[e] * F floats for the largest expert, scratch_t D * F floats (w1[e] transposed:
-// dX = dH @ w1^T as a plain NN GEMM, which oneDNN runs ~30% faster than the NT form).
+// all weight/bias grads (experts with no rows get zero grads). dX = dH @ w1^T runs as a plain
+// NN GEMM on a transposed copy of w1[e] (oneDNN runs it ~30% faster than the NT form).
 template <Activation A>
 void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, const float* w1,
                          const float* w2, const float* hidden_pre, const float* grad_out,
                          int64_t n_rows, int64_t E, int64_t D, int64_t F, float* grad_x,
-                         float* grad_w1, float* grad_b1, float* grad_w2, float* grad_b2,
-                         float* scratch_a, float* scratch_g, float* scratch_t) {
+                         float* grad_w1, float* grad_b1, float* grad_w2, float* grad_b2) {
   const std::vector<int64_t> off = prefix_offsets(counts, E);
-  for (int64_t e = 0; e < E; ++e) {
+  const int threads = expert_threads(counts, E);
+  const size_t rows_f = static_cast<size_t>(max_rows(counts, E) * F);
+  ThreadScratch sa(threads, rows_f), sg(threads, rows_f), st(threads, static_cast<size_t>(D * F));
+  for_each_expert(counts, E, threads, [&](int64_t e, int t) {
     const int64_t n = counts[e];
     float* gw1 = grad_w1 + e * D * F;
     float* gw2 = grad_w2 + e * F * D;
@@ -108,8 +174,11 @@ void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
       std::memset(gw2, 0, sizeof(float) * F * D);
       std::memset(grad_b1 + e * F, 0, sizeof(float) * F);
       std::memset(grad_b2 + e * D, 0, sizeof(float) * D);
-      continue;
+      return;
     }
+    float* scratch_a = sa.get(t);
+    float* scratch_g = sg.get(t);
+    float* scratch_t = st.get(t);
     const float* xe = x + off[e] * D;
     const float* he = hidden_pre + off[e] * F;
     const float* gy = grad_out + off[e] * D;
@@ -127,7 +196,7 @@ void grouped_ffn_bwd_cpu(SgemmFn gemm, const float* x, const int32_t* counts, co
     column_sum(scratch_g, n, F, grad_b1 + e * F);
     transpose(w1 + e * D * F, D, F, scratch_t);
     gemm(false, false, n, D, F, 1.f, scratch_g, F, scratch_t, D, 0.f, grad_x + off[e] * D, D);
-  }
+  });
   const int64_t used = off[E];
   if (n_rows > used) std::memset(grad_x + used * D, 0, sizeof(float) * (n_rows - used) * D);
 }
