@@ -3,12 +3,18 @@
 
     python tools/bench_moe.py --d-model 512 --d-ff 2048 --experts 8 --top-k 2 \
         --capacity-factor 1.25 --tokens 4096 --steps 5 --threads 2 --json bench_moe.json
+    python tools/bench_moe.py --dtypes float32,bfloat16 --paths custom   # bf16 beside float32
 
 Paths, all on the same weights and the same input in this process:
-  custom     MoELayer with the compiled ops (fused gate-dispatch, grouped FFN, combine)
+  custom     MoELayer with the compiled ops (fused gate-dispatch, grouped FFN, combine), once per
+             --dtypes entry: float32, and bfloat16 (row "custom-bf16": the expert GEMMs on
+             bfloat16 operands with float32 accumulation and float32 weights, the precision
+             training uses with amp.enabled=true on CPU; needs AVX512-BF16 / AMX-BF16); the
+             dtypes alternate step by step, so load from other processes hits them alike
   reference  MoELayer with the pure-Paddle reference ops (per-expert matmul loop)
   einsum     GShard/DeepSpeed-style dense one-hot dispatch + bmm experts, in Paddle
-  floor      expert FLOPs (fwd+bwd, T*k rows, no padding) at the best measured GEMM rate
+  floor      expert FLOPs (fwd+bwd, T*k rows, no padding) at the best measured float32 GEMM
+             rate (a bfloat16 row may pass 100% of it; "vs custom" is its speed-up over float32)
 Also times the dispatch op alone against a plain memory copy of the same bytes.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,9 +44,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--activation", default="gelu")
     p.add_argument("--paths", default="custom,reference,einsum")
+    p.add_argument(
+        "--dtypes", default="float32",
+        help="GEMM precisions of the custom path, comma-separated: float32, bfloat16 (reference and einsum are float32)",
+    )
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc returning freed memory to the OS")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad or not args.dtypes:
+        p.error(f"--dtypes: each entry must be one of {', '.join(DTYPES)}, got {args.dtypes}")
+    return args
+
+
+DTYPES = ("float32", "bfloat16")
 
 
 def main(argv=None) -> dict:
@@ -56,6 +75,8 @@ def main(argv=None) -> dict:
     from paddle_semoe import ops
     from paddle_semoe.bench.einsum_moe import einsum_moe_forward
     from paddle_semoe.bench.timing import memcpy_bandwidth, onednn_sgemm_rate, paddle_matmul_rate, time_fn
+    from paddle_semoe.engine.amp import cpu_gemm_mode, cpu_gemm_precision
+    from paddle_semoe.engine.config import AmpConfig
     from paddle_semoe.moe import MoEConfig, MoELayer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -89,9 +110,27 @@ def main(argv=None) -> dict:
             layer.clear_gradients()
             x.clear_gradient()
 
-        t = time_fn(step, warmup=args.warmup, runs=args.steps)
-        results[path] = {"tokens_per_s": T / t.median_s, "step_s": t.median_s, "runs_s": t.runs}
-        log.info("%-10s %8.3f s/step", path, t.median_s)
+        # the custom path once per dtype, the dtypes alternating step by step (a load change on a
+        # shared machine hits them alike); bfloat16 = the training switch's precision
+        # (amp.enabled, amp.dtype=bfloat16: the FFN GEMMs in bf16); the other paths float32
+        dtypes = args.dtypes if path == "custom" else ["float32"]
+        precisions = [cpu_gemm_mode(AmpConfig(enabled=d == "bfloat16", dtype="bfloat16")) for d in dtypes]
+        samples: list[list[float]] = [[] for _ in dtypes]
+        in_effect = list(precisions)
+        for i in range(args.warmup + args.steps):
+            for j, precision in enumerate(precisions):
+                with cpu_gemm_precision(precision, backend="custom") as got:
+                    t = time_fn(step, warmup=0, runs=1)
+                in_effect[j] = got
+                if i >= args.warmup:
+                    samples[j].append(t.median_s)
+        for dtype, got, runs_s in zip(dtypes, in_effect, samples):
+            name = path if dtype == "float32" else f"{path}-bf16"
+            step_s = statistics.median(runs_s)
+            results[name] = {
+                "tokens_per_s": T / step_s, "step_s": step_s, "runs_s": runs_s, "dtype": dtype, "gemm_precision": got,
+            }
+            log.info("%-12s %8.3f s/step  (GEMMs %s)", name, step_s, got)
 
     # compute floor: expert FLOPs for T*k rows (fwd 1x + bwd 2x, two GEMMs) at the best GEMM rate
     rows = T * K
@@ -115,6 +154,7 @@ def main(argv=None) -> dict:
         "config": {
             "d_model": D, "d_ff": F, "experts": E, "top_k": K, "capacity_factor": args.capacity_factor,
             "tokens": T, "steps": args.steps, "threads": args.threads, "activation": args.activation,
+            "dtypes": args.dtypes,
             "cpu_gemm_backend": ops.cpu_gemm_backend("custom"), "paddle": paddle.__version__,
             "malloc_keeps_freed_memory": malloc_tuned,
         },
@@ -140,16 +180,19 @@ def format_table(r: dict) -> str:
     lines = [
         f"MoE layer fwd+bwd  T={c['tokens']} D={c['d_model']} F={c['d_ff']} E={c['experts']} k={c['top_k']} "
         f"cf={c['capacity_factor']} threads={c['threads']} gemm={c['cpu_gemm_backend']}",
-        f"{'path':<10} {'s/step':>8} {'tokens/s':>10} {'% floor':>8} {'vs einsum':>9}",
+        f"{'path':<12} {'s/step':>8} {'tokens/s':>10} {'% floor':>8} {'vs einsum':>9} {'vs custom':>9} {'GEMMs':>12}",
     ]
     einsum = r["results"].get("einsum", {}).get("tokens_per_s")
+    custom = r["results"].get("custom", {}).get("tokens_per_s")
     for name, v in r["results"].items():
         tps = v["tokens_per_s"]
         vs = f"{tps / einsum:8.2f}x" if einsum else "       -"
-        lines.append(f"{name:<10} {v['step_s']:8.3f} {tps:10.0f} {100 * tps / floor:7.1f}% {vs}")
+        vc = f"{tps / custom:8.2f}x" if custom else "       -"
+        prec = v.get("gemm_precision", "float32")
+        lines.append(f"{name:<12} {v['step_s']:8.3f} {tps:10.0f} {100 * tps / floor:7.1f}% {vs} {vc} {prec:>12}")
     f = r["floor"]
     lines.append(
-        f"{'floor':<10} {f['floor_step_s']:8.3f} {floor:10.0f} {100.0:7.1f}%   "
+        f"{'floor':<12} {f['floor_step_s']:8.3f} {floor:10.0f} {100.0:7.1f}%   "
         f"({f['expert_gflop']:.1f} GFLOP at {f['gemm_gflops_used']:.0f} GFLOP/s; paddle.matmul "
         f"{f['gemm_gflops_paddle_matmul']:.0f}, oneDNN {f['gemm_gflops_onednn'] or 0:.0f})"
     )

@@ -18,6 +18,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 EXPERT_UPDATES = ("dense", "lazy")
 AMP_DTYPES = ("bfloat16", "float16")
 AMP_LEVELS = ("O1", "O2")
+AMP_CPU_GEMMS = ("ffn", "all")  # CPU bfloat16: expert + dense FFN GEMMs only, or every compiled GEMM
 
 
 def _require_finite(section: object, *names: str) -> None:
@@ -166,15 +167,25 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AmpConfig:
+    """Mixed precision. GPU: Paddle autocast (``level`` O1/O2), float16 with a loss scaler.
+    CPU (``dtype: bfloat16``, ``level: O1`` only): the compiled ops' GEMMs take bfloat16 operands
+    (AVX512-BF16 / AMX through oneDNN) with float32 accumulation, while parameters (the master
+    weights), gradients and AdamW states stay float32; ``cpu_gemms`` picks which GEMMs: ``ffn``
+    (expert and dense FFN GEMMs, nearly all the FLOPs) or ``all`` (also the attention projections
+    and the tied head). ``cpu_gemms`` is ignored on GPU."""
+
     enabled: bool = False
     dtype: str = "bfloat16"
     level: str = "O1"
+    cpu_gemms: str = "ffn"
 
     def __post_init__(self) -> None:
         if self.dtype not in AMP_DTYPES:
             raise ValueError(f"dtype must be one of {AMP_DTYPES}, got {self.dtype!r}")
         if self.level not in AMP_LEVELS:
             raise ValueError(f"level must be one of {AMP_LEVELS}, got {self.level!r}")
+        if self.cpu_gemms not in AMP_CPU_GEMMS:
+            raise ValueError(f"cpu_gemms must be one of {AMP_CPU_GEMMS}, got {self.cpu_gemms!r}")
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,15 @@ def check_parallel_support(cfg: TrainConfig, world_size: int) -> ParallelConfig:
         raise ValueError(
             f"parallel.a2a_backend={par.a2a_backend} needs GPUs with NCCL; on CPU use auto or gloo"
         )
-    if cfg.amp.enabled and not on_gpu:
-        raise ValueError("amp.enabled=true needs a GPU (the CPU kernels are float32); set amp.enabled=false")
+    if cfg.amp.enabled and not on_gpu and cfg.amp.dtype == "float16":
+        raise ValueError(
+            "amp.dtype=float16 needs a GPU; on CPU use amp.dtype=bfloat16 (bf16 GEMMs, float32 weights) or amp.enabled=false"
+        )
+    if cfg.amp.enabled and not on_gpu and cfg.amp.level != "O1":
+        raise ValueError(
+            f"amp.level={cfg.amp.level} casts the parameters to bfloat16, which the CPU kernels refuse; "
+            "on CPU use amp.level=O1 (bf16 GEMMs with float32 master weights)"
+        )
     return par
 
 

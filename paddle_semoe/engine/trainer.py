@@ -33,7 +33,7 @@ from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.config import dump_yaml, to_dict
 from paddle_semoe.data import check_tokenizer_on_resume, copy_tokenizer_files, load_training_split, val_batches
 from paddle_semoe.engine.checkpoint import TrainingError, write_checkpoint
-from paddle_semoe.engine.amp import autocast, scaler_for, unscale_
+from paddle_semoe.engine.amp import autocast, configure_cpu_gemms, scaler_for, unscale_
 from paddle_semoe.engine.config import TrainConfig
 from paddle_semoe.engine.distributed import DistContext
 from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta, peak_rss_bytes
@@ -178,6 +178,10 @@ class Trainer:
             )
             self.optimizer.replace_optimizers(opts)
         self.scaler = scaler_for(cfg.amp)
+        # CPU: bf16 GEMMs (float32 weights and states) under amp, else float32 (process-wide); None on GPU
+        self.cpu_gemm_precision = configure_cpu_gemms(cfg.amp, backend=mcfg.ops_backend)
+        if self.cpu_gemm_precision is not None and ctx.is_main:
+            logger.info("CPU GEMM precision: %s", self.cpu_gemm_precision)
         params = [p for p in self.model.parameters() if not p.stop_gradient]
         self.params = params
         self.reducer = None
