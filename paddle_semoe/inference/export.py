@@ -56,7 +56,7 @@ from paddle_semoe.inference.package import (
     write_manifest,
     write_section,
 )
-from paddle_semoe.models.gpt import Block, GPTConfig, GPTMoE
+from paddle_semoe.models.gpt import Block, GPTConfig, GPTMoE, KVCache
 from paddle_semoe.moe import GroupedExperts, MoELayer
 
 logger = logging.getLogger(__name__)
@@ -102,40 +102,48 @@ def dense_arrays(model: GPTMoE) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- sub-graphs
 # Each graph calls the pieces of the training Block / MoELayer (attend, ln2, route, the experts'
 # grouped FFN, combine): the exported model is cut from the code that trains, not a copy of it.
+# Key/value caches travel between the graphs: a block graph takes the caches of its past
+# positions (k_past, v_past [B, H, P, Dh]; P = 0 for a prompt) and returns them extended by the
+# new positions, so generation decodes one token per step, as the dygraph runner does.
 class _Embed(nn.Layer):
     def __init__(self, m: GPTMoE):
         super().__init__()
         self.m = m
 
-    def forward(self, tokens):
-        return self.m.embed(tokens)
+    def forward(self, tokens, past):
+        """tokens int64 [B, S] at positions past .. past + S - 1 (past: int64 [1])."""
+        return self.m.embed(tokens, past[0])
 
 
 class _DenseBlock(nn.Layer):
+    """``(x, k_past, v_past) -> (x, k, v)``."""
+
     def __init__(self, block: Block):
         super().__init__()
         self.block = block
 
-    def forward(self, x):
-        return self.block(x).x
+    def forward(self, x, k_past, v_past):
+        out = self.block(x, KVCache(k_past, v_past))
+        return out.x, out.cache.k, out.cache.v
 
 
 class _MoEPre(nn.Layer):
-    """Attention, then routing: ``x -> x_mid, rows, counts, weights, positions`` and, when the
-    layer has shared experts, ``shared`` [T, D] (their output on the same normed input)."""
+    """Attention, then routing: ``(x, k_past, v_past) -> x_mid, k, v, rows, counts, weights,
+    positions`` and, when the layer has shared experts, ``shared`` [T, D] (their output on the
+    same normed input)."""
 
     def __init__(self, block: Block, layer: MoELayer):
         super().__init__()
         self.block = block
         self.layer = layer
 
-    def forward(self, x):
-        x_mid, _ = self.block.attend(x)
+    def forward(self, x, k_past, v_past):
+        x_mid, cache = self.block.attend(x, KVCache(k_past, v_past))
         h_TD = self.block.ln2(x_mid).reshape([-1, x.shape[-1]])
         d = self.layer.route(h_TD).dispatch
         if self.layer.shared_experts is None:
-            return x_mid, d.rows, d.counts, d.weights, d.positions
-        return x_mid, d.rows, d.counts, d.weights, d.positions, self.layer.shared_experts(h_TD)
+            return x_mid, cache.k, cache.v, d.rows, d.counts, d.weights, d.positions
+        return x_mid, cache.k, cache.v, d.rows, d.counts, d.weights, d.positions, self.layer.shared_experts(h_TD)
 
 
 class _Experts(nn.Layer):
@@ -201,7 +209,13 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
     gdir = out / "graphs"
     gdir.mkdir(parents=True, exist_ok=True)
     x_spec = InputSpec([None, None, D], "float32", "x")
-    graphs: dict = {"embed": "graphs/" + _save(_Embed(model), [InputSpec([None, None], "int64", "tokens")], gdir / "embed")}
+    H = cfg.n_heads
+    cache_specs = [InputSpec([None, H, None, D // H], "float32", "k_past"), InputSpec([None, H, None, D // H], "float32", "v_past")]
+    graphs: dict = {
+        "embed": "graphs/" + _save(_Embed(model), [InputSpec([None, None], "int64", "tokens"), InputSpec([1], "int64", "past")],
+                                   gdir / "embed"),
+        "kv_cache": True,
+    }
     blocks = []
     moe_layers = model.moe_layers()
     was_dropless = [layer.eval_dropless for layer in moe_layers]
@@ -210,9 +224,11 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
     try:
         for i, b in enumerate(model.blocks):
             if isinstance(b.ffn, MoELayer):
-                blocks.append({"kind": "moe", "pre": "graphs/" + _save(_MoEPre(b, b.ffn), [x_spec], gdir / f"moe_pre_{i:02d}")})
+                blocks.append({"kind": "moe", "pre": "graphs/" + _save(_MoEPre(b, b.ffn), [x_spec, *cache_specs],
+                                                                        gdir / f"moe_pre_{i:02d}")})
             else:
-                blocks.append({"kind": "dense", "graph": "graphs/" + _save(_DenseBlock(b), [x_spec], gdir / f"block_{i:02d}")})
+                blocks.append({"kind": "dense", "graph": "graphs/" + _save(_DenseBlock(b), [x_spec, *cache_specs],
+                                                                            gdir / f"block_{i:02d}")})
     finally:
         for layer, flag in zip(moe_layers, was_dropless):
             layer.eval_dropless = flag

@@ -255,6 +255,8 @@ def _graph_prefixes(graphs: dict[str, Any]) -> list[str]:
     """Every file prefix (``graphs/embed``, ...) of a manifest's graph index."""
     out: list[str] = []
     for key, value in graphs.items():
+        if isinstance(value, bool):  # a flag ("kv_cache"), not a file
+            continue
         if key == "blocks":
             out += [str(v) for b in value for k, v in b.items() if k != "kind"]
         else:

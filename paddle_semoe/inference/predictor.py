@@ -4,9 +4,9 @@ Each sub-graph of the package (see export.py) gets a ``paddle.inference`` predic
 expert graph takes the expert weights as inputs, so the same :mod:`ring` providers feed it
 layer by layer (a model's shared experts are dense: they run inside its ``moe_pre`` graphs, whose
 extra output ``moe_post`` adds). The compiled custom ops must be loaded in the serving process (they are, via
-:func:`paddle_semoe.ops.resolve_backend`). There is no key/value cache in the exported
-graphs: every generation step recomputes the whole sequence (routing is dropless, so this
-gives the same tokens as cached decoding).
+:func:`paddle_semoe.ops.resolve_backend`). The block graphs take and return key/value caches,
+so generation prefills the prompt once and then decodes one token per step, like the dygraph
+runner (routing is dropless in both, so they give the same tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 from paddle import inference as pi
 
 from paddle_semoe import ops
@@ -40,11 +41,17 @@ class _Graph:
         self.inputs = self.predictor.get_input_names()
         self.outputs = self.predictor.get_output_names()
 
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, *arrays: np.ndarray | paddle.Tensor) -> list[np.ndarray]:
+        """Run on numpy arrays (copied in) or CPU paddle Tensors (shared, not copied: the caller
+        keeps them alive until this returns, as the ring does while a layer is acquired)."""
         if len(arrays) != len(self.inputs):
             raise ValueError(f"graph expects {len(self.inputs)} inputs, got {len(arrays)}")
         for name, arr in zip(self.inputs, arrays):
-            self.predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(arr))
+            handle = self.predictor.get_input_handle(name)
+            if isinstance(arr, paddle.Tensor):
+                handle.share_external_data(arr)
+            else:
+                handle.copy_from_cpu(np.ascontiguousarray(arr))
         self.predictor.run()
         return [self.predictor.get_output_handle(n).copy_to_cpu() for n in self.outputs]
 
@@ -55,6 +62,9 @@ class PaddleInferenceModel:
     def __init__(self, manifest: Manifest, serve: ServeConfig, threads: int = 1):
         if not manifest.graphs:
             raise PackageError(f"package {manifest.root} was exported without static graphs (export without --no-graphs)")
+        if not manifest.graphs.get("kv_cache"):
+            raise PackageError(f"package {manifest.root} has static graphs without key/value caches (exported by an "
+                               "older version): re-export it with tools/export.py")
         ops.resolve_backend("custom")  # the graphs contain the custom ops
         root, g = manifest.root, manifest.graphs
         self.manifest = manifest
@@ -66,38 +76,57 @@ class PaddleInferenceModel:
         has_moe = any(b["kind"] == "moe" for b in g["blocks"])  # a dense model has no expert graphs
         self.experts_graph = _Graph(root, g["experts"], threads) if has_moe else None
         self.post = _Graph(root, g["moe_post"], threads) if has_moe else None
-        # shared experts: every moe_pre has a 6th output (their rows [T, D]) that moe_post adds
+        # shared experts: every moe_pre has an 8th output (their rows [T, D]) that moe_post adds
         for kind, graph in self.blocks:
-            if kind == "moe" and self.post is not None and len(graph.outputs) - 1 != len(self.post.inputs):
+            if kind == "moe" and self.post is not None and len(graph.outputs) - 3 != len(self.post.inputs):
                 raise PackageError(
                     f"package {root}: a moe_pre graph has {len(graph.outputs)} outputs but moe_post takes "
-                    f"{len(self.post.inputs)} inputs (expected outputs - 1): re-export the package"
+                    f"{len(self.post.inputs)} inputs (expected outputs - 3): re-export the package"
                 )
         self.head = _Graph(root, g["head"], threads)
         self.experts = build_provider(manifest, serve)
+        cfg = manifest.model
+        self._heads, self._d_head = int(cfg["n_heads"]), int(cfg["d_model"]) // int(cfg["n_heads"])
 
     def close(self) -> None:
         self.experts.close()
 
+    def empty_caches(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One (k, v) pair ``float32 [batch, H, 0, Dh]`` per block: no past positions."""
+        empty = np.zeros((batch, self._heads, 0, self._d_head), np.float32)
+        return [(empty, empty) for _ in self.blocks]
+
     def forward(self, tokens: np.ndarray) -> np.ndarray:
-        """int64 [B, S] -> logits float32 [B, S, V] (whole sequence)."""
-        (x,) = self.embed(tokens.astype(np.int64))
+        """int64 [B, S] -> logits float32 [B, S, V] (whole sequence, no past)."""
+        logits, _ = self.step(tokens, self.empty_caches(tokens.shape[0]))
+        return logits
+
+    def step(self, tokens: np.ndarray, caches: list[tuple[np.ndarray, np.ndarray]]
+             ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """int64 [B, S] after the past positions held in ``caches`` (one (k, v) ``[B, H, P, Dh]``
+        per block) -> (logits float32 [B, S, V], the caches extended to P + S positions)."""
+        past = np.asarray([caches[0][0].shape[2]], np.int64)
+        (x,) = self.embed(tokens.astype(np.int64), past)
+        new_caches = []
         j = 0
-        for kind, graph in self.blocks:
+        for (kind, graph), (k_past, v_past) in zip(self.blocks, caches):
             if kind == "dense":
-                (x,) = graph(x)
+                x, k, v = graph(x, k_past, v_past)
+                new_caches.append((k, v))
                 continue
             assert self.experts_graph is not None and self.post is not None  # a package with MoE blocks has both
-            x_mid, rows, counts, weights, positions, *shared = graph(x)  # shared: [] or [shared experts' rows]
+            # shared: [] or [shared experts' rows]
+            x_mid, k, v, rows, counts, weights, positions, *shared = graph(x, k_past, v_past)
+            new_caches.append((k, v))
             w = self.experts.acquire(j)
             try:
-                (out,) = self.experts_graph(rows, counts, *(w[k].numpy() for k in ("w1", "b1", "w2", "b2")))
+                (out,) = self.experts_graph(rows, counts, *(w[k_] for k_ in ("w1", "b1", "w2", "b2")))
             finally:
                 self.experts.release(j)
             (x,) = self.post(x_mid, out, weights, positions, *shared)
             j += 1
         (logits,) = self.head(x)
-        return logits
+        return logits, new_caches
 
     def generate(self, prompts: np.ndarray, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int = 0, seed: int = 0) -> GenerationResult:
@@ -105,9 +134,12 @@ class PaddleInferenceModel:
         out = prompts.astype(np.int64)
         t0 = time.perf_counter()
         forward_tokens = 0
+        caches = self.empty_caches(out.shape[0])
+        feed = out
         for _ in range(max_new_tokens):
-            logits = self.forward(out)
-            forward_tokens += out.size
+            logits, caches = self.step(feed, caches)  # the prompt once, then one token per step
+            forward_tokens += feed.size
             nxt = _pick(logits[:, -1, :].astype(np.float64), greedy, temperature, top_k, rng)
             out = np.concatenate([out, nxt[:, None]], axis=1)
+            feed = nxt[:, None].astype(np.int64)
         return GenerationResult(out, max_new_tokens, time.perf_counter() - t0, forward_tokens)

@@ -347,9 +347,11 @@ class GPTMoE(nn.Layer):
         for layer in self.moe_layers():
             layer.eval_dropless = enabled
 
-    def embed(self, tokens: paddle.Tensor, past: int = 0) -> paddle.Tensor:
+    def embed(self, tokens: paddle.Tensor, past: int | paddle.Tensor = 0) -> paddle.Tensor:
+        """Token + position embeddings of ``tokens`` int64 [B, S] at positions ``past ..
+        past + S - 1`` (``past``: an int, or a 0-D int64 tensor in an exported graph)."""
         B, S = tokens.shape
-        if isinstance(S, int) and past + S > self.config.max_seq_len:  # S is symbolic when traced
+        if isinstance(S, int) and isinstance(past, int) and past + S > self.config.max_seq_len:  # S is symbolic when traced
             raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.config.max_seq_len}")
         pos = paddle.arange(past, past + S, dtype="int64").unsqueeze(0)
         return self.tok_emb(tokens) + self.pos_emb(pos)

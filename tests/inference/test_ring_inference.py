@@ -157,6 +157,15 @@ def test_paddle_inference_path_equals_dygraph(package):
     lp = pi.forward(x)
     np.testing.assert_allclose(lp, ld.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(pi.generate(x, 6).tokens, dy.generate(x, 6).tokens)
+    # the graphs' key/value caches: prefill then one token per step gives the full pass's logits
+    head, caches = pi.step(x[:, :4], pi.empty_caches(x.shape[0]))
+    assert caches[0][0].shape[2] == 4
+    tail = []
+    for t in range(4, x.shape[1]):
+        logits, caches = pi.step(x[:, t : t + 1], caches)
+        tail.append(logits)
+    np.testing.assert_allclose(np.concatenate([head, *tail], axis=1), lp, rtol=1e-5, atol=1e-5)
+    assert pi.generate(x, 6).forward_tokens == x.size + 5 * x.shape[0]  # the prompt once, then 1 token per step
     dy.close(), pi.close()
 
 

@@ -60,7 +60,7 @@ def test_graphs_carry_the_shared_experts(exported):
     try:
         for kind, graph in pi.blocks:
             if kind == "moe":
-                assert len(graph.outputs) == 6  # x_mid, rows, counts, weights, positions, shared
+                assert len(graph.outputs) == 8  # x_mid, k, v, rows, counts, weights, positions, shared
         assert pi.post is not None and len(pi.post.inputs) == 5
     finally:
         pi.close()
@@ -130,6 +130,6 @@ def test_predictor_refuses_graphs_whose_shared_outputs_and_inputs_disagree(expor
     doc = json.loads((bad / "manifest.json").read_text())
     doc["graphs"]["moe_post"] = doc["graphs"]["head"]  # a recorded graph of another arity (1 input)
     (bad / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(PackageError, match="a moe_pre graph has 6 outputs but moe_post takes 1 inputs") as exc:
+    with pytest.raises(PackageError, match="a moe_pre graph has 8 outputs but moe_post takes 1 inputs") as exc:
         PaddleInferenceModel(read_manifest(bad), PI_SERVES["resident"])
     assert "\n" not in str(exc.value)
