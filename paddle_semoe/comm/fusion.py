@@ -33,6 +33,7 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import paddle
 
+from paddle_semoe import ops
 from paddle_semoe.comm.topology import CommGroup, Topology
 from paddle_semoe.comm.transport import Communicator, make_communicator
 from paddle_semoe.params import PARAM_CLASSES, ParamClass, param_class
@@ -49,6 +50,7 @@ __all__ = [
     "build_buckets",
     "clip_by_global_norm_",
     "clip_grad_norm_",
+    "global_grad_norm",
     "default_bucket_bytes",
     "grad_or_zeros",
     "pack",
@@ -231,11 +233,12 @@ def reduce_gradients_unfused(
 
 
 def squared_norm(grads: Iterable[paddle.Tensor]) -> paddle.Tensor:
-    """float32 [1] on the device: the sum of squares of ``grads`` (no host sync)."""
-    total = paddle.zeros([1], dtype="float32")
-    for g in grads:
-        total = total + paddle.sum(paddle.square(g.astype("float32"))).reshape([1])
-    return total
+    """float32 [1]: the sum of squares of ``grads`` (one multi-tensor kernel call on CPU,
+    :func:`paddle_semoe.ops.squared_norms`; Paddle ops elsewhere, no host sync on a GPU)."""
+    gs = list(grads)
+    if not gs:
+        return paddle.zeros([1], dtype="float32")
+    return paddle.sum(ops.squared_norms(gs)).reshape([1])
 
 
 @paddle.no_grad()
@@ -247,9 +250,12 @@ def clip_by_global_norm_(
     communicator: Communicator | None = None,
     group: CommGroup | None = None,
     eps: float = 1e-6,
+    in_place: bool = True,
 ) -> tuple[float, float]:
     """The project's one clipping rule: scale ``grads`` in place by ``coef = min(1, max_norm /
-    (norm + eps))``, ``norm = sqrt(local_sq + sum over group of summed_sq)``.
+    (norm + eps))``, ``norm = sqrt(local_sq + sum over group of summed_sq)``. With
+    ``in_place=False`` the gradients are left as they are and the caller applies ``coef``
+    (e.g. folded into the optimizer's update: ``optimizer.step(grad_scale=coef)``).
 
     A squared gradient norm has a part every member of ``group`` holds identically (dense and
     gate gradients after the reduction, shared multi-task parameters), counted once
@@ -267,7 +273,7 @@ def clip_by_global_norm_(
         summed = float(comm.all_reduce([summed], group, what="squared gradient norm")[0])
     total = math.sqrt(local + summed)
     coef = max_norm / (total + eps)
-    if coef < 1.0:
+    if coef < 1.0 and in_place:
         for g in grads:
             paddle.assign(g * coef, output=g)
     return total, min(coef, 1.0)
@@ -281,15 +287,30 @@ def clip_grad_norm_(
     eps: float = 1e-6,
 ) -> float:
     """Clip gradients by the global norm of the whole (expert-sharded) model, in place.
+    Returns the global norm before clipping. See :func:`global_grad_norm`."""
+    return global_grad_norm(params, max_norm, topology, communicator, eps, clip=True)[0]
+
+
+def global_grad_norm(
+    params: Iterable[paddle.Tensor],
+    max_norm: float,
+    topology: Topology,
+    communicator: Communicator | None = None,
+    eps: float = 1e-6,
+    clip: bool = False,
+) -> tuple[float, float]:
+    """The global gradient norm of the whole (expert-sharded) model and its clip coefficient
+    ``min(1, max_norm / (norm + eps))``; the gradients are scaled in place only with ``clip``
+    (else the caller folds the coefficient into its update: ``optimizer.step(grad_scale=coef)``).
 
     Call after the gradient reduction. Dense and gate gradients are equal on every rank then,
     so their squared norms count once (locally); expert gradients differ across the EP group
     (each rank owns different experts), so their squared norms are summed over ``ep_group``
     (expert replicas across ``expert_dp_group`` are equal and count once). Collective over the
-    EP group (every rank must call it). Returns the global norm before clipping.
+    EP group (every rank must call it). Returns ``(norm before clipping, coef)``.
     """
     grads = [(param_class(p), p.grad) for p in _trainable(params) if p.grad is not None]
     shared = squared_norm(g for c, g in grads if c != "expert")
     expert = squared_norm(g for c, g in grads if c == "expert")
-    total, _ = clip_by_global_norm_([g for _, g in grads], shared, expert, max_norm, communicator, topology.ep_group, eps)
-    return total
+    return clip_by_global_norm_([g for _, g in grads], shared, expert, max_norm, communicator, topology.ep_group, eps,
+                                in_place=clip)

@@ -201,6 +201,10 @@ class MoEOptimizer:
         if self.lazy is not None:
             self.lazy.step(self._lr, expert_grad_scale)
         if self.sharded_dense is not None:
+            if grad_scale != 1.0:  # its AdamW takes no gradient scale: clip its gradients in place
+                for seg_param in self.sharded_dense.params():
+                    if seg_param.grad is not None:
+                        paddle.assign(seg_param.grad * grad_scale, output=seg_param.grad)
             self.sharded_dense.step(self._lr)
 
     def sync_params(self) -> None:

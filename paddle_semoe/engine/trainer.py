@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import paddle
 
-from paddle_semoe.comm import ExpertExchange, GradientReducer, clip_grad_norm_, reduce_gradients_unfused
+from paddle_semoe.comm import ExpertExchange, GradientReducer, global_grad_norm, reduce_gradients_unfused
 from paddle_semoe.comm.nccl_fused import FusedNcclExchange
 from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.config import dump_yaml, to_dict
@@ -296,13 +296,13 @@ class Trainer:
 
         # global norm (MoE-aware) for logging and clipping
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        expert_coef = 1.0
+        expert_coef = clip_coef = 1.0
         lazy = self.optimizer.lazy
         if lazy is not None:
             lazy.set_active(self._lazy_activity(self._lazy_kept))
             grad_norm, expert_coef = clip_grad_norm_lazy_(self.params, lazy, max_norm, self.topology, self.coll)
-        else:
-            grad_norm = clip_grad_norm_(self.params, max_norm, self.topology, self.coll)
+        else:  # the clip coefficient is folded into the AdamW kernel (no pass over the gradients)
+            grad_norm, clip_coef = global_grad_norm(self.params, max_norm, self.topology, self.coll)
         skipped = self._any_rank_bad(loss_sum, grad_norm)
         if self.scaler is not None:
             self.scaler.update(found_inf=skipped)
@@ -322,7 +322,7 @@ class Trainer:
         if skipped and lazy is not None:
             lazy.discard()
         if not skipped:
-            self.optimizer.step(expert_grad_scale=expert_coef)
+            self.optimizer.step(expert_grad_scale=expert_coef, grad_scale=clip_coef)
             # aux-loss-free routers: bias += rate * sign(mean - load), load summed over all ranks
             update_balance_biases(self.model, self._sum_tensor_over_ranks)
         self.optimizer.clear_grad()
