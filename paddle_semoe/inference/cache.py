@@ -17,6 +17,14 @@ streams all E experts to use a handful. Here the unit is one expert of one layer
   runs again (see :meth:`ExpertCache._scores`).
   The grouped FFN then runs on the arenas with per-slot counts (rows permuted into slot order),
   so the result is the same op on the same weights: bit-exact with all-resident serving.
+* Weight-only int8 (``quant="int8"``, packages exported with ``int8``): the slots hold the int8
+  weights as stored (a load reads a quarter of the bytes, straight into the slot) and per-slot
+  copies of their per-output-channel scales; the FFN runs
+  :func:`paddle_semoe.ops.grouped_ffn_int8`, whose GEMMs read int8 and scale each output once.
+  An int8 slot takes a quarter of a float32 slot's bytes, so a budget holds ~4x the experts.
+  int4 (``quant="int4"``, exported with ``int4=True``): two values per byte and a scale per
+  output channel and group of 32 input rows (an eighth of the bytes, plus ~1/8 for the
+  scales), served the same way by :func:`paddle_semoe.ops.grouped_ffn_int4`.
 * :meth:`ExpertCache.prefetch` is the pre-gating hook: layer j+1's router applied to layer j's
   input predicts layer j+1's experts, which are loaded while layer j computes (speculative
   loads only displace experts with no more hits than the incoming one).
@@ -34,12 +42,13 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import paddle
 
-from paddle_semoe.inference.package import ALIGN, Manifest, PackageError, Section, aligned_buffer
+from paddle_semoe import ops
+from paddle_semoe.inference.package import ALIGN, INT4_GROUP, Manifest, PackageError, Section, aligned_buffer
 from paddle_semoe.inference.ring import ProviderStats, _Traced
 from paddle_semoe.storage.policy import LFUDecayPolicy
 
@@ -84,12 +93,43 @@ class ExpertGeometry:
         """Bytes one expert load reads (w1 and w2 ranges)."""
         return 2 * self.matrix_bytes
 
+    def weight_bytes(self, quant: str) -> int:
+        """Bytes of one expert's w1 (= its w2) as stored in a slot: float32, int8, or int4 (two
+        values per byte)."""
+        n = self.d_model * self.d_ff
+        return {"float32": 4 * n, "int8": n, "int4": n // 2}[quant]
+
+    def scale_shapes(self, quant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one expert's w1 and w2 scales: () for float32, [F] / [D] per output channel
+        for int8, [ceil(D/G), F] / [ceil(F/G), D] per group of G = INT4_GROUP input rows for int4."""
+        D, F = self.d_model, self.d_ff
+        if quant == "int8":
+            return (F,), (D,)
+        if quant == "int4":
+            return (-(-D // INT4_GROUP), F), (-(-F // INT4_GROUP), D)
+        return (), ()
+
+    def scale_bytes(self, quant: str) -> int:
+        """Bytes of one expert's scales (w1 and w2; 0 for float32)."""
+        if quant == "float32":
+            return 0
+        a, b = self.scale_shapes(quant)
+        return 4 * (int(np.prod(a)) + int(np.prod(b)))
+
+    def quant_slot_bytes(self, quant: str) -> int:
+        """Bytes one slot holds for ``quant``: w1, w2, the two bias rows and (int8/int4) the scales."""
+        return 2 * self.weight_bytes(quant) + (self.d_ff + self.d_model) * 4 + self.scale_bytes(quant)
+
 
 # ----------------------------------------------------------------------------- readers
 class ExpertReader(Protocol):
+    quant: str  # "float32", "int8" or "int4": the bytes ``read`` writes into a slot
+    scale1: np.ndarray  # int8/int4 only: float32 [L, E, *scale_shapes[0]] scales of w1 (resident)
+    scale2: np.ndarray  # int8/int4 only: float32 [L, E, *scale_shapes[1]] scales of w2
+
     def read(self, j: int, e: int, w1_out: np.ndarray, w2_out: np.ndarray) -> int:
-        """Fill ``w1_out``/``w2_out`` (uint8 views of a slot) with expert ``e`` of MoE layer ``j``;
-        returns bytes read from the source."""
+        """Fill ``w1_out``/``w2_out`` (uint8 views of a slot: D*F float32, int8 or packed int4 values) with
+        expert ``e`` of MoE layer ``j``; returns bytes read from the source."""
         ...
 
     @property
@@ -100,7 +140,7 @@ class ExpertReader(Protocol):
     def close(self) -> None: ...
 
 
-QUANTS = ("float32", "int8")
+QUANTS = ("float32", "int8", "int4")
 
 
 def _check_crc(manifest: Manifest, sec: Section, e: int, w1: np.ndarray, w2: np.ndarray) -> None:
@@ -126,31 +166,37 @@ def _tensor_table(manifest: Manifest, sections: tuple[Section, ...], name: str) 
 
 
 class _ExpertReaderBase:
-    """Reads expert ``e`` of layer ``j`` into a float32 slot: float32 sections are read straight
-    into it; int8 sections (``quant="int8"``) are read into a staging buffer and dequantized
-    (``q * scale`` per output channel, the scales kept resident) into it."""
+    """Reads expert ``e`` of layer ``j`` straight into a slot: float32 sections into a float32
+    slot, int8 / int4 sections (``quant="int8"`` / ``"int4"``) into an int8 / packed-int4 slot,
+    as stored (no staging, no dequantization: the quantized expert FFN reads them; their scales
+    stay resident in ``scale1``/``scale2``)."""
 
     def __init__(self, manifest: Manifest, quant: str, verify: bool):
         if quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
         self.manifest, self.quant, self.verify = manifest, quant, verify
         self.geo = ExpertGeometry.of(manifest)
-        if quant == "int8":
-            if len(manifest.int8_sections) != len(manifest.sections):
-                raise PackageError(f"package {manifest.root} has no int8 expert sections (export it with --int8)")
-            self.sections = manifest.int8_sections
-            self.scale1 = _tensor_table(manifest, self.sections, "w1_scale")  # [L, E, F]
-            self.scale2 = _tensor_table(manifest, self.sections, "w2_scale")  # [L, E, D]
+        if quant in ("int8", "int4"):
+            quantized = manifest.int8_sections if quant == "int8" else manifest.int4_sections
+            if len(quantized) != len(manifest.sections):
+                raise PackageError(f"package {manifest.root} has no {quant} expert sections (export it with {quant}=True"
+                                   f"{', tools/export.py --int8' if quant == 'int8' else ''})")
+            self.sections = quantized
+            self.scale1 = _tensor_table(manifest, self.sections, "w1_scale")  # [L, E, *scale_shapes[0]]
+            self.scale2 = _tensor_table(manifest, self.sections, "w2_scale")  # [L, E, *scale_shapes[1]]
+            want = tuple((self.geo.layers, self.geo.experts) + sh for sh in self.geo.scale_shapes(quant))
+            if (self.scale1.shape, self.scale2.shape) != want:
+                raise PackageError(f"package {manifest.root}: {quant} scales {self.scale1.shape} / {self.scale2.shape}, "
+                                   f"expected {want[0]} / {want[1]}")
         else:
             self.sections = manifest.sections
-        self._local = threading.local()  # per loader thread: staging and bounce buffers
+        self._local = threading.local()  # per loader thread: the O_DIRECT bounce buffer
 
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's int8 staging buffers (two) and O_DIRECT bounce buffer."""
-        b = getattr(self._local, "bufs", None)
+    def _bounce(self) -> np.ndarray:
+        """This thread's O_DIRECT bounce buffer (for expert ranges that are not 4096-aligned)."""
+        b = getattr(self._local, "bounce", None)
         if b is None:
-            n = self.geo.d_model * self.geo.d_ff
-            b = self._local.bufs = (aligned_buffer(n), aligned_buffer(n), aligned_buffer(self.geo.matrix_bytes + 2 * ALIGN))
+            b = self._local.bounce = aligned_buffer(self.geo.weight_bytes(self.quant) + 2 * ALIGN)
         return b
 
     def _fetch(self, j: int, off: int, out: np.ndarray) -> None:
@@ -164,31 +210,27 @@ class _ExpertReaderBase:
 
     @property
     def resident_bytes(self) -> int:
-        """Host memory the reader keeps for serving (int8 scales)."""
-        return self.scale1.nbytes + self.scale2.nbytes if self.quant == "int8" else 0
+        """Host memory the reader keeps for serving (int8/int4 scales)."""
+        return self.scale1.nbytes + self.scale2.nbytes if self.quant != "float32" else 0
 
     def read(self, j: int, e: int, w1_out: np.ndarray, w2_out: np.ndarray) -> int:
-        """Fill the uint8 slot views ``w1_out``/``w2_out`` (float32 bytes) with expert ``e`` of
-        MoE layer ``j``; returns the bytes read from the source."""
+        """Fill the uint8 slot views ``w1_out``/``w2_out`` (``geo.weight_bytes(quant)`` bytes
+        each: float32, int8 or packed int4 values) with expert ``e`` of MoE layer ``j``; returns the bytes
+        read from the source."""
         sec = self.sections[j]
+        nbytes = self.geo.weight_bytes(self.quant)
+        if w1_out.nbytes < nbytes or w2_out.nbytes < nbytes:
+            raise ValueError(f"expert reader: slot views of {w1_out.nbytes} and {w2_out.nbytes} B, "
+                             f"one {self.quant} expert matrix needs {nbytes} B")
         self._before(j)
-        geo = self.geo
-        if self.quant == "float32":
-            t1, t2 = w1_out, w2_out
-        else:
-            t1, t2, _ = self._buffers()
         n = 0
-        for name, out in (("w1", t1), ("w2", t2)):
+        for name, out in (("w1", w1_out), ("w2", w2_out)):
             off, nb = sec.expert_range(name, e)
             self._fetch(j, off, out[:nb])
             n += nb
         self._after(j)
         if self.verify:
-            _check_crc(self.manifest, sec, e, t1[: n // 2], t2[: n // 2])
-        if self.quant == "int8":
-            D, F = geo.d_model, geo.d_ff
-            np.multiply(t1.view(np.int8).reshape(D, F), self.scale1[j, e], out=w1_out.view(np.float32).reshape(D, F))
-            np.multiply(t2.view(np.int8).reshape(F, D), self.scale2[j, e], out=w2_out.view(np.float32).reshape(F, D))
+            _check_crc(self.manifest, sec, e, w1_out[: n // 2], w2_out[: n // 2])
         return n
 
     def close(self) -> None:
@@ -202,7 +244,7 @@ class DiskExpertReader(_ExpertReaderBase):
         direct: O_DIRECT (the page cache never serves a read); where the file system refuses
             it, buffered reads followed by dropping the file's page cache (logged once).
         verify: check each expert read against the manifest's per-expert CRC-32.
-        quant: ``float32`` or ``int8`` sections.
+        quant: ``float32``, ``int8`` or ``int4`` sections.
     """
 
     def __init__(self, manifest: Manifest, direct: bool = True, verify: bool = False, quant: str = "float32"):
@@ -266,7 +308,7 @@ class DiskExpertReader(_ExpertReaderBase):
                 self._warned_bounce = True
             start = offset // ALIGN * ALIGN
             length = (offset + n + ALIGN - 1) // ALIGN * ALIGN - start
-            target = self._buffers()[2][:length]
+            target = self._bounce()[:length]
         mv = target.data.cast("B")
         done = 0
         while done < length:
@@ -285,7 +327,7 @@ class DiskExpertReader(_ExpertReaderBase):
 
 
 class HostExpertReader(_ExpertReaderBase):
-    """Every section in host memory (read once); a load is a copy (and, for int8, a dequantize)."""
+    """Every section in host memory (read once); a load is a copy."""
 
     def __init__(self, manifest: Manifest, verify: bool = False, quant: str = "float32"):
         super().__init__(manifest, quant, verify)
@@ -358,16 +400,33 @@ class ExpertCache(_Traced):
             raise ValueError(f"loader_threads must be >= 1, got {loader_threads}")
         geo = ExpertGeometry.of(manifest)
         self.manifest, self.reader, self.geo = manifest, reader, geo
+        self.quant = reader.quant
+        if self.quant not in QUANTS:
+            raise ValueError(f"expert reader quant must be one of {QUANTS}, got {self.quant!r}")
         self.num_slots = S = min(num_slots, geo.layers * geo.experts)
         E, D, F = geo.experts, geo.d_model, geo.d_ff
-        self._w1u = aligned_buffer(S * geo.matrix_bytes)
-        self._w2u = aligned_buffer(S * geo.matrix_bytes)
+        self._weight_bytes = geo.weight_bytes(self.quant)
+        self._w1u = aligned_buffer(S * self._weight_bytes)
+        self._w2u = aligned_buffer(S * self._weight_bytes)
         self.b1_all, self.b2_all = _biases(manifest, geo)
-        self.w1 = self._w1u.view(np.float32).reshape(S, D, F)
-        self.w2 = self._w2u.view(np.float32).reshape(S, F, D)
+        if self.quant == "int4":  # two values per byte along the output dim
+            self.w1 = self._w1u.reshape(S, D, F // 2)
+            self.w2 = self._w2u.reshape(S, F, D // 2)
+        else:
+            wdt = np.int8 if self.quant == "int8" else np.float32
+            self.w1 = self._w1u.view(wdt).reshape(S, D, F)
+            self.w2 = self._w2u.view(wdt).reshape(S, F, D)
         self.b1 = np.zeros((S, F), np.float32)
         self.b2 = np.zeros((S, D), np.float32)
-        self.tensors = {k: paddle.utils.dlpack.from_dlpack(getattr(self, k)) for k in ("w1", "b1", "w2", "b2")}
+        names = ("w1", "b1", "w2", "b2")
+        if self.quant != "float32":  # per-slot copies of the slot's scales
+            sh1, sh2 = geo.scale_shapes(self.quant)
+            self.s1 = np.ones((S,) + sh1, np.float32)
+            self.s2 = np.ones((S,) + sh2, np.float32)
+            names += ("s1", "s2")
+        self.tensors = {k: paddle.utils.dlpack.from_dlpack(getattr(self, k)) for k in names}
+        self._activation = str(manifest.model.get("activation", "gelu"))
+        self._ops_backend = manifest.model.get("ops_backend")
         self.policy = LFUDecayPolicy(geo.layers * E, beta, decay_every)
         self.stats = ProviderStats()
         self.cache_stats = CacheStats()
@@ -392,7 +451,7 @@ class ExpertCache(_Traced):
 
     # -- loader thread --------------------------------------------------------------
     def _run(self) -> None:
-        mb = self.geo.matrix_bytes
+        mb = self._weight_bytes
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
@@ -407,6 +466,9 @@ class ExpertCache(_Traced):
                 n = self.reader.read(j, e, self._w1u[slot * mb : (slot + 1) * mb], self._w2u[slot * mb : (slot + 1) * mb])
                 self.b1[slot] = self.b1_all[j, e]
                 self.b2[slot] = self.b2_all[j, e]
+                if self.quant != "float32":
+                    self.s1[slot] = self.reader.scale1[j, e]
+                    self.s2[slot] = self.reader.scale2[j, e]
                 dt = time.perf_counter() - t0
                 self._event("load_end", key, slot)
             except BaseException as exc:  # surfaced in the compute thread
@@ -553,6 +615,21 @@ class ExpertCache(_Traced):
                 self._assign(key, s, demand=False)
                 self.cache_stats.prefetch_loads += 1
 
+    def run_slots(self, rows_RD: paddle.Tensor, counts_S: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
+        """The grouped FFN over the slot arenas: rows [R, D] in slot order, counts_S int32 [S]
+        (zero for slots not in use) -> [R, D]. float32 slots: the layer's own ``compute`` (the
+        grouped FFN op training uses); int8 / int4 slots: :func:`paddle_semoe.ops.grouped_ffn_int8`
+        / :func:`~paddle_semoe.ops.grouped_ffn_int4` on the quantized weights and per-slot scales,
+        with the package model's activation."""
+        t = self.tensors
+        if self.quant == "int8":
+            return ops.grouped_ffn_int8(rows_RD, counts_S, t["w1"], t["s1"], t["b1"], t["w2"], t["s2"], t["b2"],
+                                        activation=self._activation, backend=self._ops_backend)
+        if self.quant == "int4":
+            return ops.grouped_ffn_int4(rows_RD, counts_S, t["w1"], t["s1"], t["b1"], t["w2"], t["s2"], t["b2"],
+                                        group_size=INT4_GROUP, activation=self._activation, backend=self._ops_backend)
+        return compute(rows_RD, counts_S, t["w1"], t["b1"], t["w2"], t["b2"])
+
     # -- layer-granular interface (ExpertProvider) -----------------------------------
     def acquire(self, j: int) -> dict[str, paddle.Tensor]:
         raise RuntimeError("the expert cache serves routed experts only (through LayerWeights); "
@@ -562,8 +639,10 @@ class ExpertCache(_Traced):
         raise RuntimeError("the expert cache has no layer-granular release")
 
     def resident_expert_bytes(self) -> int:
-        """Slot arenas plus the resident bias table."""
-        return (self._w1u.nbytes + self._w2u.nbytes + self.b1.nbytes + self.b2.nbytes + self.b1_all.nbytes
+        """Slot arenas (with their bias and, for int8/int4, scale rows) plus the resident bias table
+        (and the reader's resident scales)."""
+        scales = self.s1.nbytes + self.s2.nbytes if self.quant != "float32" else 0
+        return (self._w1u.nbytes + self._w2u.nbytes + self.b1.nbytes + self.b2.nbytes + scales + self.b1_all.nbytes
                 + self.b2_all.nbytes + self.reader.resident_bytes)
 
     def close(self) -> None:
@@ -577,13 +656,17 @@ class ExpertCache(_Traced):
 
 def slots_for_expert_budget(manifest: Manifest, budget_bytes: int, quant: str = "float32") -> int:
     """S = how many single-expert slots fit ``budget_bytes`` after the resident bias table
-    (and, for int8, the resident scales)."""
+    (and, for int8, the resident scales). An int8 slot holds int8 weights (a quarter of a
+    float32 slot's bytes), so the same budget holds about four times the experts."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     geo = ExpertGeometry.of(manifest)
-    bias = geo.layers * geo.experts * (geo.d_model + geo.d_ff) * 4 * (2 if quant == "int8" else 1)
-    s = (budget_bytes - bias) // geo.slot_bytes
+    bias = geo.layers * geo.experts * ((geo.d_model + geo.d_ff) * 4 + geo.scale_bytes(quant))
+    slot = geo.quant_slot_bytes(quant)
+    s = (budget_bytes - bias) // slot
     if s < 1:
         raise ValueError(
-            f"expert memory budget {budget_bytes} B holds no expert slot (one expert {geo.slot_bytes} B + biases {bias} B)"
+            f"expert memory budget {budget_bytes} B holds no expert slot (one {quant} expert {slot} B + biases {bias} B)"
         )
     return int(min(s, geo.layers * geo.experts))
 

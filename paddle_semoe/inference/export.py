@@ -52,6 +52,7 @@ from paddle_semoe.inference.package import (
     PackageError,
     Section,
     expert_checksums,
+    write_int4_section,
     write_int8_section,
     write_manifest,
     write_section,
@@ -287,7 +288,7 @@ def _package_records(root: Path, recorded: set[str]) -> list[FileRecord]:
 
 
 def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files: Sequence[tuple[str, Path]] = (),
-                   int8: bool = False, overwrite: bool = False) -> Path:
+                   int8: bool = False, overwrite: bool = False, int4: bool = False) -> Path:
     """Write the package for ``model`` (all experts local) into ``out``, atomically.
 
     ``out`` must be new, empty, or (with ``overwrite``) an earlier package; anything else is
@@ -298,6 +299,8 @@ def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files
 
     ``int8``: also write weight-only int8 copies of the expert sections
     (``experts/layer_XX.int8.bin``: per-output-channel scales; serve with ``quant="int8"``).
+    ``int4``: also write weight-only int4 copies (``experts/layer_XX.int4.bin``: two values per
+    byte, a scale per output channel and group of 32 input rows; serve with ``quant="int4"``).
 
     ``extra_files``: ``(name in the package, source path)`` copied in and recorded with their
     SHA-256 (the checkpoint's tokenizer, so generation decodes with the training tokenizer)."""
@@ -306,7 +309,7 @@ def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        sections, int8_sections, graph_index = _write_package(model, tmp, graphs, extra_files, int8)
+        sections, int8_sections, graph_index = _write_package(model, tmp, graphs, extra_files, int8, int4)
         _publish_package(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,10 +322,10 @@ def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files
 
 
 def _write_package(model: GPTMoE, tmp: Path, graphs: bool, extra_files: Sequence[tuple[str, Path]],
-                   int8: bool) -> tuple[list[Section], list[Section], dict]:
+                   int8: bool, int4: bool = False) -> tuple[list[Section], list[Section], dict]:
     (tmp / "experts").mkdir(parents=True)
     model.eval()
-    sections, int8_sections = [], []
+    sections, int8_sections, int4_sections = [], [], []
     for i, arrays in expert_arrays(model).items():
         rel = f"experts/layer_{i:02d}.bin"
         specs, size, sha = write_section(tmp / rel, arrays)
@@ -331,6 +334,10 @@ def _write_package(model: GPTMoE, tmp: Path, graphs: bool, extra_files: Sequence
             rel8 = f"experts/layer_{i:02d}.int8.bin"
             specs8, size8, sha8, crc8 = write_int8_section(tmp / rel8, arrays["w1"], arrays["w2"])
             int8_sections.append(Section(i, rel8, size8, sha8, specs8, crc8))
+        if int4:
+            rel4 = f"experts/layer_{i:02d}.int4.bin"
+            specs4, size4, sha4, crc4 = write_int4_section(tmp / rel4, arrays["w1"], arrays["w2"])
+            int4_sections.append(Section(i, rel4, size4, sha4, specs4, crc4))
     dense: dict[str, Any] = dense_arrays(model)  # (numpy's stub would read a key as allow_pickle)
     np.savez(tmp / "dense.npz", **dense)
 
@@ -340,9 +347,10 @@ def _write_package(model: GPTMoE, tmp: Path, graphs: bool, extra_files: Sequence
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(tmp / name, Path(src).read_bytes())
         extra.append(record_of(tmp / name, name))
-    recorded = {"dense.npz", *(s.file for s in sections + int8_sections), *(r.name for r in extra)}
+    recorded = {"dense.npz", *(s.file for s in sections + int8_sections + int4_sections), *(r.name for r in extra)}
     extra += _package_records(tmp, recorded)  # the static graphs and anything else written above
-    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"), graph_index, extra, int8_sections)
+    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"), graph_index, extra, int8_sections,
+                   int4_sections)
     return sections, int8_sections, graph_index
 
 

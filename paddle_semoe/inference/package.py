@@ -152,6 +152,63 @@ def write_int8_section(path: Path, w1: np.ndarray, w2: np.ndarray) -> tuple[tupl
     return specs_t, size, sha, expert_checksums(q1, q2)
 
 
+INT4_GROUP = 32  # int4 scales: one per output channel and group of 32 consecutive input rows
+
+
+def quantize_int4(w: np.ndarray, group: int = INT4_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weight-only int4, per output channel and group of ``group`` input rows:
+    ``w [E, K, N]`` (N even) -> ``(packed uint8 [E, K, N/2], scale float32 [E, ceil(K/group), N])``
+    with ``w[e, k, n] ~= q[e, k, n] * scale[e, k // group, n]``, q in [-7, 7]; byte ``[e, k, m]``
+    holds column 2m in its low nibble and 2m+1 in its high nibble (two's complement)."""
+    E, K, N = w.shape
+    if N % 2:
+        raise ValueError(f"int4 packs two output columns per byte: the output dim must be even, got {N}")
+    if group < 1:
+        raise ValueError(f"int4 group must be >= 1, got {group}")
+    ng = -(-K // group)
+    padded = np.zeros((E, ng * group, N), np.float32)
+    padded[:, :K] = w
+    amax = np.abs(padded).reshape(E, ng, group, N).max(axis=2)
+    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / np.repeat(scale, group, axis=1)[:, :K]), -7, 7).astype(np.int8)
+    packed = ((q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)).astype(np.uint8)
+    return packed, scale
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """``uint8 [..., N/2]`` -> the int8 values ``[..., N]`` :func:`quantize_int4` packed."""
+    lo = (packed.astype(np.int16) << 12).astype(np.int16) >> 12
+    hi = packed.view(np.int8).astype(np.int16) >> 4
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.int8)
+    out[..., 0::2] = lo
+    out[..., 1::2] = hi
+    return out
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, group: int = INT4_GROUP) -> np.ndarray:
+    """float32 ``[E, K, N]``: the weights an int4 section stands for (``q * scale`` per group)."""
+    q = unpack_int4(packed)
+    return q * np.repeat(scale, group, axis=1)[:, : q.shape[1]]
+
+
+def write_int4_section(path: Path, w1: np.ndarray, w2: np.ndarray, group: int = INT4_GROUP) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
+    """An int4 expert section: packed ``w1``/``w2`` (each expert's rows one contiguous range) and
+    their per-group, per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of
+    the packed w1/w2 rows). Biases stay in the float32 section."""
+    q1, s1 = quantize_int4(w1, group)
+    q2, s2 = quantize_int4(w2, group)
+    arrays = {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2}
+    specs, off = [], 0
+    for name in INT8_TENSORS:
+        a = arrays[name]
+        spec = TensorSpec(name, tuple(int(d) for d in a.shape), str(a.dtype), off)
+        specs.append(spec)
+        off = _align(off + spec.nbytes)
+    specs_t, size = tuple(specs), max(off, ALIGN)
+    _, _, sha = _write_specs(path, specs_t, size, arrays)
+    return specs_t, size, sha, expert_checksums(q1, q2)
+
+
 def _write_specs(path: Path, specs: tuple[TensorSpec, ...], size: int, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
     buf = bytearray(size)
     for s in specs:
@@ -170,6 +227,7 @@ class Manifest:
     dense_sha256: str
     graphs: dict[str, Any]
     int8_sections: tuple[Section, ...] = ()  # optional weight-only int8 copies, same layer order
+    int4_sections: tuple[Section, ...] = ()  # optional weight-only int4 copies (groups of INT4_GROUP rows)
 
     def section(self, layer: int) -> Section:
         for s in self.sections:
@@ -200,16 +258,17 @@ def _section_of(s: dict) -> Section:
 
 def write_manifest(
     root: Path, model: dict, sections: list[Section], dense_sha256: str, graphs: dict, extra_files: Sequence[FileRecord] = (),
-    int8_sections: Sequence[Section] = (),
+    int8_sections: Sequence[Section] = (), int4_sections: Sequence[Section] = (),
 ) -> None:
     """``extra_files``: further files the package carries (e.g. ``tokenizer/...``), verified on load;
-    ``int8_sections``: weight-only int8 copies of the expert sections (optional)."""
+    ``int8_sections`` / ``int4_sections``: weight-only int8 / int4 copies of the expert sections (optional)."""
     doc = {
         "format": FORMAT,
         "model": model,
         "moe_layers": [s.layer for s in sections],
         "sections": [_section_doc(s) for s in sections],
         "int8_sections": [_section_doc(s) for s in int8_sections],
+        "int4_sections": [_section_doc(s) for s in int4_sections],
         "dense": {"file": "dense.npz", "sha256": dense_sha256},
         "graphs": graphs,
         "files": [asdict(r) for r in extra_files],
@@ -233,7 +292,9 @@ def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
     try:
         sections = tuple(_section_of(s) for s in doc["sections"])
         int8 = tuple(_section_of(s) for s in doc.get("int8_sections", []))
-        m = Manifest(root, doc["model"], sections, doc["dense"]["file"], doc["dense"]["sha256"], doc.get("graphs", {}), int8)
+        int4 = tuple(_section_of(s) for s in doc.get("int4_sections", []))
+        m = Manifest(root, doc["model"], sections, doc["dense"]["file"], doc["dense"]["sha256"], doc.get("graphs", {}), int8,
+                     int4)
         files = [(str(f["name"]), str(f["sha256"]), int(f["bytes"])) for f in doc.get("files", [])]
         for key in ("vocab_size", "max_seq_len", "d_model"):  # what every reader of the model config needs
             int(m.model[key])
@@ -241,7 +302,7 @@ def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
         raise PackageError(f"inference manifest {mpath} is missing or has a malformed entry {exc}: re-export the package") from exc
     if verify:
         verify_file(root / m.dense_file, m.dense_sha256, None)
-        for s in sections + int8:
+        for s in sections + int8 + int4:
             verify_file(root / s.file, s.sha256, s.nbytes)
         for name, sha, nbytes in files:
             verify_file(root / name, sha, nbytes)

@@ -91,11 +91,14 @@ class ExpertProvider(Protocol):
 class RoutedExpertProvider(Protocol):
     """An expert-granular provider (:class:`paddle_semoe.inference.cache.ExpertCache`): holds
     ``num_slots`` single-expert slots in arenas ``tensors`` {w1 [S,D,F], b1 [S,F], w2 [S,F,D],
-    b2 [S,D]}; loads only the experts a layer's routing selected."""
+    b2 [S,D]} (int8 slots add per-output-channel scales s1 [S,F], s2 [S,D]); loads only the
+    experts a layer's routing selected; ``run_slots`` runs the grouped FFN on the arenas."""
 
     expert_granular: bool
     num_slots: int
     tensors: dict[str, paddle.Tensor]
+
+    def run_slots(self, rows_RD: paddle.Tensor, counts_S: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor: ...
 
     def observe(self, j: int, experts: np.ndarray) -> None: ...
 
@@ -112,7 +115,8 @@ class LayerWeights:
     With an expert-granular provider (``provider.expert_granular``), only the experts with
     nonzero counts are requested (in chunks of at most ``num_slots``); their rows are gathered
     into slot order, the grouped FFN runs on the slot arenas with per-slot counts, and the
-    outputs are scattered back: the same op on the same rows and weights, so bit-exact."""
+    outputs are scattered back: the same op on the same rows and weights, so bit-exact (float32
+    slots; int8 slots run the provider's int8 FFN, see ``run_slots``)."""
 
     def __init__(self, provider: ExpertProvider | RoutedExpertProvider, j: int):
         self.provider = provider
@@ -134,7 +138,6 @@ class LayerWeights:
         p.observe(self.j, active)
         out = paddle.zeros_like(rows_RD)  # rows past sum(counts) stay zero
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        w = p.tensors
         for c0 in range(0, active.size, p.num_slots):
             chunk = active[c0 : c0 + p.num_slots]
             slots = p.acquire_experts(self.j, chunk)
@@ -144,7 +147,7 @@ class LayerWeights:
                 counts_S = np.zeros(p.num_slots, np.int32)
                 counts_S[slots] = counts[chunk]
                 idx_t = paddle.to_tensor(idx)
-                y = compute(paddle.gather(rows_RD, idx_t), paddle.to_tensor(counts_S), w["w1"], w["b1"], w["w2"], w["b2"])
+                y = p.run_slots(paddle.gather(rows_RD, idx_t), paddle.to_tensor(counts_S), compute)
             finally:
                 p.release_experts(self.j, slots)
             out = paddle.scatter(out, idx_t, y, overwrite=True)

@@ -343,6 +343,123 @@ def grouped_ffn(
     return out
 
 
+__all__ += ["grouped_ffn_int8"]
+
+
+def grouped_ffn_int8(
+    x: paddle.Tensor,
+    counts: paddle.Tensor,
+    w1: paddle.Tensor,
+    s1: paddle.Tensor,
+    b1: paddle.Tensor,
+    w2: paddle.Tensor,
+    s2: paddle.Tensor,
+    b2: paddle.Tensor,
+    *,
+    activation: str = "gelu",
+    backend: str | None = None,
+) -> paddle.Tensor:
+    """Weight-only int8 expert FFN (inference, CPU, no gradient): :func:`grouped_ffn` with
+    ``W1[e] = w1[e] * s1[e]`` and ``W2[e] = w2[e] * s2[e]`` (per output channel), the GEMMs
+    reading the int8 weights directly and scaling each output once.
+
+    x float32 [R, D]; counts int32 [E]; w1 int8 [E, D, F]; s1, b1 float32 [E, F]; w2 int8
+    [E, F, D]; s2, b2 float32 [E, D] -> float32 [R, D]. Equal to :func:`grouped_ffn` on the
+    dequantized weights up to float32 rounding; each row's result depends on that row only.
+    """
+    op = "grouped_ffn_int8"
+    _check_rank(op, "x", x, 2, "[R, D]")
+    _check_dtype(op, "x", x, paddle.float32)
+    _check_dtype(op, "counts", counts, paddle.int32)
+    _check_rank(op, "counts", counts, 1, "[E]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    E, D = _shape(counts)[0], _shape(x)[1]
+    _check_dtype(op, "w1", w1, paddle.int8)
+    _check_dtype(op, "w2", w2, paddle.int8)
+    w1s = _shape(w1)
+    if len(w1s) != 3 or not _same_dim(w1s[0], E) or not _same_dim(w1s[1], D):
+        raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {w1s}")
+    F_ = w1s[2]
+    for arg, t, want in (("s1", s1, [E, F_]), ("b1", b1, [E, F_]), ("w2", w2, [E, F_, D]), ("s2", s2, [E, D]),
+                         ("b2", b2, [E, D])):
+        got = _shape(t)
+        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
+            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
+        if arg != "w2":
+            _check_dtype(op, arg, t, paddle.float32)
+    lib = resolve_backend(backend)
+    if lib is None:
+        dq1 = w1.astype(paddle.float32) * s1.unsqueeze(1)
+        dq2 = w2.astype(paddle.float32) * s2.unsqueeze(1)
+        return reference.grouped_ffn(x, counts, dq1, b1, dq2, b2, activation)
+    return lib.semoe_grouped_ffn_int8(x, counts, w1, s1, b1, w2, s2, b2, activation)
+
+
+__all__ += ["grouped_ffn_int4"]
+
+
+def _unpack_int4(w: paddle.Tensor) -> paddle.Tensor:
+    """uint8 [..., N/2] (column 2m in the low nibble, 2m+1 in the high one) -> float32 [..., N]."""
+    v = w.astype(paddle.int32)
+    lo = paddle.bitwise_xor(paddle.bitwise_and(v, paddle.full_like(v, 15)), paddle.full_like(v, 8)) - 8
+    hi = paddle.bitwise_xor(paddle.floor_divide(v, paddle.full_like(v, 16)), paddle.full_like(v, 8)) - 8
+    return paddle.stack([lo, hi], axis=-1).reshape(list(w.shape[:-1]) + [2 * w.shape[-1]]).astype(paddle.float32)
+
+
+def grouped_ffn_int4(
+    x: paddle.Tensor,
+    counts: paddle.Tensor,
+    w1: paddle.Tensor,
+    s1: paddle.Tensor,
+    b1: paddle.Tensor,
+    w2: paddle.Tensor,
+    s2: paddle.Tensor,
+    b2: paddle.Tensor,
+    *,
+    group_size: int,
+    activation: str = "gelu",
+    backend: str | None = None,
+) -> paddle.Tensor:
+    """Weight-only int4 expert FFN (inference, CPU, no gradient): :func:`grouped_ffn` with
+    ``W[e, k, n] = q[e, k, n] * s[e, k // G, n]`` (G = ``group_size``), the GEMMs reading the
+    packed int4 weights directly (``inference.package.quantize_int4`` writes them).
+
+    x float32 [R, D]; counts int32 [E]; w1 uint8 [E, D, F/2]; s1 float32 [E, ceil(D/G), F];
+    b1 [E, F]; w2 uint8 [E, F, D/2]; s2 [E, ceil(F/G), D]; b2 [E, D] -> float32 [R, D].
+    """
+    op = "grouped_ffn_int4"
+    _check_rank(op, "x", x, 2, "[R, D]")
+    _check_dtype(op, "x", x, paddle.float32)
+    _check_dtype(op, "counts", counts, paddle.int32)
+    _check_rank(op, "counts", counts, 1, "[E]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if group_size < 1:
+        raise ValueError(f"{op}: group_size must be >= 1, got {group_size}")
+    E, D = _shape(counts)[0], _shape(x)[1]
+    if len(b1.shape) != 2:
+        raise ValueError(f"{op}: 'b1' must have shape [E, F], got {_shape(b1)}")
+    F_ = _shape(b1)[1]
+    if D is not None and D % 2 or F_ is not None and F_ % 2:
+        raise ValueError(f"{op}: int4 packs two columns per byte: D={D} and F={F_} must be even")
+    cdiv = lambda a: None if a is None else -(-a // group_size)  # noqa: E731
+    half = lambda a: None if a is None else a // 2  # noqa: E731
+    for arg, t, want, dtype in (("w1", w1, [E, D, half(F_)], paddle.uint8), ("s1", s1, [E, cdiv(D), F_], paddle.float32),
+                                ("b1", b1, [E, F_], paddle.float32), ("w2", w2, [E, F_, half(D)], paddle.uint8),
+                                ("s2", s2, [E, cdiv(F_), D], paddle.float32), ("b2", b2, [E, D], paddle.float32)):
+        _check_dtype(op, arg, t, dtype)
+        got = _shape(t)
+        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
+            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
+    lib = resolve_backend(backend)
+    if lib is None:
+        dq1 = _unpack_int4(w1) * paddle.repeat_interleave(s1, group_size, axis=1)[:, : w1.shape[1]]
+        dq2 = _unpack_int4(w2) * paddle.repeat_interleave(s2, group_size, axis=1)[:, : w2.shape[1]]
+        return reference.grouped_ffn(x, counts, dq1, b1, dq2, b2, activation)
+    return lib.semoe_grouped_ffn_int4(x, counts, w1, s1, b1, w2, s2, b2, activation, int(group_size))
+
+
 # ----------------------------------------------------------------------------- dense-model ops
 # The fused kernels of the model around the MoE layer (attention, projections, LayerNorm, loss).
 # CPU float32 runs the compiled kernels; tensors on a GPU go to Paddle's own ops (the

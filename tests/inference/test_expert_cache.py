@@ -204,7 +204,7 @@ def package8(tmp_path_factory) -> Path:
     return export_package(model, tmp_path_factory.mktemp("pkg8") / "pkg", graphs=False, int8=True)
 
 
-def test_int8_sections_dequantize_per_output_channel(package8):
+def test_int8_sections_load_as_stored_with_per_output_channel_scales(package8):
     from paddle_semoe.inference.package import quantize_int8
 
     man = read_manifest(package8)
@@ -217,12 +217,34 @@ def test_int8_sections_dequantize_per_output_channel(package8):
     assert scale.shape == (8, 64) and q.dtype == np.int8
     assert np.all(np.abs(q.astype(np.float32) * scale[:, None, :] - w1) <= scale[:, None, :] / 2 + 1e-6)
     geo = ExpertGeometry.of(man)
+    assert geo.weight_bytes("int8") * 4 == geo.weight_bytes("float32") == geo.matrix_bytes
     for verify_direct in (True, False):
         reader = DiskExpertReader(man, direct=verify_direct, verify=True, quant="int8")
-        a, b = aligned_buffer(geo.matrix_bytes), aligned_buffer(geo.matrix_bytes)
-        assert reader.read(0, 6, a, b) == 2 * 32 * 64  # bytes read: int8
-        np.testing.assert_array_equal(a.view(np.float32).reshape(32, 64), q[6].astype(np.float32) * scale[6])
+        a, b = aligned_buffer(geo.weight_bytes("int8")), aligned_buffer(geo.weight_bytes("int8"))
+        assert reader.read(0, 6, a, b) == 2 * 32 * 64  # bytes read: int8, straight into the slot
+        np.testing.assert_array_equal(a.view(np.int8).reshape(32, 64), q[6])
+        np.testing.assert_array_equal(reader.scale1[0, 6], scale[6])
+        with pytest.raises(ValueError, match="needs 2048 B"):
+            reader.read(0, 6, a[:100], b)
         reader.close()
+
+
+def test_int8_slots_hold_four_times_the_experts(package8):
+    """An int8 slot is a quarter of a float32 slot's weight bytes: the same budget holds ~4x the
+    experts, and the cache keeps within the budget."""
+    man = read_manifest(package8)
+    geo = ExpertGeometry.of(man)
+    tables = geo.layers * geo.experts * (geo.d_model + geo.d_ff) * 4
+    budget = tables * 2 + 4 * geo.slot_bytes
+    assert slots_for_expert_budget(man, budget) == (budget - tables) // geo.slot_bytes == 4  # float32: bias table resident
+    s8 = slots_for_expert_budget(man, budget, "int8")
+    assert s8 == (budget - 2 * tables) // (2 * 32 * 64 + 2 * (32 + 64) * 4) == 13
+    m = InferenceModel.load(man, ServeConfig(mode="cache", budget_bytes=budget, source="host", quant="int8"))
+    try:
+        assert m.experts.num_slots == s8 and m.experts.w1.dtype == np.int8
+        assert m.experts.resident_expert_bytes() <= budget
+    finally:
+        m.close()
 
 
 def test_int8_serving_stays_close_to_float32(package8):
@@ -234,6 +256,60 @@ def test_int8_serving_stays_close_to_float32(package8):
     agree = (tokens == ref_tokens).mean()
     assert agree > 0.5, agree
     assert m.experts.stats.bytes_loaded % (2 * 32 * 64) == 0  # every load read int8 bytes
+
+
+def test_int8_slots_serve_the_dequantized_model(tmp_path):
+    """On a model whose expert weights are already int8-representable (``q * scale``), int8
+    serving (int8 slots, the int8 FFN) and float32 all-resident serving are the same model: the
+    only difference left is float32 rounding, so the tokens agree and the logits nearly so."""
+    from paddle_semoe.inference.package import quantize_int8
+
+    paddle.seed(11)
+    cfg = GPTConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=48, moe_every=1,
+                    moe=MoESettings(num_experts=E, top_k=2))
+    model = GPTMoE(cfg)
+    for layer in model.moe_layers():
+        for name in ("w1", "w2"):
+            p = getattr(layer.experts, name)
+            q, scale = quantize_int8(p.numpy() * 8.0)
+            p.set_value(q * scale[:, None, :])
+    man = read_manifest(export_package(model, tmp_path / "pkg", graphs=False, int8=True))
+    ref_tokens, ref_logits, _ = _run(man, ServeConfig(mode="resident", source="host"))
+    tokens, logits, m = _run(man, ServeConfig(mode="cache", num_slots=5, source="disk", quant="int8"))
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    assert m.experts.w1.dtype == np.int8 and m.experts.stats.loads > 0
+
+
+def test_int4_slots_serve_the_dequantized_model(tmp_path):
+    """int4 sections (two values per byte, a scale per output channel and group of 32 input rows):
+    on int4-representable weights, int4 serving == float32 all-resident serving up to float32
+    rounding; a load reads an eighth of float32's weight bytes; a budget holds more slots."""
+    from paddle_semoe.inference.package import dequantize_int4, quantize_int4
+
+    paddle.seed(12)
+    cfg = GPTConfig(d_model=64, n_layers=2, n_heads=4, d_ff=64, max_seq_len=48, moe_every=1,
+                    moe=MoESettings(num_experts=E, top_k=2))
+    model = GPTMoE(cfg)
+    for layer in model.moe_layers():
+        for name in ("w1", "w2"):
+            p = getattr(layer.experts, name)
+            p.set_value(dequantize_int4(*quantize_int4(p.numpy() * 8.0)))
+    man = read_manifest(export_package(model, tmp_path / "pkg", graphs=False, int4=True))
+    assert len(man.int4_sections) == 2 and not man.int8_sections
+    ref_tokens, ref_logits, _ = _run(man, ServeConfig(mode="resident", source="host"))
+    tokens, logits, m = _run(man, ServeConfig(mode="cache", num_slots=5, source="disk", quant="int4", verify_reads=True))
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    geo = ExpertGeometry.of(man)
+    assert m.experts.w1.dtype == np.uint8 and m.experts.w1.shape == (5, 64, 32)
+    assert m.experts.stats.bytes_loaded == m.experts.stats.loads * geo.streamed_bytes // 8
+    # slot: 2 x 2048 B packed weights + 512 B biases + 1024 B scales (2 groups x 128 channels);
+    # resident: biases and scales of all 16 experts
+    assert geo.quant_slot_bytes("int4") == 5632 and geo.scale_bytes("int4") == 1024
+    budget = 16 * 512 + 2 * geo.slot_bytes
+    assert slots_for_expert_budget(man, budget) == 2
+    assert slots_for_expert_budget(man, budget, "int4") == (budget - 16 * (512 + 1024)) // 5632 == 8
 
 
 def test_int8_needs_cache_mode_and_int8_sections(package):
