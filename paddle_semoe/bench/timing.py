@@ -46,8 +46,9 @@ def paddle_matmul_rate(m: int, k: int, n: int, runs: int = 5) -> float:
     return 2.0 * m * k * n / t.median_s / 1e9
 
 
-def onednn_sgemm_rate(m: int, k: int, n: int, runs: int = 5) -> float | None:
-    """GFLOP/s of oneDNN's ``dnnl_sgemm`` (shipped in the Paddle wheel), or None if absent."""
+def onednn_sgemm_call(m: int, k: int, n: int) -> Callable[[], None] | None:
+    """A call of oneDNN's ``dnnl_sgemm`` (shipped in the Paddle wheel) on fixed random
+    [m, k] @ [k, n] float32 operands, or None if the library is absent."""
     import numpy as np
     import paddle
 
@@ -61,12 +62,20 @@ def onednn_sgemm_rate(m: int, k: int, n: int, runs: int = 5) -> float | None:
     ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     i64 = ctypes.c_int64
 
-    def call():
+    def call() -> None:
         dnnl.dnnl_sgemm(
             ctypes.c_char(b"N"), ctypes.c_char(b"N"), i64(m), i64(n), i64(k), ctypes.c_float(1.0),
             ptr(a), i64(k), ptr(b), i64(n), ctypes.c_float(0.0), ptr(c), i64(n),
         )
 
+    return call
+
+
+def onednn_sgemm_rate(m: int, k: int, n: int, runs: int = 5) -> float | None:
+    """GFLOP/s of oneDNN's ``dnnl_sgemm``, or None if absent (see :func:`onednn_sgemm_call`)."""
+    call = onednn_sgemm_call(m, k, n)
+    if call is None:
+        return None
     t = time_fn(call, runs=runs)
     return 2.0 * m * k * n / t.median_s / 1e9
 

@@ -130,4 +130,24 @@ inline void act_bwd_rows(const float* h, float* a, float* g, int64_t n) {
   }
 }
 
+// act_bwd_rows over a [rows, cols] block that also adds each column of the new g (= dL/dh)
+// into colsum[cols] (a bias gradient), rows in order: the same sums, in the same order, as a
+// separate column_sum pass over g, without reading g again.
+template <Activation A>
+inline void act_bwd_rows_colsum(const float* h, float* a, float* g, int64_t rows, int64_t cols,
+                                float* colsum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hr = h + r * cols;
+    float* ar = a + r * cols;
+    float* gr = g + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const ActPair p = act_fwd_grad<A>(hr[c]);
+      ar[c] = p.a;
+      gr[c] = gr[c] * p.d;
+      colsum[c] += gr[c];
+    }
+  }
+}
+
 }  // namespace semoe
