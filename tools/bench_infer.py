@@ -189,7 +189,7 @@ def decode_main(argv) -> dict:
 
     Modes: ``resident`` (every expert in memory), ``ring`` (layer-granular ring, K layers at the
     budget), ``cache`` (single-expert slots at the budget, LFU-decay, pre-gating prefetch),
-    ``cache_noprefetch``, ``cache_int8`` (int8 sections). Per mode: tokens/s, ratio to resident,
+    ``cache_noprefetch``, ``cache_int8`` / ``cache_int4`` (int8 / int4 sections; int4 only when asked). Per mode: tokens/s, ratio to resident,
     cache hit rate against Belady's offline optimum on the same routing trace, pre-gating
     precision/recall, bytes read per token, and the exposed load time (compute waiting for
     loads) against the I/O floor = bytes read / the O_DIRECT bandwidth measured in this run.
@@ -243,7 +243,7 @@ def decode_main(argv) -> dict:
     with paddle.no_grad():
         for layer in model.moe_layers():
             layer.router.weight.set_value(layer.router.weight * args.sharpen)
-    pkg = export_package(model, work / "pkg", graphs=False, int8="cache_int8" in args.modes)
+    pkg = export_package(model, work / "pkg", graphs=False, int8="cache_int8" in args.modes, int4="cache_int4" in args.modes)
     del model
     man = read_manifest(pkg)
     geo = ExpertGeometry.of(man)
@@ -260,6 +260,8 @@ def decode_main(argv) -> dict:
         "cache_noprefetch": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, prefetch=False,
                                         record_routing=True),
         "cache_int8": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, quant="int8",
+                                  record_routing=True),
+        "cache_int4": ServeConfig(mode="cache", budget_bytes=budget, source="disk", direct_io=True, quant="int4",
                                   record_routing=True),
     }
     modes = [m for m in args.modes.split(",") if m]

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the earlier inference package in --out")
     p.add_argument("--no-graphs", action="store_true", help="skip the static graphs (dygraph serving only)")
     p.add_argument("--int8", action="store_true", help="also write weight-only int8 expert sections (serve --quant int8)")
+    p.add_argument("--int4", action="store_true",
+                   help="also write weight-only int4 expert sections, a scale per 32 inputs (serve --quant int4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
             model = model_from_checkpoint(ckpt)
             extra = checkpoint_tokenizer_files(ckpt)  # the training tokenizer travels into the package
         export_package(model, args.out, graphs=not args.no_graphs, extra_files=extra, int8=args.int8,
-                       overwrite=args.overwrite)
+                       int4=args.int4, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

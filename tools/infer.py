@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-mb", type=float, default=None, help="expert memory budget for plain 'ring'")
     p.add_argument("--source", choices=("disk", "host"), default="disk")
     p.add_argument("--buffered", action="store_true", help="read sections through the page cache (no O_DIRECT)")
-    p.add_argument("--quant", choices=("float32", "int8"), default="float32",
-                   help="cache modes: serve the int8 expert sections (export with --int8)")
+    p.add_argument("--quant", choices=("float32", "int8", "int4"), default="float32",
+                   help="cache modes: serve the int8 / int4 expert sections (export with --int8 / --int4)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)

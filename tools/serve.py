@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--source", choices=("disk", "host"), default="disk")
     p.add_argument("--buffered", action="store_true", help="read experts through the page cache (no O_DIRECT)")
     p.add_argument("--no-prefetch", action="store_true", help="cache mode: no pre-gating prefetch")
-    p.add_argument("--quant", choices=("float32", "int8"), default="float32",
-                   help="cache mode: serve the int8 expert sections (export with --int8)")
+    p.add_argument("--quant", choices=("float32", "int8", "int4"), default="float32",
+                   help="cache mode: serve the int8 / int4 expert sections (export with --int8 / --int4)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the package directory name)")

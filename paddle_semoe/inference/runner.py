@@ -68,8 +68,9 @@ class ServeConfig:
         lfu_beta, lfu_decay_every: ``cache``: hit counters decay by ``lfu_beta`` every
             ``lfu_decay_every`` forward passes.
         record_routing: ``cache``: keep the routing trace (for the Belady comparison).
-        quant: ``cache``: ``float32`` sections, or ``int8`` (weight-only int8 sections, a
-            quarter of the bytes to read, dequantized into the float32 slot).
+        quant: ``cache``: ``float32`` sections, ``int8`` (weight-only int8 sections, a quarter
+            of the bytes to read) or ``int4`` (an eighth, a scale per 32 inputs); quantized
+            slots hold the weights as stored and the quantized expert FFN reads them.
         loader_threads: ``cache``: concurrent expert loads.
     """
 

@@ -40,3 +40,15 @@ def test_decode_benchmark_reports_every_figure(tmp_path):
         f32, i8 = modes["cache"], modes["cache_int8"]
         if f32["loads"] and i8["loads"]:  # an int8 load reads a quarter of a float32 load's bytes
             assert i8["bytes_read"] / i8["loads"] * 4 == f32["bytes_read"] / f32["loads"]
+
+
+def test_decode_benchmark_int4_mode(tmp_path):
+    report = _bench().main(["--decode", "--d-model", "32", "--d-ff", "64", "--experts", "8", "--top-k", "2",
+                            "--moe-layers", "2", "--budget", "0.25", "--prompt", "4", "--new", "3", "--batches", "1",
+                            "--threads", "1", "--modes", "resident,cache,cache_int4", "--workdir", str(tmp_path)])
+    modes = report["decode"][0]["modes"]
+    assert set(modes) == {"resident", "cache", "cache_int4"}
+    f32, i4 = modes["cache"], modes["cache_int4"]
+    assert i4["resident_expert_bytes"] <= report["config"]["budget_bytes"]
+    if f32["loads"] and i4["loads"]:  # an int4 load reads less than a quarter of a float32 load (scales included)
+        assert i4["bytes_read"] / i4["loads"] < f32["bytes_read"] / f32["loads"] / 4
