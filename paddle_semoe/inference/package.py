@@ -138,8 +138,12 @@ def write_int8_section(path: Path, w1: np.ndarray, w2: np.ndarray) -> tuple[tupl
     """An int8 expert section: ``w1``/``w2`` int8 (each expert's rows one contiguous range) and
     their per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of the
     int8 w1/w2 rows). Biases stay in the float32 section."""
-    q1, s1 = quantize_int8(w1)
-    q2, s2 = quantize_int8(w2)
+    return _write_quantized_section(path, *quantize_int8(w1), *quantize_int8(w2))
+
+
+def _write_quantized_section(path: Path, q1: np.ndarray, s1: np.ndarray, q2: np.ndarray, s2: np.ndarray
+                             ) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
+    """Write quantized ``w1``/``w2`` and their scales (``INT8_TENSORS`` order, each 4096-aligned)."""
     arrays = {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2}
     specs, off = [], 0
     for name in INT8_TENSORS:
@@ -195,18 +199,7 @@ def write_int4_section(path: Path, w1: np.ndarray, w2: np.ndarray, group: int = 
     """An int4 expert section: packed ``w1``/``w2`` (each expert's rows one contiguous range) and
     their per-group, per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of
     the packed w1/w2 rows). Biases stay in the float32 section."""
-    q1, s1 = quantize_int4(w1, group)
-    q2, s2 = quantize_int4(w2, group)
-    arrays = {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2}
-    specs, off = [], 0
-    for name in INT8_TENSORS:
-        a = arrays[name]
-        spec = TensorSpec(name, tuple(int(d) for d in a.shape), str(a.dtype), off)
-        specs.append(spec)
-        off = _align(off + spec.nbytes)
-    specs_t, size = tuple(specs), max(off, ALIGN)
-    _, _, sha = _write_specs(path, specs_t, size, arrays)
-    return specs_t, size, sha, expert_checksums(q1, q2)
+    return _write_quantized_section(path, *quantize_int4(w1, group), *quantize_int4(w2, group))
 
 
 def _write_specs(path: Path, specs: tuple[TensorSpec, ...], size: int, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:

@@ -302,6 +302,19 @@ def combine(
     return lib.semoe_combine(rows, weights, positions)
 
 
+def _check_ffn_inputs(op: str, x: paddle.Tensor, counts: paddle.Tensor, activation: str, float32_rows: bool) -> None:
+    """The arguments every grouped FFN op shares: rows ``x`` [R, D], ``counts`` int32 [E], the activation."""
+    _check_rank(op, "x", x, 2, "[R, D]")
+    if float32_rows:
+        _check_dtype(op, "x", x, paddle.float32)
+    else:
+        _check_rows_dtype(op, "x", x)
+    _check_dtype(op, "counts", counts, paddle.int32)
+    _check_rank(op, "counts", counts, 1, "[E]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
 @paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def grouped_ffn(
     x: paddle.Tensor,
@@ -320,12 +333,7 @@ def grouped_ffn(
     give zeros); w1 [E, D, F]; b1 [E, F]; w2 [E, F, D]; b2 [E, D] -> [R, D].
     """
     op = "grouped_ffn"
-    _check_rank(op, "x", x, 2, "[R, D]")
-    _check_rows_dtype(op, "x", x)
-    _check_dtype(op, "counts", counts, paddle.int32)
-    _check_rank(op, "counts", counts, 1, "[E]")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    _check_ffn_inputs(op, x, counts, activation, float32_rows=False)
     E = _shape(counts)[0]
     D = _shape(x)[1]
     w1s = _shape(w1)
@@ -368,12 +376,7 @@ def grouped_ffn_int8(
     dequantized weights up to float32 rounding; each row's result depends on that row only.
     """
     op = "grouped_ffn_int8"
-    _check_rank(op, "x", x, 2, "[R, D]")
-    _check_dtype(op, "x", x, paddle.float32)
-    _check_dtype(op, "counts", counts, paddle.int32)
-    _check_rank(op, "counts", counts, 1, "[E]")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    _check_ffn_inputs(op, x, counts, activation, float32_rows=True)
     E, D = _shape(counts)[0], _shape(x)[1]
     _check_dtype(op, "w1", w1, paddle.int8)
     _check_dtype(op, "w2", w2, paddle.int8)
@@ -429,12 +432,7 @@ def grouped_ffn_int4(
     b1 [E, F]; w2 uint8 [E, F, D/2]; s2 [E, ceil(F/G), D]; b2 [E, D] -> float32 [R, D].
     """
     op = "grouped_ffn_int4"
-    _check_rank(op, "x", x, 2, "[R, D]")
-    _check_dtype(op, "x", x, paddle.float32)
-    _check_dtype(op, "counts", counts, paddle.int32)
-    _check_rank(op, "counts", counts, 1, "[E]")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    _check_ffn_inputs(op, x, counts, activation, float32_rows=True)
     if group_size < 1:
         raise ValueError(f"{op}: group_size must be >= 1, got {group_size}")
     E, D = _shape(counts)[0], _shape(x)[1]
