@@ -418,7 +418,7 @@ class ExpertCache(_Traced):
             self.w2 = self._w2u.view(wdt).reshape(S, F, D)
         self.b1 = np.zeros((S, F), np.float32)
         self.b2 = np.zeros((S, D), np.float32)
-        names = ("w1", "b1", "w2", "b2")
+        names: tuple[str, ...] = ("w1", "b1", "w2", "b2")
         if self.quant != "float32":  # per-slot copies of the slot's scales
             sh1, sh2 = geo.scale_shapes(self.quant)
             self.s1 = np.ones((S,) + sh1, np.float32)
