@@ -164,7 +164,7 @@ def build_skeleton(manifest: Manifest) -> GPTMoE:
                 raise ValueError(f"inference package {manifest.root} lacks buffer {name!r}")
             b.set_value(dense[name])
     model.eval()
-    model.set_eval_dropless(True)
+    model.set_serving(True)
     return model
 
 

@@ -347,6 +347,13 @@ class GPTMoE(nn.Layer):
         for layer in self.moe_layers():
             layer.eval_dropless = enabled
 
+    def set_serving(self, enabled: bool) -> None:
+        """Serving: dropless routing, and outside training under ``no_grad`` the MoE layers skip
+        their losses and routing statistics (``moe_stats`` stays empty, ``aux_loss`` is 0)."""
+        self.set_eval_dropless(enabled)
+        for layer in self.moe_layers():
+            layer.serving = enabled
+
     def embed(self, tokens: paddle.Tensor, past: int | paddle.Tensor = 0) -> paddle.Tensor:
         """Token + position embeddings of ``tokens`` int64 [B, S] at positions ``past ..
         past + S - 1`` (``past``: an int, or a 0-D int64 tensor in an exported graph)."""

@@ -50,7 +50,7 @@ class MoEOutput(NamedTuple):
     aux_loss: paddle.Tensor  # [] aux_loss_coef * balance_loss + z_loss_coef * z_loss
     balance_loss: paddle.Tensor  # [] unweighted load-balance loss (1.0 = uniform)
     z_loss: paddle.Tensor  # [] unweighted router z-loss
-    stats: RoutingStats
+    stats: RoutingStats | None  # None while serving (see MoELayer.forward)
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class MoELayer(nn.Layer):
         self.exchange = exchange
         self.ep_size = ep_size
         self.eval_dropless = eval_dropless
+        self.serving = False  # GPTMoE.set_serving: outside training, no losses or statistics
         self.num_local_experts = config.num_experts // ep_size
         self.router = make_router(config)
         self.experts = GroupedExperts(
@@ -171,6 +172,12 @@ class MoELayer(nn.Layer):
         y_TD = self.combine(self.run_experts(d.rows, d.counts), d.weights, d.positions)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).astype(y_TD.dtype)
+        if self.serving and not self.training and not paddle.is_grad_enabled():
+            # serving: nothing reads the losses or the routing statistics, and their dozen small
+            # ops per layer are a tenth of a decode step; zeros and no statistics instead
+            zero = paddle.zeros([], dtype="float32")
+            return MoEOutput(y=y_TD.reshape(shape).astype(x.dtype), aux_loss=zero, balance_loss=zero, z_loss=zero,
+                             stats=None)
 
         K = d.expert_ids.shape[1]  # cfg.k, or E for expert choice
         demand = ops.expert_count(d.expert_ids, cfg.num_experts, backend=cfg.ops_backend)
