@@ -39,6 +39,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._announced = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -60,9 +61,16 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        # Only set the flag. Python may run this handler at any bytecode boundary, including from
+        # inside Paddle's C++ backward pass, where anything that allocates (logging) can start a
+        # garbage collection that frees tensors the backward still uses. :meth:`announce` logs.
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, no checkpoint
         if not self.signum:
             self.signum = signum
-            logger.warning("%s: finishing this step on every rank, then saving a checkpoint and stopping",
-                           signal.Signals(signum).name)
+
+    def announce(self) -> None:
+        """Log the request once (called at the step boundary that acts on it)."""
+        if self.signum and not self._announced:
+            self._announced = True
+            logger.warning("%s: finishing this step on every rank, then saving a checkpoint and stopping", self.signame)

@@ -432,6 +432,7 @@ class Trainer:
         at the step boundary; no collective when no :attr:`stop_request` is installed)."""
         if self.stop_request is None:
             return 0
+        self.stop_request.announce()
         mine = float(self.stop_request.signum)
         if self.ctx.world_size == 1:
             return int(mine)

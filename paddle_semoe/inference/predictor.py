@@ -40,20 +40,21 @@ class _Graph:
         self.predictor = pi.create_predictor(cfg)
         self.inputs = self.predictor.get_input_names()
         self.outputs = self.predictor.get_output_names()
+        self._in = [self.predictor.get_input_handle(n) for n in self.inputs]  # looked up once
+        self._out = [self.predictor.get_output_handle(n) for n in self.outputs]
 
     def __call__(self, *arrays: np.ndarray | paddle.Tensor) -> list[np.ndarray]:
         """Run on numpy arrays (copied in) or CPU paddle Tensors (shared, not copied: the caller
         keeps them alive until this returns, as the ring does while a layer is acquired)."""
         if len(arrays) != len(self.inputs):
             raise ValueError(f"graph expects {len(self.inputs)} inputs, got {len(arrays)}")
-        for name, arr in zip(self.inputs, arrays):
-            handle = self.predictor.get_input_handle(name)
+        for handle, arr in zip(self._in, arrays):
             if isinstance(arr, paddle.Tensor):
                 handle.share_external_data(arr)
             else:
                 handle.copy_from_cpu(np.ascontiguousarray(arr))
         self.predictor.run()
-        return [self.predictor.get_output_handle(n).copy_to_cpu() for n in self.outputs]
+        return [h.copy_to_cpu() for h in self._out]
 
 
 class PaddleInferenceModel:
