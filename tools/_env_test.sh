@@ -11,7 +11,6 @@ if ! "$PY" -c "import sys, mypy.version; sys.exit(mypy.version.__version__ != '$
   "$PY" -m pip install -q "mypy==$MYPY_VERSION"
 fi
 # Tokenizers of prepared datasets (tools/prepare_data.py, training on data.datasets, tests/data).
-# tools/bench_quality.py's plot needs matplotlib: SEMOE_PLOTS=1 installs it.
 if ! "$PY" -c "import tokenizers, sentencepiece" >/dev/null 2>&1; then
   "$PY" -m pip install -q tokenizers sentencepiece
 fi
@@ -19,7 +18,8 @@ fi
 if ! "$PY" -c "import openai" >/dev/null 2>&1; then
   "$PY" -m pip install -q openai
 fi
-if [ "${SEMOE_PLOTS:-0}" = 1 ] && ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+# matplotlib: the PNGs of tools/bench_routing.py and tools/bench_quality.py (their tests check them)
+if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
   "$PY" -m pip install -q matplotlib
 fi
 # NCCL's header (from the nvidia-nccl-cu13 wheel) lets tools/check_cuda.sh compile the NCCL code
