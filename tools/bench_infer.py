@@ -56,29 +56,17 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", type=Path, default=None, help="where to write the package (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from paddle_semoe.engine.launch_env import keep_freed_memory
-
-    keep_freed_memory()
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-
-    import logging
-
+    _prepare_process(args.threads)
     import numpy as np
     import paddle
 
     from paddle_semoe.inference.export import export_package
     from paddle_semoe.inference.package import read_manifest
     from paddle_semoe.inference.runner import InferenceModel, ServeConfig
-    from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
 
-    logging.basicConfig(level=logging.WARNING)
     tmp = tempfile.TemporaryDirectory(prefix="bench_infer_", dir=args.workdir)
     work = Path(tmp.name)
-    paddle.seed(0)
-    cfg = GPTConfig(vocab_size=256, max_seq_len=max(args.seq, 8), d_model=args.d_model, n_layers=args.moe_layers,
-                    n_heads=8, d_ff=args.d_ff, moe_every=1, moe=MoESettings(num_experts=args.experts, top_k=2))
-    model = GPTMoE(cfg)
+    model = _random_model(max(args.seq, 8), args.d_model, args.moe_layers, args.d_ff, args.experts, top_k=2)
     pkg = export_package(model, work / "pkg", graphs=False)
     del model
     man = read_manifest(pkg)
@@ -182,6 +170,29 @@ def format_table(r: dict, resident_bytes: dict) -> str:
 
 
 
+def _prepare_process(threads: int) -> None:
+    """Before Paddle's first op: keep freed memory mapped, pin the math threads, quiet logs."""
+    import logging
+
+    from paddle_semoe.engine.launch_env import keep_freed_memory
+
+    keep_freed_memory()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _random_model(max_seq_len: int, d_model: int, moe_layers: int, d_ff: int, experts: int, top_k: int):
+    """The benchmark's GPT-MoE: every block an MoE block, random weights (seed 0), byte vocabulary."""
+    import paddle
+
+    from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
+
+    paddle.seed(0)
+    return GPTMoE(GPTConfig(vocab_size=256, max_seq_len=max_seq_len, d_model=d_model, n_layers=moe_layers, n_heads=8,
+                            d_ff=d_ff, moe_every=1, moe=MoESettings(num_experts=experts, top_k=top_k)))
+
+
 # ----------------------------------------------------------------------------- decode benchmark
 def decode_main(argv) -> dict:
     """Decode (generation) benchmark: tokens/s of decode steps against all-resident, at batch 1
@@ -214,13 +225,7 @@ def decode_main(argv) -> dict:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from paddle_semoe.engine.launch_env import keep_freed_memory
-
-    keep_freed_memory()
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    import logging
-
+    _prepare_process(args.threads)
     import numpy as np
     import paddle
 
@@ -230,16 +235,10 @@ def decode_main(argv) -> dict:
     from paddle_semoe.inference.export import export_package
     from paddle_semoe.inference.package import aligned_buffer, read_manifest
     from paddle_semoe.inference.runner import InferenceModel, ServeConfig
-    from paddle_semoe.models.gpt import GPTConfig, GPTMoE, MoESettings
 
-    logging.basicConfig(level=logging.WARNING)
     tmp = tempfile.TemporaryDirectory(prefix="bench_decode_", dir=args.workdir)
     work = Path(tmp.name)
-    paddle.seed(0)
-    cfg = GPTConfig(vocab_size=256, max_seq_len=args.prompt + args.new + 8, d_model=args.d_model,
-                    n_layers=args.moe_layers, n_heads=8, d_ff=args.d_ff, moe_every=1,
-                    moe=MoESettings(num_experts=args.experts, top_k=args.top_k))
-    model = GPTMoE(cfg)
+    model = _random_model(args.prompt + args.new + 8, args.d_model, args.moe_layers, args.d_ff, args.experts, args.top_k)
     with paddle.no_grad():
         for layer in model.moe_layers():
             layer.router.weight.set_value(layer.router.weight * args.sharpen)
