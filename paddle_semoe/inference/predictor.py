@@ -7,6 +7,13 @@ extra output ``moe_post`` adds). The compiled custom ops must be loaded in the s
 :func:`paddle_semoe.ops.resolve_backend`). The block graphs take and return key/value caches,
 so generation prefills the prompt once and then decodes one token per step, like the dygraph
 runner (routing is dropless in both, so they give the same tokens).
+
+Runtime (profiled on the quickstart model's decode steps): activations, caches and expert
+weights pass between the graphs as CPU paddle Tensors, shared with the predictors without a copy
+(only the caches are cloned, see :class:`_Graph`); the graphs run Paddle's native CPU kernels,
+the dygraph path's, not oneDNN (half the run time here, and bit-identical logits to the dygraph
+runner); with a ring, the compute thread yields the GIL once after each ``release`` so the
+loader starts the next read at once (see :class:`PaddleInferenceModel`).
 """
 
 from __future__ import annotations
@@ -21,13 +28,25 @@ from paddle import inference as pi
 
 from paddle_semoe import ops
 from paddle_semoe.inference.package import Manifest, PackageError
+from paddle_semoe.inference.ring import RingExperts
 from paddle_semoe.inference.runner import GenerationResult, ServeConfig, _pick, build_provider
 
 logger = logging.getLogger(__name__)
 
+_CPU = paddle.CPUPlace()  # the predictors run on CPU (disable_gpu): their inputs live there
+
 
 class _Graph:
-    """One Paddle Inference predictor with named numpy inputs/outputs."""
+    """One Paddle Inference predictor run on CPU paddle Tensors.
+
+    Inputs and outputs are ``paddle.Tensor`` (the ``run(list)`` overload): inputs are shared with
+    the predictor (``ShareDataWith``, no copy; the caller keeps them alive until the call returns,
+    as the ring does while a layer is acquired), and each output is a tensor on the allocation the
+    predictor wrote (no copy out). The predictor keeps that allocation and writes its next run's
+    output into it when the new output fits: an output is valid until the same graph runs again.
+    Activations are consumed before that; the key/value caches outlive it (they are the next
+    step's inputs of the same graph), so the model copies them (``clone``: 3% of a decode step
+    on the quickstart model, against 5% for the copies in and out of every tensor before)."""
 
     def __init__(self, root: Path, prefix: str, threads: int):
         model, params = root / f"{prefix}.json", root / f"{prefix}.pdiparams"
@@ -36,29 +55,31 @@ class _Graph:
         cfg = pi.Config(str(model), str(params)) if params.exists() else pi.Config(str(model), "")
         cfg.disable_gpu()
         cfg.disable_glog_info()
+        # oneDNN (on by default for CPU) re-creates its primitives for every new input shape and
+        # resets its cache around every run: measured 2x the run time of a decode step's block
+        # graph (~600 vs ~300 us) with bit-identical outputs, so the graphs run the native phi
+        # CPU kernels, the ones the dygraph path runs.
+        cfg.disable_onednn()
         cfg.set_cpu_math_library_num_threads(threads)
+        self.name = prefix
         self.predictor = pi.create_predictor(cfg)
         self.inputs = self.predictor.get_input_names()
         self.outputs = self.predictor.get_output_names()
-        self._in = [self.predictor.get_input_handle(n) for n in self.inputs]  # looked up once
-        self._out = [self.predictor.get_output_handle(n) for n in self.outputs]
 
-    def __call__(self, *arrays: np.ndarray | paddle.Tensor) -> list[np.ndarray]:
-        """Run on numpy arrays (copied in) or CPU paddle Tensors (shared, not copied: the caller
-        keeps them alive until this returns, as the ring does while a layer is acquired)."""
-        if len(arrays) != len(self.inputs):
-            raise ValueError(f"graph expects {len(self.inputs)} inputs, got {len(arrays)}")
-        for handle, arr in zip(self._in, arrays):
-            if isinstance(arr, paddle.Tensor):
-                handle.share_external_data(arr)
-            else:
-                handle.copy_from_cpu(np.ascontiguousarray(arr))
-        self.predictor.run()
-        return [h.copy_to_cpu() for h in self._out]
+    def __call__(self, *tensors: paddle.Tensor) -> list[paddle.Tensor]:
+        """CPU tensors in the graph's input order -> its outputs, in output order."""
+        if len(tensors) != len(self.inputs):
+            raise ValueError(f"graph {self.name} expects {len(self.inputs)} inputs, got {len(tensors)}")
+        return self.predictor.run(list(tensors))
 
 
 class PaddleInferenceModel:
-    """GPT-MoE served through Paddle Inference predictors with ring-supplied expert weights."""
+    """GPT-MoE served through Paddle Inference predictors with ring-supplied expert weights.
+
+    ``threads``: the math library's threads during each predictor run
+    (``set_cpu_math_library_num_threads``). The dygraph path runs with Paddle's default of 1; a
+    decode step's matrices are a few rows, and on 2 shared cores 1 thread was the faster setting
+    (the second thread's OpenMP worker spins between runs, against the ring's loader thread)."""
 
     def __init__(self, manifest: Manifest, serve: ServeConfig, threads: int = 1):
         if not manifest.graphs:
@@ -86,15 +107,21 @@ class PaddleInferenceModel:
                 )
         self.head = _Graph(root, g["head"], threads)
         self.experts = build_provider(manifest, serve)
+        # ``predictor.run`` keeps the GIL for a whole graph (dygraph ops release it). The ring's
+        # ``release(j)`` wakes its loader thread, which needs the GIL to start the next read: it
+        # got it only at the next GIL release, two graph runs later (0.55 ms median after
+        # release, ring:1 on the quickstart model); yielding once right after ``release`` (a
+        # ``sleep(0)``) starts the read within 0.04 ms, and ring:1 decodes 20-25% faster.
+        self._yield_after_release = isinstance(self.experts, RingExperts)
         cfg = manifest.model
         self._heads, self._d_head = int(cfg["n_heads"]), int(cfg["d_model"]) // int(cfg["n_heads"])
 
     def close(self) -> None:
         self.experts.close()
 
-    def empty_caches(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def empty_caches(self, batch: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """One (k, v) pair ``float32 [batch, H, 0, Dh]`` per block: no past positions."""
-        empty = np.zeros((batch, self._heads, 0, self._d_head), np.float32)
+        empty = paddle.to_tensor(np.zeros((batch, self._heads, 0, self._d_head), np.float32), place=_CPU)
         return [(empty, empty) for _ in self.blocks]
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:
@@ -102,32 +129,39 @@ class PaddleInferenceModel:
         logits, _ = self.step(tokens, self.empty_caches(tokens.shape[0]))
         return logits
 
-    def step(self, tokens: np.ndarray, caches: list[tuple[np.ndarray, np.ndarray]]
-             ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    def step(self, tokens: np.ndarray | paddle.Tensor, caches: list[tuple[paddle.Tensor, paddle.Tensor]]
+             ) -> tuple[np.ndarray, list[tuple[paddle.Tensor, paddle.Tensor]]]:
         """int64 [B, S] after the past positions held in ``caches`` (one (k, v) ``[B, H, P, Dh]``
-        per block) -> (logits float32 [B, S, V], the caches extended to P + S positions)."""
-        past = np.asarray([caches[0][0].shape[2]], np.int64)
-        (x,) = self.embed(tokens.astype(np.int64), past)
+        per block) -> (logits float32 [B, S, V], the caches extended to P + S positions).
+
+        Activations and caches stay CPU paddle Tensors from graph to graph (no copies in or
+        out); only the logits come back as numpy."""
+        if not isinstance(tokens, paddle.Tensor):
+            tokens = paddle.to_tensor(np.ascontiguousarray(tokens, dtype=np.int64), place=_CPU)
+        past = paddle.to_tensor(np.asarray([caches[0][0].shape[2]], np.int64), place=_CPU)
+        (x,) = self.embed(tokens, past)
         new_caches = []
         j = 0
         for (kind, graph), (k_past, v_past) in zip(self.blocks, caches):
             if kind == "dense":
                 x, k, v = graph(x, k_past, v_past)
-                new_caches.append((k, v))
+                new_caches.append((k.clone(), v.clone()))  # see _Graph: outliving the graph's next run
                 continue
             assert self.experts_graph is not None and self.post is not None  # a package with MoE blocks has both
             # shared: [] or [shared experts' rows]
             x_mid, k, v, rows, counts, weights, positions, *shared = graph(x, k_past, v_past)
-            new_caches.append((k, v))
+            new_caches.append((k.clone(), v.clone()))
             w = self.experts.acquire(j)
             try:
-                (out,) = self.experts_graph(rows, counts, *(w[k_] for k_ in ("w1", "b1", "w2", "b2")))
+                (out,) = self.experts_graph(rows, counts, w["w1"], w["b1"], w["w2"], w["b2"])
             finally:
                 self.experts.release(j)
+            if self._yield_after_release:
+                time.sleep(0)  # let the loader thread take the GIL and start its read (see __init__)
             (x,) = self.post(x_mid, out, weights, positions, *shared)
             j += 1
         (logits,) = self.head(x)
-        return logits, new_caches
+        return logits.numpy(), new_caches
 
     def generate(self, prompts: np.ndarray, max_new_tokens: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int = 0, seed: int = 0) -> GenerationResult:
