@@ -201,7 +201,11 @@ def decode_main(argv) -> dict:
     Modes: ``resident`` (every expert in memory), ``ring`` (layer-granular ring, K layers at the
     budget), ``cache`` (single-expert slots at the budget, LFU-decay, pre-gating prefetch),
     ``cache_noprefetch``, ``cache_int8`` / ``cache_int4`` (int8 / int4 sections; int4 only when asked). Per mode: tokens/s, ratio to resident,
-    cache hit rate against Belady's offline optimum on the same routing trace, pre-gating
+    cache hit rate (live: a prefetched expert counts as a hit; load-based: 1 - loads / requests,
+    every load counted, wasted prefetches included) against Belady's offline optimum on the same
+    routing trace (the load-based rate is the comparable one: MIN minimizes loads, also against
+    any prefetching), the replay of every eviction policy of inference/cache_policy.py on that
+    trace (float32 cache mode, JSON ``policy_replay``), pre-gating
     precision/recall, bytes read per token, and the exposed load time (compute waiting for
     loads) against the I/O floor = bytes read / the O_DIRECT bandwidth measured in this run.
     """
@@ -283,7 +287,8 @@ def decode_main(argv) -> dict:
                 m.close()
             r = row["modes"][name]
             print(f"B={B} {name:<17} {r['tokens_per_s']:8.1f} tok/s  hit {r.get('hit_rate', float('nan')):.2f} "
-                  f"(Belady {r.get('belady_hit_rate', float('nan')):.2f})  {r['bytes_per_token'] / 2**20:7.2f} MiB/token  "
+                  f"load-hit {r.get('load_hit_rate', float('nan')):.2f} (Belady {r.get('belady_hit_rate', float('nan')):.2f})  "
+                  f"{r['bytes_per_token'] / 2**20:7.2f} MiB/token  "
                   f"exposed {r['exposed_load_s']:.3f}s vs floor {r['io_floor_s']:.3f}s", flush=True)
         res = row["modes"].get("resident")
         for r in row["modes"].values():
@@ -363,7 +368,8 @@ def _time_decode(m, prompts, steps, geo, belady_hit_rate, routing_requests, bw) 
     st = ex.stats
     cs = getattr(ex, "cache_stats", None)
     loads0, bytes0, wait0 = st.loads, st.bytes_loaded, st.wait_s
-    acc0 = (cs.accesses, cs.hits, cs.predicted, cs.predicted_used, cs.used_after_prediction) if cs else None
+    acc0 = (cs.accesses, cs.hits, cs.predicted, cs.predicted_used, cs.used_after_prediction, cs.misses,
+            cs.prefetch_loads) if cs else None
     route0 = len(ex.routing) if cs is not None else 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -378,10 +384,18 @@ def _time_decode(m, prompts, steps, geo, belady_hit_rate, routing_requests, bw) 
     r["exposed_vs_floor"] = r["exposed_load_s"] / r["io_floor_s"] if r["io_floor_s"] > 0 else float("nan")
     if cs is not None:
         acc, hits = cs.accesses - acc0[0], cs.hits - acc0[1]
-        r["hit_rate"] = hits / acc if acc else 0.0
+        loads = (cs.misses - acc0[5]) + (cs.prefetch_loads - acc0[6])  # issued: demand misses + prefetches
+        r["hit_rate"] = hits / acc if acc else 0.0  # live: a prefetched expert in its slot counts
+        r["load_hit_rate"] = 1.0 - loads / acc if acc else 0.0  # every load counted: comparable with Belady
+        r["prefetch_loads"] = cs.prefetch_loads - acc0[6]
         # Belady replays the same decode trace (routing during prefill warmed both the same way)
         reqs = routing_requests(ex.routing, geo.experts)
         r["belady_hit_rate"] = _belady_window(reqs, route0, ex.num_slots, belady_hit_rate)
+        if ex.quant == "float32" and ex.predictions:  # every eviction policy replayed on this trace
+            from paddle_semoe.inference.cache_policy import Trace, compare
+
+            trace = Trace.of(geo.layers, geo.experts, ex.routing, ex.predictions, start=route0)
+            r["policy_replay"] = compare(trace, ex.num_slots)
         pred, used, after = cs.predicted - acc0[2], cs.predicted_used - acc0[3], cs.used_after_prediction - acc0[4]
         r["pregate_precision"] = used / pred if pred else float("nan")
         r["pregate_recall"] = used / after if after else float("nan")
@@ -390,28 +404,34 @@ def _time_decode(m, prompts, steps, geo, belady_hit_rate, routing_requests, bw) 
 
 
 def _belady_window(reqs, start, capacity, belady_hit_rate) -> float:
-    """Belady hit rate over requests[start:], with the cache warmed optimally on requests[:start]."""
-    whole = belady_hit_rate(reqs, capacity)
-    head = belady_hit_rate(reqs[:start], capacity) if start else 0.0
-    n_all = sum(len(r) for r in reqs)
-    n_head = sum(len(r) for r in reqs[:start])
-    tail = n_all - n_head
-    return (whole * n_all - head * n_head) / tail if tail else 0.0
+    """Belady hit rate over requests[start:], the whole trace replayed (MIN minimizes the misses of
+    every prefix too, so this is the optimum's count for the window after an optimal warm-up)."""
+    return belady_hit_rate(reqs, capacity, start=start)
 
 
 def format_decode_table(r: dict) -> str:
     c = r["config"]
     lines = ["", f"decode tokens/s, {c['moe_layers']} MoE layers x {c['experts']} experts (top-{c['top_k']}), budget "
                  f"{100 * c['budget_share']:.0f}% of experts, {c['io']}, disk {c['odirect_bandwidth_Bps'] / 2**30:.2f} GiB/s",
-             f"{'B':>2} {'mode':<17} {'tok/s':>8} {'x res':>6} {'hit':>5} {'Belady':>6} {'pre-P':>5} {'pre-R':>5} "
+             f"{'B':>2} {'mode':<17} {'tok/s':>8} {'x res':>6} {'hit':>5} {'ld-hit':>6} {'Belady':>6} {'pre-P':>5} {'pre-R':>5} "
              f"{'MiB/tok':>8} {'exposed s':>9} {'floor s':>8} {'exp/floor':>9}"]
     for row in r["decode"]:
         for name, m in row["modes"].items():
             f = lambda k, fmt="{:.2f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
             lines.append(f"{row['batch']:>2} {name:<17} {m['tokens_per_s']:>8.1f} {m['vs_resident']:>6.2f} {f('hit_rate'):>5} "
-                         f"{f('belady_hit_rate'):>6} {f('pregate_precision'):>5} {f('pregate_recall'):>5} "
+                         f"{f('load_hit_rate'):>6} {f('belady_hit_rate'):>6} {f('pregate_precision'):>5} {f('pregate_recall'):>5} "
                          f"{m['bytes_per_token'] / 2**20:>8.2f} {m['exposed_load_s']:>9.3f} {m['io_floor_s']:>8.3f} "
                          f"{m['exposed_vs_floor']:>9.2f}")
+    for row in r["decode"]:  # the eviction policies replayed on the float32 cache's trace
+        rep = next((m["policy_replay"] for m in row["modes"].values() if "policy_replay" in m), None)
+        if rep is None:
+            continue
+        lines += ["", f"B={row['batch']}: eviction policies replayed on the cache's decode trace (Belady "
+                      f"{rep['belady']['load']:.2f}, best fixed set in hindsight {rep['static_optimum']['load']:.2f}): "
+                      "load-based hit rate demand-paged | with pre-gating prefetch: live, load-based"]
+        for name in (n for n in rep if n not in ("belady", "static_optimum") and not n.endswith("+prefetch")):
+            d, pf = rep[name], rep.get(name + "+prefetch", {"hit": float("nan"), "load": float("nan")})
+            lines.append(f"   {name:<32} {d['load']:>6.2f} | {pf['hit']:>5.2f} {pf['load']:>6.2f}")
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ streams all E experts to use a handful. Here the unit is one expert of one layer
   they are ~0.2% of the bytes). The MoE layer's routing happens before its expert weights
   are needed, so :class:`~paddle_semoe.inference.ring.LayerWeights` hands the cache the ids of
   the experts with nonzero counts; hits are used in place, misses are loaded by the loader
-  threads into slots freed by LFU with decay (hit counters of
-  :class:`paddle_semoe.storage.policy.LFUDecayPolicy`) weighted by how soon the expert's layer
-  runs again (see :meth:`ExpertCache._scores`).
+  threads into slots freed by an eviction policy of :mod:`paddle_semoe.inference.cache_policy`
+  (default :class:`~paddle_semoe.inference.cache_policy.LayerDistancePolicy`: LFU with decay
+  weighted by how soon the expert's layer runs again; the replay harness there measured it
+  against the alternatives on recorded decode traces).
   The grouped FFN then runs on the arenas with per-slot counts (rows permuted into slot order),
   so the result is the same op on the same weights: bit-exact with all-resident serving.
 * Weight-only int8 (``quant="int8"``, packages exported with ``int8``): the slots hold the int8
@@ -50,7 +51,7 @@ import paddle
 from paddle_semoe import ops
 from paddle_semoe.inference.package import ALIGN, INT4_GROUP, Manifest, PackageError, Section, aligned_buffer
 from paddle_semoe.inference.ring import ProviderStats, _Traced
-from paddle_semoe.storage.policy import LFUDecayPolicy
+from paddle_semoe.inference.cache_policy import EvictionPolicy, LayerDistancePolicy, belady_hits
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +362,20 @@ class CacheStats:
 
     @property
     def hit_rate(self) -> float:
+        """Live hit rate: requested experts found in a slot (a prefetched one counts)."""
         return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def loads(self) -> int:
+        """Loads issued: demand misses and prefetches (used or wasted)."""
+        return self.misses + self.prefetch_loads
+
+    @property
+    def load_hit_rate(self) -> float:
+        """1 - loads / requests: every load counted, wasted prefetches included; the quantity
+        Belady's MIN (:func:`belady_hit_rate`) maximizes, comparable with it with or without
+        prefetch (the live hit rate counts a prefetched expert as a hit, MIN cannot prefetch)."""
+        return 1.0 - self.loads / self.accesses if self.accesses else 0.0
 
     @property
     def prediction_precision(self) -> float:
@@ -375,24 +389,33 @@ class CacheStats:
 
 
 class ExpertCache(_Traced):
-    """S single-expert slots over every MoE layer, LFU-with-decay replacement weighted by layer
-    distance, asynchronous loader threads.
+    """S single-expert slots over every MoE layer, a pluggable eviction policy (default LFU with
+    decay weighted by layer distance), asynchronous loader threads.
 
     Args:
         manifest: the package.
         reader: where experts come from (:class:`DiskExpertReader` or :class:`HostExpertReader`).
         num_slots: S, experts held at once (>= 1).
-        beta, decay_every: LFU decay: hit counters are multiplied by ``beta`` every
-            ``decay_every`` forward passes.
+        beta, decay_every: LFU decay of the default policy: hit counters are multiplied by
+            ``beta`` every ``decay_every`` forward passes.
+        policy: the eviction policy (:class:`~paddle_semoe.inference.cache_policy.EvictionPolicy`,
+            reset to this cache's geometry; it is told every layer use, prediction, load and
+            eviction, as :func:`~paddle_semoe.inference.cache_policy.replay` tells it, so a replay
+            of the recorded trace reproduces the cache's demand hits, as long as no layer uses
+            more experts than there are slots); None:
+            ``LayerDistancePolicy(beta, decay_every=decay_every)``.
         loader_threads: concurrent loads (several reads in flight keep a fast disk busy).
         record_routing: keep the routing trace (``routing``: one (layer, expert ids) per
-            :meth:`acquire_experts`, i.e. per layer use or per chunk of one) for :func:`belady_hit_rate`.
+            :meth:`acquire_experts`, i.e. per layer use or per chunk of one) for :func:`belady_hit_rate`,
+            and the pre-gating predictions (``predictions``: (index into ``routing`` of the next
+            request, layer, expert ids)) for :func:`~paddle_semoe.inference.cache_policy.replay`.
     """
 
     expert_granular = True
 
     def __init__(self, manifest: Manifest, reader: ExpertReader, num_slots: int, *, beta: float = 0.9,
-                 decay_every: int = 1, record_routing: bool = False, loader_threads: int = 4, trace: bool = False):
+                 decay_every: int = 1, policy: EvictionPolicy | None = None, record_routing: bool = False,
+                 loader_threads: int = 4, trace: bool = False):
         super().__init__(trace)
         if num_slots < 1:
             raise ValueError(f"expert cache needs at least one slot, got num_slots={num_slots}")
@@ -427,11 +450,13 @@ class ExpertCache(_Traced):
         self.tensors = {k: paddle.utils.dlpack.from_dlpack(getattr(self, k)) for k in names}
         self._activation = str(manifest.model.get("activation", "gelu"))
         self._ops_backend = manifest.model.get("ops_backend")
-        self.policy = LFUDecayPolicy(geo.layers * E, beta, decay_every)
+        self.policy: EvictionPolicy = policy if policy is not None else LayerDistancePolicy(beta, decay_every=decay_every)
+        self.policy.reset(geo.layers, E, S)
         self.stats = ProviderStats()
         self.cache_stats = CacheStats()
         self.record_routing = record_routing
         self.routing: list[tuple[int, tuple[int, ...]]] = []
+        self.predictions: list[tuple[int, int, tuple[int, ...]]] = []
         self._key = np.full(S, -1, np.int64)  # slot -> layer * E + expert
         self._slot: dict[int, int] = {}  # key -> slot
         self._pins = np.zeros(S, np.int64)
@@ -440,7 +465,6 @@ class ExpertCache(_Traced):
         self._ready = [threading.Event() for _ in range(S)]
         self._queue: deque[tuple[int, int]] = deque()
         self._predicted: dict[int, set[int]] = {}
-        self._last_layer = -1
         self._cv = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -482,40 +506,30 @@ class ExpertCache(_Traced):
                 self._ready[slot].set()
                 self._cv.notify_all()
 
-    def _victim(self, speculative_for: int | None = None) -> int | None:
-        """A free slot, else the least-hit unpinned, not-loading slot (None if there is none or,
-        for a speculative load, if the victim has more hits than the incoming expert)."""
+    def _victim(self, speculative_for: int | None = None, incoming: int = -1) -> int | None:
+        """An empty free slot, else the slot of the policy's victim among the unpinned, not-loading
+        slots (None if there is none or, for a speculative load of key ``speculative_for``, if the
+        policy refuses the displacement). ``incoming``: the key a demand load brings (-1: unknown)."""
         free = np.flatnonzero((self._pins == 0) & ~self._loading)
         if free.size == 0:
             return None
-        empty = free[self._key[free] < 0]
+        keys = self._key[free]
+        empty = free[keys < 0]
         if empty.size:
             return int(empty[0])
-        keys = self._key[free]
-        score = self._scores(keys)
-        i = int(np.lexsort((keys, self.policy.last_use[keys], score))[0])  # least score, then LRU, then key
-        if speculative_for is not None and self._scores(np.array([speculative_for]))[0] < score[i]:
-            return None
-        return int(free[i])
-
-    def _scores(self, keys: np.ndarray) -> np.ndarray:
-        """Keep-priority of cached keys: decayed hits / layers until the key's layer runs again.
-
-        A forward runs the MoE layers in order, so the layer that just ran is needed farthest in
-        the future (distance L) and the next one soonest (1): Belady's "farthest next use",
-        estimated, times LFU's reuse estimate. Replayed on decode routing traces (8 layers x 64
-        experts, 128 slots) it beat plain LFU-decay, LRU and step-age eviction by 1-4 points
-        (batch 8: 0.33 vs 0.29 LFU-decay, 0.00 LRU, which the cyclic layer order defeats), with
-        beta=0.9 decayed every pass the best of beta in {0.3, 0.5, 0.7, 0.9}."""
-        L, E = self.geo.layers, self.geo.experts
-        dist = (keys // E - self._last_layer - 1) % L + 1
-        return self.policy.hits[keys] / dist
+        if speculative_for is not None:
+            k = self.policy.victim(keys, speculative_for, True)
+        else:
+            k = self.policy.victim(keys, incoming, False)
+        return None if k is None else self._slot[k]
 
     def _assign(self, key: int, slot: int, demand: bool) -> None:
         old = int(self._key[slot])
         if old >= 0:
             del self._slot[old]
+            self.policy.evicted(old)
             self.cache_stats.evictions += 1
+        self.policy.inserted(key)
         self._key[slot] = key
         self._slot[key] = slot
         self._loading[slot] = True
@@ -527,14 +541,11 @@ class ExpertCache(_Traced):
     # -- compute side ---------------------------------------------------------------
     def observe(self, j: int, experts: np.ndarray) -> None:
         """MoE layer ``j`` of the current forward uses ``experts`` (sorted ids, nonzero counts):
-        counts the uses, scores the layer's pre-gating prediction, advances the decay clock at
-        the start of each forward pass."""
-        E = self.geo.experts
+        tells the eviction policy (which counts the uses and advances its decay clock at the
+        start of each forward pass) and scores the layer's pre-gating prediction."""
+        keys = np.asarray(experts, np.int64) + j * self.geo.experts
         with self._cv:
-            if j <= self._last_layer:
-                self.policy.tick()
-            self._last_layer = j
-            self.policy.record(int(j * E + e) for e in experts)
+            self.policy.record(j, keys)
             pred = self._predicted.pop(j, None)
             if pred is not None:
                 used = set(int(e) for e in experts)
@@ -548,64 +559,76 @@ class ExpertCache(_Traced):
         misses; returns their slot ids (int64, in the order given) once all are loaded."""
         if len(experts) > self.num_slots:
             raise ValueError(f"expert cache: {len(experts)} experts requested at once, only {self.num_slots} slots")
-        E = self.geo.experts
-        keys = [int(j * E + e) for e in experts]
-        slots = np.empty(len(keys), np.int64)
+        ids = np.asarray(experts, np.int64)
+        keys: list[int] = (ids + j * self.geo.experts).tolist()
+        slots = [-1] * len(keys)
         cs = self.cache_stats
-        hit = np.zeros(len(keys), bool)
+        pins, by_prefetch = self._pins, self._by_prefetch
         with self._cv:
+            misses = []
             for i, key in enumerate(keys):  # pin the hits first so that the misses cannot evict them
                 s = self._slot.get(key)
-                if s is not None:
-                    hit[i] = True
-                    self._pins[s] += 1
-                    slots[i] = s
-                    cs.hits += 1
-                    if self._by_prefetch[s]:
-                        cs.prefetch_hits += 1
-                        self._by_prefetch[s] = False
-            for i, key in enumerate(keys):
-                if hit[i]:
+                if s is None:
+                    misses.append(i)
                     continue
+                pins[s] += 1
+                slots[i] = s
+                if by_prefetch[s]:
+                    cs.prefetch_hits += 1
+                    by_prefetch[s] = False
+            for i in misses:
                 while (s := self._victim()) is None:  # every free slot is still loading a prefetch
                     if self._error is not None:
                         raise self._error
                     self._cv.wait(timeout=1.0)
-                self._assign(key, s, demand=True)
-                self._pins[s] += 1
+                self._assign(keys[i], s, demand=True)
+                pins[s] += 1
                 slots[i] = s
-                cs.misses += 1
+            cs.hits += len(keys) - len(misses)
+            cs.misses += len(misses)
             cs.accesses += len(keys)
             if self.record_routing:
-                self.routing.append((j, tuple(int(e) for e in experts)))
+                self.routing.append((j, tuple(ids.tolist())))
         t0 = time.perf_counter()
-        for slot in slots:
-            self._ready[int(slot)].wait()
+        for s in slots:
+            ready = self._ready[s]
+            if not ready.is_set():
+                ready.wait()
         self.stats.wait_s += time.perf_counter() - t0
         if self._error is not None:
             raise self._error
-        for key, slot in zip(keys, slots):
-            self._event("compute_start", key, int(slot))
-        return slots
+        if self.trace_enabled:
+            for key, s in zip(keys, slots):
+                self._event("compute_start", key, s)
+        return np.array(slots, np.int64)
 
     def release_experts(self, j: int, slots: np.ndarray) -> None:
-        """Unpin the slots :meth:`acquire_experts` returned for layer ``j``."""
+        """Unpin the slots :meth:`acquire_experts` returned for layer ``j``.
+
+        Wakes nobody: the only waiter for a slot is :meth:`acquire_experts` on the serving thread
+        (the one that also releases: a forward runs its layers in order on one thread), and it
+        waits for loads in flight, which the loaders signal. A ``notify_all`` here woke every
+        idle loader thread once per MoE layer, a GIL hand-off each, for nothing."""
         with self._cv:
-            for s in slots:
-                self._event("compute_end", int(self._key[s]), int(s))
-                self._pins[s] -= 1
-            self._cv.notify_all()
+            if self.trace_enabled:
+                for s in slots:
+                    self._event("compute_end", int(self._key[s]), int(s))
+            self._pins[slots] -= 1  # distinct slots (one per expert requested)
 
     def prefetch(self, j: int, experts: Sequence[int]) -> None:
-        """Pre-gating: layer ``j`` will probably use ``experts``; load the absent ones into
-        slots whose experts have no more hits (never a pinned or loading slot)."""
+        """Pre-gating: layer ``j`` will probably use ``experts``; tells the eviction policy and
+        loads the absent ones into slots the policy lets them displace (never a pinned or
+        loading slot; the default policy: experts with no more hits, distance-weighted)."""
         if not 0 <= j < self.geo.layers:
             return
-        E = self.geo.experts
+        ids = [int(e) for e in experts]
+        keys = [j * self.geo.experts + e for e in ids]
         with self._cv:
-            self._predicted[j] = set(int(e) for e in experts)
-            for e in experts:
-                key = int(j * E + e)
+            self._predicted[j] = set(ids)
+            if self.record_routing:
+                self.predictions.append((len(self.routing), j, tuple(ids)))
+            self.policy.predict(j, keys)
+            for key in keys:
                 if key in self._slot:
                     continue
                 s = self._victim(speculative_for=key)
@@ -672,41 +695,19 @@ def slots_for_expert_budget(manifest: Manifest, budget_bytes: int, quant: str = 
 
 
 # ----------------------------------------------------------------------------- offline optimum
-def belady_hit_rate(requests: Sequence[Sequence[int]], capacity: int) -> float:
+def belady_hit_rate(requests: Sequence[Sequence[int]], capacity: int, start: int = 0) -> float:
     """Hit rate of the offline-optimal cache (Belady/MIN) on a trace of requests.
 
     Each request is the set of keys one layer use needs at once (all must be resident
     together, so they cannot evict each other); a miss evicts the resident key whose next use
-    is farthest in the future (never). ``capacity`` >= the largest request. Pure function.
+    is farthest in the future (never). ``capacity`` >= the largest request. Requests before
+    ``start`` are replayed (they warm the cache) but not counted; MIN is optimal for every
+    prefix, so the window's count is the optimum's. Pure function
+    (:func:`~paddle_semoe.inference.cache_policy.belady_hits`).
     """
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    reqs = [sorted(set(int(k) for k in r)) for r in requests]
-    big = max((len(r) for r in reqs), default=0)
-    if big > capacity:
-        raise ValueError(f"a request needs {big} keys at once, more than capacity {capacity}")
-    inf = len(reqs) + 1
-    next_use: list[dict[int, int]] = [dict() for _ in reqs]
-    last: dict[int, int] = {}
-    for i in range(len(reqs) - 1, -1, -1):
-        for k in reqs[i]:
-            next_use[i][k] = last.get(k, inf)
-            last[k] = i
-    resident: dict[int, int] = {}  # key -> index of its next use
-    hits = total = 0
-    for i, r in enumerate(reqs):
-        total += len(r)
-        missing = [k for k in r if k not in resident]
-        hits += len(r) - len(missing)
-        need = len(resident) + len(missing) - capacity
-        if need > 0:
-            current = set(r)
-            victims = sorted((k for k in resident if k not in current), key=lambda k: (-resident[k], k))[:need]
-            for k in victims:
-                del resident[k]
-        for k in r:
-            resident[k] = next_use[i][k]
-    return hits / total if total else 0.0
+    hits = belady_hits(requests, capacity)
+    total = sum(len(set(r)) for r in requests[start:])
+    return sum(hits[start:]) / total if total else 0.0
 
 
 def routing_requests(routing: Sequence[tuple[int, Sequence[int]]], num_experts: int) -> list[list[int]]:
