@@ -113,14 +113,29 @@ class LayerWeights:
     FFN on the weights the provider holds for ``j``, between ``acquire(j)`` and ``release(j)``.
 
     With an expert-granular provider (``provider.expert_granular``), only the experts with
-    nonzero counts are requested (in chunks of at most ``num_slots``); their rows are gathered
+    nonzero counts are requested (in chunks of at most ``num_slots``); their rows are permuted
     into slot order, the grouped FFN runs on the slot arenas with per-slot counts, and the
-    outputs are scattered back: the same op on the same rows and weights, so bit-exact (float32
-    slots; int8 slots run the provider's int8 FFN, see ``run_slots``)."""
+    outputs are gathered back into expert order: the same op on the same rows and weights, so
+    bit-exact (float32 slots; int8 slots run the provider's int8 FFN, see ``run_slots``).
+
+    A decode step runs this for every MoE layer on a handful of rows, where per-op dispatch,
+    not arithmetic, is the cost. So for float32 rows on the host (one chunk, no padding rows):
+    the index bookkeeping is NumPy, the rows are permuted by NumPy into a host buffer that a
+    Paddle tensor shares (as are the per-slot counts and the inverse index: allocated once per
+    row count, rewritten per call; CPU ops run synchronously, so no op still reads them), and
+    the only ops are the FFN and one ``gather`` back (none when the slots already ascend with
+    the expert ids). Otherwise, or while another thread is in this layer (its buffers are
+    busy), :meth:`_run_chunked` (fresh index tensors, scatter).
+    """
 
     def __init__(self, provider: ExpertProvider | RoutedExpertProvider, j: int):
         self.provider = provider
         self.j = j
+        self._host: bool | None = None  # rows on CPU: the shared host buffers below are usable
+        self._busy = threading.Lock()  # held while a call uses the shared buffers
+        self._counts: _SharedBuffer | None = None  # int32 [num_slots]
+        # (rows, D) -> (inverse index int64 [rows], slot-order rows float32 [rows, D])
+        self._index: dict[tuple[int, int], tuple[_SharedBuffer, _SharedBuffer]] = {}
 
     def run(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
         if getattr(self.provider, "expert_granular", False):
@@ -133,10 +148,69 @@ class LayerWeights:
 
     def _run_routed(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
         p: RoutedExpertProvider = self.provider  # type: ignore[assignment]
-        counts = counts_E.numpy().astype(np.int64)
+        counts = counts_E.numpy()
         active = np.flatnonzero(counts)
         p.observe(self.j, active)
-        out = paddle.zeros_like(rows_RD)  # rows past sum(counts) stay zero
+        c = counts[active].astype(np.int64)  # rows per active expert, expert order
+        n = int(c.sum())
+        if self._host is None:
+            self._host = bool(rows_RD.place.is_cpu_place())
+        if (not 0 < active.size <= p.num_slots or n != int(rows_RD.shape[0]) or not self._host
+                or rows_RD.dtype != paddle.float32 or not self._busy.acquire(blocking=False)):
+            # (busy: another thread is in this layer's shared buffers; it gets fresh tensors)
+            return self._run_chunked(p, rows_RD, counts.astype(np.int64), active, compute)
+        try:
+            slots = p.acquire_experts(self.j, active)
+            try:
+                counts_S = self._slot_counts(p.num_slots, slots, c)
+                if active.size < 2 or bool((slots[1:] > slots[:-1]).all()):
+                    # slots ascend with the expert ids: the expert-major rows are already in slot order
+                    return p.run_slots(rows_RD, counts_S, compute)
+                rows_t, inv_t = self._permute_rows(rows_RD, slots, c, n)
+                y = p.run_slots(rows_t, counts_S, compute)
+            finally:
+                p.release_experts(self.j, slots)
+            return paddle.gather(y, inv_t)
+        finally:
+            self._busy.release()
+
+    def _slot_counts(self, num_slots: int, slots: np.ndarray, c: np.ndarray) -> paddle.Tensor:
+        """int32 [num_slots] rows per slot (``c`` at ``slots``, zero elsewhere), in the shared buffer."""
+        if self._counts is None or self._counts.array.size != num_slots:
+            self._counts = _SharedBuffer(np.zeros(num_slots, np.int32))
+        a = self._counts.array
+        a.fill(0)
+        a[slots] = c
+        return self._counts.tensor
+
+    def _permute_rows(self, rows_RD: paddle.Tensor, slots: np.ndarray, c: np.ndarray, n: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """(the rows [n, D] in slot order, inverse index int64 [n]: slot-order row of each
+        expert-major row) for active experts holding ``c`` rows each (expert order) in ``slots``:
+        float32 host rows, permuted by NumPy into a shared buffer (no op)."""
+        order = np.argsort(slots, kind="stable")
+        if n == c.size:  # one row per expert (decode at batch 1): slot-order row i is expert-major row order[i]
+            idx = order
+        else:
+            co = c[order]
+            starts = np.cumsum(c) - c  # first row of each active expert in the expert-major rows
+            # slot-order row i of the run of expert order[g] is expert-major row starts[order[g]] + (i - run start)
+            idx = np.repeat(starts[order] - (np.cumsum(co) - co), co) + np.arange(n)
+        D = int(rows_RD.shape[1])
+        bufs = self._index.get((n, D))
+        if bufs is None:
+            if len(self._index) >= _MAX_INDEX_SIZES:
+                self._index.clear()
+            bufs = self._index[(n, D)] = (_SharedBuffer(np.empty(n, np.int64)), _SharedBuffer(np.empty((n, D), np.float32)))
+        inv, rows = bufs
+        inv.array[idx] = np.arange(n)
+        np.take(rows_RD.numpy(), idx, axis=0, out=rows.array)
+        return rows.tensor, inv.tensor
+
+    def _run_chunked(self, p: RoutedExpertProvider, rows_RD: paddle.Tensor, counts: np.ndarray, active: np.ndarray,
+                     compute: Callable[..., paddle.Tensor]) -> paddle.Tensor:
+        """The general path: more active experts than slots (in chunks of ``num_slots``), none,
+        padding rows past sum(counts) (they stay zero), or rows that are not float32 on the host."""
+        out = paddle.zeros_like(rows_RD)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         for c0 in range(0, active.size, p.num_slots):
             chunk = active[c0 : c0 + p.num_slots]
@@ -152,6 +226,18 @@ class LayerWeights:
                 p.release_experts(self.j, slots)
             out = paddle.scatter(out, idx_t, y, overwrite=True)
         return out
+
+
+_MAX_INDEX_SIZES = 64  # distinct row counts whose buffers a LayerWeights keeps
+
+
+class _SharedBuffer:
+    """A host NumPy array and a Paddle CPU tensor sharing its memory (written in place, read
+    by the next op: CPU ops run synchronously, so rewriting it after the op returned is safe)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.tensor = paddle.utils.dlpack.from_dlpack(array)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from paddle_semoe.inference.ring import (
 )
 from paddle_semoe.models.gpt import GPTConfig, GPTMoE, KVCache
 from paddle_semoe.moe import MoELayer
+from paddle_semoe.moe.routers import AuxFreeRouter, Router
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ class InferenceModel:
         logits, caches = self.forward(paddle.to_tensor(out))
         forward_tokens = out.size
         for step in range(max_new_tokens):
-            last = logits[:, -1, :].numpy().astype(np.float64)
+            # a decode step's logits are [B, 1, V]: copy them whole (no slicing op); prefill: the last position
+            last = (logits.numpy()[:, -1, :] if logits.shape[1] == 1 else logits[:, -1, :].numpy()).astype(np.float64)
             nxt = _pick(last, greedy, temperature, top_k, rng)
             out = np.concatenate([out, nxt[:, None]], axis=1)
             if step + 1 < max_new_tokens:
@@ -242,22 +244,55 @@ class InferenceModel:
 class _PreGate:
     """Forward pre-hook of MoE layer j: applies layer j+1's router to layer j's input (the
     normed hidden state) and asks the cache to prefetch the experts it selects (top-k per
-    token, selection bias included), so they load while layer j computes."""
+    token, selection bias included), so they load while layer j computes.
+
+    A decode step feeds it a row or a few: for a linear router (the token-choice and aux-free
+    routers) the scores are one small NumPy GEMM on host copies of the router's weight and
+    selection bias, taken when the hook is built (serving never changes them), instead of four
+    Paddle ops whose dispatch costs more than the arithmetic. The prediction only steers which
+    experts load early; the layer itself still routes with its own Paddle ops, so the served
+    tokens and logits do not depend on it. Other routers run through Paddle."""
 
     def __init__(self, cache: ExpertCache, next_layer: MoELayer, next_j: int):
         self.cache = cache
         self.router = next_layer.router
         self.k = next_layer.config.k
         self.next_j = next_j
+        self._host = _host_router(self.router)
 
     def __call__(self, layer: MoELayer, inputs: tuple) -> None:
         x = inputs[0]
-        out = self.router(x.reshape([-1, x.shape[-1]]))
-        scores = out.logits if out.select_bias is None else out.logits + out.select_bias
-        k = min(self.k, int(scores.shape[-1]))
-        ids = paddle.topk(scores, k, axis=-1)[1].numpy()
-        self.cache.prefetch(self.next_j, np.unique(ids).tolist())
+        if self._host is not None and x.dtype == paddle.float32 and x.place.is_cpu_place():
+            w, bias = self._host
+            scores = x.numpy().reshape(-1, w.shape[0]) @ w  # [T, E]
+            if bias is not None:
+                scores += bias
+            E = scores.shape[-1]
+            k = min(self.k, E)
+            ids = np.argpartition(scores, E - k, axis=-1)[:, E - k :] if k < E else np.arange(E)[None, :]
+        else:
+            out = self.router(x.reshape([-1, x.shape[-1]]))
+            s = out.logits if out.select_bias is None else out.logits + out.select_bias
+            ids = paddle.topk(s, min(self.k, int(s.shape[-1])), axis=-1)[1].numpy()
+        # one token's top-k are distinct already; several tokens' overlap
+        self.cache.prefetch(self.next_j, ids.ravel().tolist() if ids.shape[0] == 1 else np.unique(ids).tolist())
         return None
+
+
+def _host_router(router: Router) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(weight float32 [D, E], selection bias float32 [E] or None) of a router whose eval-mode
+    scores are ``x @ weight`` and whose selection bias is None or a fixed [E] buffer; None for
+    any other router (its scores or bias are computed, so they go through Paddle)."""
+    cls = type(router)
+    if cls.scores is not Router.scores or router.weight.dtype != paddle.float32:
+        return None
+    if cls.select_bias is Router.select_bias:
+        bias = None
+    elif isinstance(router, AuxFreeRouter) and cls.select_bias is AuxFreeRouter.select_bias:
+        bias = router.balance_bias.numpy().astype(np.float32)
+    else:
+        return None
+    return router.weight.numpy(), bias
 
 
 def _pick(logits: np.ndarray, greedy: bool, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
