@@ -226,9 +226,18 @@ def decode_main(argv) -> dict:
     p.add_argument("--quality-package", type=Path, default=None,
                    help="measure int8 vs float32 (held-out loss, greedy agreement) on this package (exported with "
                         "--int8, byte vocabulary) instead of the benchmark's random model")
+    p.add_argument("--package", type=Path, default=None,
+                   help="run on this inference package (e.g. a trained model, exported with --int8 for cache_int8) "
+                        "instead of the random benchmark model; its prompts are windows of the held-out text "
+                        "(byte vocabulary), so the routing is a trained router's")
+    p.add_argument("--prompt-sets", type=int, default=1,
+                   help="prompt sets per batch size; each mode's figures are pooled over them (tokens/s over all "
+                        "steps, hit rates averaged), for hit rates that do not hang on one prompt")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.prompt_sets < 1:
+        p.error(f"--prompt-sets must be >= 1, got {args.prompt_sets}")
     _prepare_process(args.threads)
     import numpy as np
     import paddle
@@ -242,18 +251,31 @@ def decode_main(argv) -> dict:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_decode_", dir=args.workdir)
     work = Path(tmp.name)
-    model = _random_model(args.prompt + args.new + 8, args.d_model, args.moe_layers, args.d_ff, args.experts, args.top_k)
-    with paddle.no_grad():
-        for layer in model.moe_layers():
-            layer.router.weight.set_value(layer.router.weight * args.sharpen)
-    pkg = export_package(model, work / "pkg", graphs=False, int8="cache_int8" in args.modes, int4="cache_int4" in args.modes)
-    del model
-    man = read_manifest(pkg)
+    held = load_split().val.astype(np.int64)
+    if args.package is not None:
+        man = read_manifest(args.package)
+        need = max(int(held.max()) + 1, 256)
+        if int(man.model["vocab_size"]) < need or int(man.model["max_seq_len"]) < args.prompt + args.new:
+            raise SystemExit(
+                f"--package {args.package}: needs a byte vocabulary (vocab_size >= {need}, got "
+                f"{man.model['vocab_size']}) and max_seq_len >= --prompt + --new = {args.prompt + args.new} "
+                f"(got {man.model['max_seq_len']})")
+        top_k = int(man.model["moe"]["top_k"])
+    else:
+        model = _random_model(args.prompt + args.new + 8, args.d_model, args.moe_layers, args.d_ff, args.experts, args.top_k)
+        with paddle.no_grad():
+            for layer in model.moe_layers():
+                layer.router.weight.set_value(layer.router.weight * args.sharpen)
+        pkg = export_package(model, work / "pkg", graphs=False, int8="cache_int8" in args.modes, int4="cache_int4" in args.modes)
+        del model
+        man = read_manifest(pkg)
+        top_k = args.top_k
     geo = ExpertGeometry.of(man)
     n_all = geo.layers * geo.experts
     budget = int(args.budget * man.expert_bytes)
     bw = _odirect_bandwidth(man, geo, aligned_buffer)
-    print(f"model: {geo.layers} MoE layers x {geo.experts} experts (D={geo.d_model}, F={geo.d_ff}, top-{args.top_k}); "
+    print(f"model: {args.package or 'random weights'}: {geo.layers} MoE layers x {geo.experts} experts (D={geo.d_model}, "
+          f"F={geo.d_ff}, top-{top_k}); "
           f"{geo.streamed_bytes / 2**20:.2f} MiB per expert, {man.expert_bytes / 2**20:.0f} MiB in all; budget "
           f"{budget / 2**20:.0f} MiB ({100 * args.budget:.0f}%); O_DIRECT bandwidth {bw / 2**30:.2f} GiB/s", flush=True)
     serves = {
@@ -277,15 +299,21 @@ def decode_main(argv) -> dict:
     rng = np.random.default_rng(0)
     results = []
     for B in [int(b) for b in args.batches.split(",")]:
-        prompts = rng.integers(0, 256, (B, args.prompt)).astype(np.int64)
+        if args.package is not None:  # held-out text: what a trained router routes
+            prompt_sets = [np.stack([held[s:s + args.prompt] for s in rng.integers(0, len(held) - args.prompt, B)])
+                           for _ in range(args.prompt_sets)]
+        else:
+            prompt_sets = [rng.integers(0, 256, (B, args.prompt)).astype(np.int64) for _ in range(args.prompt_sets)]
         row = {"batch": B, "modes": {}}
         for name in modes:
-            m = InferenceModel.load(man, serves[name])
-            try:
-                row["modes"][name] = _time_decode(m, prompts, args.new, geo, belady_hit_rate, routing_requests, bw)
-            finally:
-                m.close()
-            r = row["modes"][name]
+            runs = []
+            for prompts in prompt_sets:  # a fresh (cold) model per prompt set
+                m = InferenceModel.load(man, serves[name])
+                try:
+                    runs.append(_time_decode(m, prompts, args.new, geo, belady_hit_rate, routing_requests, bw))
+                finally:
+                    m.close()
+            row["modes"][name] = r = _pool_runs(runs)
             print(f"B={B} {name:<17} {r['tokens_per_s']:8.1f} tok/s  hit {r.get('hit_rate', float('nan')):.2f} "
                   f"load-hit {r.get('load_hit_rate', float('nan')):.2f} (Belady {r.get('belady_hit_rate', float('nan')):.2f})  "
                   f"{r['bytes_per_token'] / 2**20:7.2f} MiB/token  "
@@ -297,24 +325,24 @@ def decode_main(argv) -> dict:
     quality = None
     if "cache_int8" in modes:
         qman = read_manifest(args.quality_package) if args.quality_package else man
-        held = load_split().val.astype(np.int64)
         seq = min(48, int(qman.model["max_seq_len"]) - 1)
         q = compare_serving(qman, ServeConfig(mode="resident", source="host"),
                             ServeConfig(mode="cache", num_slots=ExpertGeometry.of(qman).experts * 2, source="host",
                                         quant="int8"),
                             held, seq_len=seq, windows=8, prompts=held[:4 * 8].reshape(4, 8),
                             new_tokens=min(32, int(qman.model["max_seq_len"]) - 8))
-        quality = {"package": str(args.quality_package or "benchmark model (random weights)"), **q.to_dict()}
+        quality = {"package": str(args.quality_package or args.package or "benchmark model (random weights)"), **q.to_dict()}
         print(f"int8 vs float32 ({quality['package']}): held-out loss {q.loss_ref:.4f} -> {q.loss_test:.4f} "
               f"({q.loss_delta:+.4f} nats), greedy-token agreement {100 * q.token_agreement:.1f}%, "
               f"max |logit diff| {q.max_abs_logit_diff:.3g}", flush=True)
     report = {
         "int8_quality": quality,
-        "config": {"d_model": geo.d_model, "d_ff": geo.d_ff, "experts": geo.experts, "top_k": args.top_k,
+        "config": {"package": str(args.package) if args.package else None, "prompt_sets": args.prompt_sets,
+                   "d_model": geo.d_model, "d_ff": geo.d_ff, "experts": geo.experts, "top_k": top_k,
                    "moe_layers": geo.layers, "expert_bytes": man.expert_bytes, "budget_bytes": budget,
                    "budget_share": args.budget, "threads": args.threads, "io": "O_DIRECT (cold)",
                    "odirect_bandwidth_Bps": bw, "prompt": args.prompt, "decode_steps": args.new,
-                   "router_sharpen": args.sharpen, "total_experts": n_all},
+                   "router_sharpen": None if args.package else args.sharpen, "total_experts": n_all},
         "decode": results,
     }
     print(format_decode_table(report))
@@ -401,6 +429,35 @@ def _time_decode(m, prompts, steps, geo, belady_hit_rate, routing_requests, bw) 
         r["pregate_recall"] = used / after if after else float("nan")
         r["slots"] = ex.num_slots
     return r
+
+
+_SUMMED = ("seconds", "loads", "bytes_read", "exposed_load_s", "io_floor_s", "prefetch_loads", "tokens")
+
+
+def _pool_runs(runs: list[dict]) -> dict:
+    """One mode's figures over several prompt sets: tokens/s over all steps, bytes and load
+    times summed, rates (hit, load-based hit, Belady, pre-gating) and replayed policies averaged."""
+    for r in runs:
+        r["tokens"] = r["tokens_per_s"] * r["seconds"]
+    if len(runs) == 1:
+        return {**runs[0], "prompt_sets": 1}
+    out = {k: sum(r[k] for r in runs) for k in _SUMMED if k in runs[0]}
+    out["tokens_per_s"] = out["tokens"] / out["seconds"]
+    out["bytes_per_token"] = out["bytes_read"] / out["tokens"]
+    out["exposed_vs_floor"] = out["exposed_load_s"] / out["io_floor_s"] if out["io_floor_s"] > 0 else float("nan")
+    for k in ("hit_rate", "load_hit_rate", "belady_hit_rate", "pregate_precision", "pregate_recall"):
+        if k in runs[0]:
+            out[k] = float(sum(r[k] for r in runs) / len(runs))
+    for k in ("resident_expert_bytes", "slots"):
+        if k in runs[0]:
+            out[k] = runs[0][k]
+    if "policy_replay" in runs[0]:
+        out["policy_replay"] = {
+            name: {m: sum(r["policy_replay"][name][m] for r in runs) / len(runs) for m in ("hit", "load")}
+            for name in runs[0]["policy_replay"]
+        }
+    out["prompt_sets"] = len(runs)
+    return out
 
 
 def _belady_window(reqs, start, capacity, belady_hit_rate) -> float:

@@ -52,3 +52,40 @@ def test_decode_benchmark_int4_mode(tmp_path):
     assert i4["resident_expert_bytes"] <= report["config"]["budget_bytes"]
     if f32["loads"] and i4["loads"]:  # an int4 load reads less than a quarter of a float32 load (scales included)
         assert i4["bytes_read"] / i4["loads"] < f32["bytes_read"] / f32["loads"] / 4
+
+
+def test_decode_benchmark_on_a_package_pools_prompt_sets(tmp_path):
+    """--package: the benchmark serves a given package (here a small random one) with held-out
+    text prompts; --prompt-sets pools each mode over several prompt sets."""
+    from paddle_semoe.inference.export import export_package
+
+    bench = _bench()
+    model = bench._random_model(16, 32, 2, 32, 8, 2)
+    pkg = export_package(model, tmp_path / "pkg", graphs=False, int8=True)
+    report = bench.main(["--decode", "--package", str(pkg), "--prompt", "4", "--new", "3", "--batches", "2",
+                         "--prompt-sets", "3", "--budget", "0.5", "--threads", "1",
+                         "--modes", "resident,cache,cache_noprefetch", "--workdir", str(tmp_path)])
+    assert report["config"]["package"] == str(pkg) and report["config"]["prompt_sets"] == 3
+    modes = report["decode"][0]["modes"]
+    for m in modes.values():
+        assert m["prompt_sets"] == 3
+        assert abs(m["tokens"] - 3 * 2 * 3) < 1e-6  # 3 sets x batch 2 x 3 steps
+    nop = modes["cache_noprefetch"]
+    assert nop["hit_rate"] <= nop["belady_hit_rate"] + 1e-9
+    assert abs(nop["hit_rate"] - nop["load_hit_rate"]) < 1e-9  # demand paging: every load is a miss
+
+
+def test_pool_runs_sums_counts_and_averages_rates():
+    pool = _bench()._pool_runs
+    runs = [
+        {"tokens_per_s": 10.0, "seconds": 1.0, "loads": 2, "bytes_read": 100, "exposed_load_s": 0.1, "io_floor_s": 0.2,
+         "hit_rate": 0.5, "belady_hit_rate": 0.7, "slots": 4,
+         "policy_replay": {"belady": {"hit": 0.7, "load": 0.7}}},
+        {"tokens_per_s": 30.0, "seconds": 1.0, "loads": 4, "bytes_read": 300, "exposed_load_s": 0.3, "io_floor_s": 0.2,
+         "hit_rate": 0.7, "belady_hit_rate": 0.9, "slots": 4,
+         "policy_replay": {"belady": {"hit": 0.9, "load": 0.9}}},
+    ]
+    p = pool(runs)
+    assert p["tokens"] == 40.0 and p["tokens_per_s"] == 20.0 and p["loads"] == 6 and p["bytes_per_token"] == 10.0
+    assert abs(p["exposed_vs_floor"] - 1.0) < 1e-12 and abs(p["hit_rate"] - 0.6) < 1e-12
+    assert abs(p["policy_replay"]["belady"]["load"] - 0.8) < 1e-12 and p["slots"] == 4 and p["prompt_sets"] == 2
