@@ -230,22 +230,22 @@ std::vector<Tensor> AddLayerNormGrad(const Tensor& sum, const Tensor& gamma, con
   const int64_t D = sum.shape().back(), T = D ? sum.numel() / D : 0;
   const bool has_out = grad_out.initialized(), has_sum = grad_sum.initialized();
   Tensor grad_x = paddle::empty(sum.shape(), DataType::FLOAT32, sum.place());
+  Tensor grad_r = paddle::empty(sum.shape(), DataType::FLOAT32, sum.place());
   Tensor grad_gamma = paddle::empty({D}, DataType::FLOAT32, sum.place());
   Tensor grad_beta = paddle::empty({D}, DataType::FLOAT32, sum.place());
-  if (has_out) {
+  if (has_out) {  // grad_x and grad_r (the same gradient) written in one pass
     semoe::layernorm_bwd_cpu(sum.data<float>(), gamma.data<float>(), mean.data<float>(),
                              rstd.data<float>(), grad_out.data<float>(),
                              has_sum ? grad_sum.data<float>() : nullptr, T, D,
                              grad_x.data<float>(), grad_gamma.data<float>(),
-                             grad_beta.data<float>());
+                             grad_beta.data<float>(), grad_r.data<float>());
   } else {
     float* gx = grad_x.data<float>();
+    float* gr = grad_r.data<float>();
     const float* gs = has_sum ? grad_sum.data<float>() : nullptr;
-    for (int64_t i = 0; i < T * D; ++i) gx[i] = gs ? gs[i] : 0.f;
+    for (int64_t i = 0; i < T * D; ++i) gx[i] = gr[i] = gs ? gs[i] : 0.f;
     for (int64_t c = 0; c < D; ++c) grad_gamma.data<float>()[c] = grad_beta.data<float>()[c] = 0.f;
   }
-  Tensor grad_r = paddle::empty(sum.shape(), DataType::FLOAT32, sum.place());
-  std::memcpy(grad_r.data<float>(), grad_x.data<float>(), sizeof(float) * T * D);
   return {grad_x, grad_r, grad_gamma, grad_beta};
 }
 

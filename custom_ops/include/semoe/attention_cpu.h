@@ -11,11 +11,16 @@
 // cache, P.. from qkv). Scores are scaled by 1/sqrt(Dh).
 //
 // Work is split over the B*H (batch, head) pairs. Each thread copies its pair's keys and
-// values into padded tiles (K transposed [Dh, Lp], V and K as rows [Lp, Dhp]; Lp, Dhp rounded
-// up to 16 floats, the padding zero) and walks the queries in blocks of kQ rows: one block's
-// scores against its causal prefix of keys ([kQ, Lp], per-thread scratch, never kept) come
-// from register-blocked kQ x 16 micro-kernels. Deterministic: every sum has a fixed order
-// independent of the thread count. Paddle-free.
+// values into padded tiles (K and V transposed [Dh, Lp], K and V as rows [Lp, Dhp]; Lp, Dhp
+// rounded up to 16 floats, the padding zero) and walks the queries in blocks of kR rows: one
+// block's scores against its causal prefix of keys ([kR, Lp], per-thread scratch) come from
+// register-blocked kR x 32 micro-kernels (AVX-512 intrinsics where the compiler targets
+// AVX-512, else portable loops of the same order). The backward keeps the probabilities and
+// score gradients of a block of kQB query rows ([kQB, Lp] each, per-thread scratch, never
+// returned) so that dK = dS^T Q and dV = P^T dO run as register-blocked products over the
+// block's rows. Deterministic: every sum has a fixed order independent of the thread count
+// and of the batch size, and a query row's numbers do not depend on which rows share its
+// block. Paddle-free.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +28,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "semoe/activation.h"
 
@@ -36,32 +45,60 @@ struct AttnDims {
 
 namespace attn_detail {
 
-constexpr int64_t kQ = 8;   // query rows per block
-constexpr int64_t kV = 16;  // floats per vector chunk
+constexpr int64_t kR = 8;    // query rows (or keys, for dK/dV) per micro-tile
+constexpr int64_t kV = 16;   // floats per vector chunk
+constexpr int64_t kQB = 64;  // query rows per backward block (multiple of kR)
 constexpr int64_t kParallelWork = 1 << 15;  // multiply-adds below which one thread does it all
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Per-thread tiles of one (batch, head) pair.
-struct Tiles {
-  int64_t Lp, Dhp;
-  std::vector<float> kt, krow, vt, vrow;  // [Dh, Lp], [Lp, Dhp], [Dh, Lp], [Lp, Dhp]
-  std::vector<float> q, go, s, dp, acc;   // [kQ, Dhp], [kQ, Dhp], [kQ, Lp], [kQ, Lp], [kQ, Dhp]
-  Tiles(const AttnDims& d, bool backward)
-      : Lp(round_up(d.L(), kV)), Dhp(round_up(d.Dh, kV)) {
-    kt.assign(static_cast<size_t>(d.Dh * Lp), 0.f);
-    vrow.assign(static_cast<size_t>(Lp * Dhp), 0.f);
-    q.assign(static_cast<size_t>(kQ * Dhp), 0.f);
-    s.assign(static_cast<size_t>(kQ * Lp), 0.f);
-    acc.assign(static_cast<size_t>(kQ * Dhp), 0.f);
-    if (backward) {
-      vt.assign(static_cast<size_t>(d.Dh * Lp), 0.f);
-      krow.assign(static_cast<size_t>(Lp * Dhp), 0.f);
-      go.assign(static_cast<size_t>(kQ * Dhp), 0.f);
-      dp.assign(static_cast<size_t>(kQ * Lp), 0.f);
-    }
+#if defined(__AVX512F__)
+// The same polynomial as fast_exp (activation.h), 16 lanes at a time.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 big = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+inline __mmask16 lanes_below(int64_t j, int64_t end) {  // lane u is on when j + u < end
+  const int64_t k = end - j;
+  return k >= kV ? static_cast<__mmask16>(0xFFFF)
+                 : (k <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << k) - 1u));
+}
+#endif
+
+// dst[0 .. n) = src[0 .. n) * scale for a short row (a head's Dh floats): inline vector code
+// (a libc memcpy call per row costs more than the copy at these sizes).
+inline void copy_row(float* dst, const float* src, int64_t n, float scale = 1.0f) {
+#if defined(__AVX512F__)
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += kV) {
+    const __mmask16 on = lanes_below(c, n);
+    _mm512_mask_storeu_ps(dst + c, on, _mm512_mul_ps(_mm512_maskz_loadu_ps(on, src + c), sc));
   }
-};
+#else
+  for (int64_t c = 0; c < n; ++c) dst[c] = src[c] * scale;
+#endif
+}
+
+// Rows of one head are a stride of 3*H*Dh floats apart (several KiB: past the hardware
+// prefetcher's reach across pages), so the kernels prefetch the rows they read kAhead ahead.
+constexpr int64_t kAhead = 8;
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t c = 0; c < n; c += kV) __builtin_prefetch(p + c);
+}
 
 // Row j of the pair's keys (slot 1) or values (slot 2): from the cache for j < P.
 inline const float* kv_row(const AttnDims& d, const float* qkv, const float* past, int slot,
@@ -70,58 +107,242 @@ inline const float* kv_row(const AttnDims& d, const float* qkv, const float* pas
   return qkv + (b * d.S + (j - d.P)) * 3 * d.D() + slot * d.D() + h * d.Dh;
 }
 
+#if defined(__AVX512F__)
+// In-register transpose of a 16 x 16 block: x[i] holds row i on entry, column i on exit.
+inline void transpose16(__m512 x[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + m]: column m of each 128-bit lane, rows g .. g+3
+    u[g + 0] = _mm512_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    x[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    x[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    x[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    x[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+#endif
+
 // Fill the transposed tile t [Dh, Lp] and/or the row tile r [Lp, Dhp] of slot 1 (k) or 2 (v).
 inline void gather(const AttnDims& d, const float* qkv, const float* past, int slot, int64_t b,
                    int64_t h, int64_t Lp, int64_t Dhp, float* t, float* r) {
-  for (int64_t j = 0; j < d.L(); ++j) {
+  const int64_t L = d.L(), Dh = d.Dh;
+  for (int64_t j = 0; j < L; ++j) {
+    if (j + kAhead < L) prefetch_row(kv_row(d, qkv, past, slot, b, h, j + kAhead), Dh);
     const float* src = kv_row(d, qkv, past, slot, b, h, j);
+#if !defined(__AVX512F__)
     if (t != nullptr)
-      for (int64_t c = 0; c < d.Dh; ++c) t[c * Lp + j] = src[c];
-    if (r != nullptr) std::memcpy(r + j * Dhp, src, sizeof(float) * d.Dh);
+      for (int64_t c = 0; c < Dh; ++c) t[c * Lp + j] = src[c];
+#endif
+    if (r != nullptr) copy_row(r + j * Dhp, src, Dh);
+  }
+#if defined(__AVX512F__)
+  // 16 keys x 16 features at a time (missing keys load as zeros: t's padding columns)
+  if (t != nullptr) {
+    for (int64_t j0 = 0; j0 < L; j0 += kV) {
+      for (int64_t c0 = 0; c0 < Dh; c0 += kV) {
+        const __mmask16 cols = lanes_below(c0, Dh);
+        __m512 x[16];
+        for (int64_t i = 0; i < kV; ++i)
+          x[i] = j0 + i < L ? _mm512_maskz_loadu_ps(cols, kv_row(d, qkv, past, slot, b, h, j0 + i) + c0)
+                            : _mm512_setzero_ps();
+        transpose16(x);
+        for (int64_t c = c0; c < std::min(c0 + kV, Dh); ++c) _mm512_storeu_ps(t + c * Lp + j0, x[c - c0]);
+      }
+    }
+  }
+#endif
+}
+
+// Copy `rows` rows (row stride `stride`) of Dh floats into a [kR, Dhp] block scaled by
+// `scale`; rows past `rows` are zero (the padding columns are zero already). The first `ahead`
+// rows of the next block (kR rows on) are prefetched.
+inline void load_rows(const float* base, int64_t stride, int64_t rows, int64_t Dh, int64_t Dhp,
+                      float scale, float* dst, int64_t ahead = 0) {
+  std::fill(dst, dst + kR * Dhp, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r < ahead) prefetch_row(base + (r + kR) * stride, Dh);
+    copy_row(dst + r * Dhp, base + r * stride, Dh, scale);
   }
 }
 
-// out[r, j] = sum_c a[r, c] * bt[c, j] for r < kQ, j < n (rounded up to kV; bt is [Dh, Lp]).
-inline void rows_times_t(const float* a, int64_t Dhp, const float* bt, int64_t Lp, int64_t Dh,
-                         int64_t n, float* out) {
-  for (int64_t jj = 0; jj < n; jj += kV) {
-    float acc[kQ][kV] = {};
+// out[r, j] = sum_{c < Dh} a[r * lda + c] * bt[c * ldb + j]   for r < kR, j < n16
+// (n16 a multiple of kV; a holds kR rows).
+inline void tile_abt(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t Dh,
+                     int64_t n16, float* out, int64_t ldo) {
+  int64_t jj = 0;
+#if defined(__AVX512F__)
+  for (; jj + 2 * kV <= n16; jj += 2 * kV) {
+    __m512 acc[kR][2];
+    for (int64_t r = 0; r < kR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c < Dh; ++c) {
-      const float* br = bt + c * Lp + jj;
-      for (int64_t r = 0; r < kQ; ++r) {
-        const float av = a[r * Dhp + c];
+      const __m512 b0 = _mm512_loadu_ps(bt + c * ldb + jj);
+      const __m512 b1 = _mm512_loadu_ps(bt + c * ldb + jj + kV);
+      for (int64_t r = 0; r < kR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * lda + c]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < kR; ++r) {
+      _mm512_storeu_ps(out + r * ldo + jj, acc[r][0]);
+      _mm512_storeu_ps(out + r * ldo + jj + kV, acc[r][1]);
+    }
+  }
+  if (jj < n16) {  // one 16-wide tile left
+    __m512 acc[kR];
+    for (int64_t r = 0; r < kR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < Dh; ++c) {
+      const __m512 b0 = _mm512_loadu_ps(bt + c * ldb + jj);
+      for (int64_t r = 0; r < kR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + c]), b0, acc[r]);
+    }
+    for (int64_t r = 0; r < kR; ++r) _mm512_storeu_ps(out + r * ldo + jj, acc[r]);
+    jj += kV;
+  }
+#endif
+  for (; jj < n16; jj += kV) {
+    float acc[kR][kV] = {};
+    for (int64_t c = 0; c < Dh; ++c) {
+      const float* br = bt + c * ldb + jj;
+      for (int64_t r = 0; r < kR; ++r) {
+        const float av = a[r * lda + c];
 #pragma omp simd
         for (int64_t u = 0; u < kV; ++u) acc[r][u] += av * br[u];
       }
     }
-    for (int64_t r = 0; r < kQ; ++r) std::memcpy(out + r * Lp + jj, acc[r], sizeof(acc[r]));
+    for (int64_t r = 0; r < kR; ++r) std::memcpy(out + r * ldo + jj, acc[r], sizeof(acc[r]));
   }
 }
 
-// out[r, c] = sum_{j < n} p[r, j] * rows[j, c] for r < kQ, c < Dhp (rows is [Lp, Dhp]).
-inline void p_times_rows(const float* p, int64_t Lp, const float* rows, int64_t Dhp, int64_t n,
-                         float* out) {
-  for (int64_t cc = 0; cc < Dhp; cc += kV) {
-    float acc[kQ][kV] = {};
+// out[k, c] (+)= sum_{j < n} p[k * ks + j * js] * rows[j * ldr + c]   for k < kR, c < Dhp
+// (Dhp a multiple of kV). With ks = ld, js = 1: P @ V for kR query rows; with ks = 1,
+// js = ld: dS^T @ Q for kR keys.
+template <bool Accumulate>
+inline void tile_pv(const float* p, int64_t ks, int64_t js, const float* rows, int64_t ldr,
+                    int64_t Dhp, int64_t n, float* out, int64_t ldo) {
+  int64_t cc = 0;
+#if defined(__AVX512F__)
+  for (; cc + 2 * kV <= Dhp; cc += 2 * kV) {
+    __m512 acc[kR][2];
+    for (int64_t k = 0; k < kR; ++k) {
+      acc[k][0] = Accumulate ? _mm512_loadu_ps(out + k * ldo + cc) : _mm512_setzero_ps();
+      acc[k][1] = Accumulate ? _mm512_loadu_ps(out + k * ldo + cc + kV) : _mm512_setzero_ps();
+    }
     for (int64_t j = 0; j < n; ++j) {
-      const float* vr = rows + j * Dhp + cc;
-      for (int64_t r = 0; r < kQ; ++r) {
-        const float pv = p[r * Lp + j];
-#pragma omp simd
-        for (int64_t u = 0; u < kV; ++u) acc[r][u] += pv * vr[u];
+      const __m512 r0 = _mm512_loadu_ps(rows + j * ldr + cc);
+      const __m512 r1 = _mm512_loadu_ps(rows + j * ldr + cc + kV);
+      const float* pj = p + j * js;
+      for (int64_t k = 0; k < kR; ++k) {
+        const __m512 pv = _mm512_set1_ps(pj[k * ks]);
+        acc[k][0] = _mm512_fmadd_ps(pv, r0, acc[k][0]);
+        acc[k][1] = _mm512_fmadd_ps(pv, r1, acc[k][1]);
       }
     }
-    for (int64_t r = 0; r < kQ; ++r) std::memcpy(out + r * Dhp + cc, acc[r], sizeof(acc[r]));
+    for (int64_t k = 0; k < kR; ++k) {
+      _mm512_storeu_ps(out + k * ldo + cc, acc[k][0]);
+      _mm512_storeu_ps(out + k * ldo + cc + kV, acc[k][1]);
+    }
+  }
+  if (cc < Dhp) {  // one 16-wide chunk left
+    __m512 acc[kR];
+    for (int64_t k = 0; k < kR; ++k) acc[k] = Accumulate ? _mm512_loadu_ps(out + k * ldo + cc) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 r0 = _mm512_loadu_ps(rows + j * ldr + cc);
+      const float* pj = p + j * js;
+      for (int64_t k = 0; k < kR; ++k) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(pj[k * ks]), r0, acc[k]);
+    }
+    for (int64_t k = 0; k < kR; ++k) _mm512_storeu_ps(out + k * ldo + cc, acc[k]);
+    cc += kV;
+  }
+#endif
+  for (; cc < Dhp; cc += kV) {
+    float acc[kR][kV];
+    for (int64_t k = 0; k < kR; ++k)
+      for (int64_t u = 0; u < kV; ++u) acc[k][u] = Accumulate ? out[k * ldo + cc + u] : 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vr = rows + j * ldr + cc;
+      const float* pj = p + j * js;
+      for (int64_t k = 0; k < kR; ++k) {
+        const float pv = pj[k * ks];
+#pragma omp simd
+        for (int64_t u = 0; u < kV; ++u) acc[k][u] += pv * vr[u];
+      }
+    }
+    for (int64_t k = 0; k < kR; ++k) std::memcpy(out + k * ldo + cc, acc[k], sizeof(acc[k]));
   }
 }
 
-// Copy rows i0..i0+kQ of slot `slot` of qkv (or of a [B, S, H, Dh] tensor when stride == D)
-// into a [kQ, Dhp] block scaled by `scale`; rows past S are zero.
-inline void load_rows(const float* base, int64_t stride, int64_t rows, int64_t Dh, int64_t Dhp,
-                      float scale, float* dst) {
-  std::fill(dst, dst + kQ * Dhp, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < Dh; ++c) dst[r * Dhp + c] = base[r * stride + c] * scale;
+// Row softmax of scores s[0 .. nr) in place (zeros on [nr, n16)); returns the log-sum-exp.
+inline float softmax_row(float* s, int64_t nr, int64_t n16) {
+#if defined(__AVX512F__)
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < nr; j += kV)
+    mv = _mm512_mask_max_ps(mv, lanes_below(j, nr), mv, _mm512_loadu_ps(s + j));
+  const float m = _mm512_reduce_max_ps(mv);
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n16; j += kV) {
+    const __mmask16 on = lanes_below(j, nr);
+    const __m512 p = _mm512_maskz_mov_ps(on, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mb)));
+    sv = _mm512_add_ps(sv, p);
+    _mm512_storeu_ps(s + j, p);
+  }
+  const float sum = _mm512_reduce_add_ps(sv);
+  const __m512 inv = _mm512_set1_ps(1.0f / sum);
+  for (int64_t j = 0; j < nr; j += kV) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+  return m + std::log(sum);
+#else
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < nr; ++j) m = s[j] > m ? s[j] : m;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < nr; ++j) {
+    const float p = fast_exp(s[j] - m);
+    s[j] = p;
+    sum += p;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < nr; ++j) s[j] *= inv;
+  for (int64_t j = nr; j < n16; ++j) s[j] = 0.f;
+  return m + std::log(sum);
+#endif
+}
+
+// Backward element-wise step of one query row, in place: p = exp(s - lse) and
+// ds = p * (dp - delta) * scale on [0, nr), zeros on [nr, n16).
+inline void score_grad_row(float* s, float* dp, int64_t nr, int64_t n16, float lse, float delta,
+                           float scale) {
+#if defined(__AVX512F__)
+  const __m512 l = _mm512_set1_ps(lse), dl = _mm512_set1_ps(delta), sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n16; j += kV) {
+    const __mmask16 on = lanes_below(j, nr);
+    const __m512 p = _mm512_maskz_mov_ps(on, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), l)));
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dl)), sc);
+    _mm512_storeu_ps(s + j, p);
+    _mm512_storeu_ps(dp + j, ds);
+  }
+#else
+#pragma omp simd
+  for (int64_t j = 0; j < nr; ++j) {
+    const float p = fast_exp(s[j] - lse);
+    s[j] = p;
+    dp[j] = p * (dp[j] - delta) * scale;
+  }
+  for (int64_t j = nr; j < n16; ++j) s[j] = dp[j] = 0.f;
+#endif
 }
 
 }  // namespace attn_detail
@@ -133,44 +354,30 @@ inline void causal_attention_fwd_cpu(const AttnDims& d, const float* qkv, const 
   const int64_t Dh = d.Dh, D = d.D(), D3 = 3 * D, pairs = d.B * d.H;
   if (pairs == 0 || d.S == 0) return;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  const int64_t Lp = round_up(d.L(), kV), Dhp = round_up(Dh, kV);
   // small problems (decoding one token) run on the calling thread: a thread team costs more
 #pragma omp parallel if (pairs > 1 && pairs * d.S * d.L() * Dh > kParallelWork)
   {
-    Tiles t(d, false);
-    const int64_t Lp = t.Lp, Dhp = t.Dhp;
+    std::vector<float> kt(static_cast<size_t>(Dh * Lp), 0.f), vrow(static_cast<size_t>(Lp * Dhp), 0.f);
+    std::vector<float> q(static_cast<size_t>(kR * Dhp)), s(static_cast<size_t>(kR * Lp));
+    std::vector<float> acc(static_cast<size_t>(kR * Dhp));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < pairs; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
-      gather(d, qkv, k_past, 1, b, h, Lp, Dhp, t.kt.data(), nullptr);
-      gather(d, qkv, v_past, 2, b, h, Lp, Dhp, nullptr, t.vrow.data());
-      for (int64_t i0 = 0; i0 < d.S; i0 += kQ) {
-        const int64_t rows = std::min(kQ, d.S - i0);
-        const int64_t n = d.P + i0 + rows;  // keys any row of the block sees
-        load_rows(qkv + (b * d.S + i0) * D3 + h * Dh, D3, rows, Dh, Dhp, scale, t.q.data());
-        rows_times_t(t.q.data(), Dhp, t.kt.data(), Lp, Dh, n, t.s.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float* sr = t.s.data() + r * Lp;
-          const int64_t nr = d.P + i0 + r + 1;
-          float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-          for (int64_t j = 0; j < nr; ++j) m = sr[j] > m ? sr[j] : m;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < nr; ++j) {
-            const float p = fast_exp(sr[j] - m);
-            sr[j] = p;
-            sum += p;
-          }
-          const float inv = 1.0f / sum;
-#pragma omp simd
-          for (int64_t j = 0; j < nr; ++j) sr[j] *= inv;
-          for (int64_t j = nr; j < n; ++j) sr[j] = 0.f;  // causal mask inside the block
-          lse[bh * d.S + i0 + r] = m + std::log(sum);
-        }
-        for (int64_t r = rows; r < kQ; ++r) std::fill(t.s.data() + r * Lp, t.s.data() + r * Lp + n, 0.f);
-        p_times_rows(t.s.data(), Lp, t.vrow.data(), Dhp, n, t.acc.data());
+      gather(d, qkv, k_past, 1, b, h, Lp, Dhp, kt.data(), nullptr);
+      gather(d, qkv, v_past, 2, b, h, Lp, Dhp, nullptr, vrow.data());
+      for (int64_t i0 = 0; i0 < d.S; i0 += kR) {
+        const int64_t rows = std::min(kR, d.S - i0);
+        const int64_t n = d.P + i0 + rows, n16 = round_up(n, kV);  // keys any row of the block sees
+        const int64_t ahead = std::max<int64_t>(0, std::min(kR, d.S - i0 - kR));
+        load_rows(qkv + (b * d.S + i0) * D3 + h * Dh, D3, rows, Dh, Dhp, scale, q.data(), ahead);
+        tile_abt(q.data(), Dhp, kt.data(), Lp, Dh, n16, s.data(), Lp);
         for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(out + (b * d.S + i0 + r) * D + h * Dh, t.acc.data() + r * Dhp, sizeof(float) * Dh);
+          lse[bh * d.S + i0 + r] = softmax_row(s.data() + r * Lp, d.P + i0 + r + 1, n16);
+        for (int64_t r = rows; r < kR; ++r) std::fill(s.data() + r * Lp, s.data() + r * Lp + n16, 0.f);
+        tile_pv<false>(s.data(), Lp, 1, vrow.data(), Dhp, Dhp, n, acc.data(), Dhp);
+        for (int64_t r = 0; r < rows; ++r)
+          copy_row(out + (b * d.S + i0 + r) * D + h * Dh, acc.data() + r * Dhp, Dh);
       }
     }
   }
@@ -192,81 +399,79 @@ inline void causal_attention_bwd_cpu(const AttnDims& d, const float* qkv, const 
     return;
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  const int64_t Lp = round_up(L, kV), Dhp = round_up(Dh, kV);
+  const int64_t Lk = round_up(L, kR);  // key rows of the dK/dV accumulators (kR-key tiles)
 #pragma omp parallel if (pairs > 1 && pairs * d.S * d.L() * Dh > kParallelWork)
   {
-    Tiles t(d, true);
-    const int64_t Lp = t.Lp, Dhp = t.Dhp;
-    std::vector<float> dk(static_cast<size_t>(Lp * Dhp)), dv(static_cast<size_t>(Lp * Dhp));
-    std::vector<float> qraw(static_cast<size_t>(kQ * Dhp)), delta(kQ);
+    std::vector<float> kt(static_cast<size_t>(Dh * Lp), 0.f), vt(static_cast<size_t>(Dh * Lp), 0.f);
+    std::vector<float> krow(static_cast<size_t>(std::max(Lp, Lk) * Dhp), 0.f);
+    std::vector<float> dk(static_cast<size_t>(Lk * Dhp)), dv(static_cast<size_t>(Lk * Dhp));
+    // per block of kQB query rows: raw and scaled q, dO (rows [kQB, Dhp]), P and dS [kQB, Lp]
+    std::vector<float> qraw(static_cast<size_t>(kQB * Dhp)), qs(static_cast<size_t>(kQB * Dhp));
+    std::vector<float> go(static_cast<size_t>(kQB * Dhp));
+    std::vector<float> pb(static_cast<size_t>(kQB * Lp)), dsb(static_cast<size_t>(kQB * Lp));
+    std::vector<float> acc(static_cast<size_t>(kR * Dhp)), delta(kQB);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < pairs; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
-      gather(d, qkv, k_past, 1, b, h, Lp, Dhp, t.kt.data(), t.krow.data());
-      gather(d, qkv, v_past, 2, b, h, Lp, Dhp, t.vt.data(), nullptr);
+      gather(d, qkv, k_past, 1, b, h, Lp, Dhp, kt.data(), krow.data());
+      gather(d, qkv, v_past, 2, b, h, Lp, Dhp, vt.data(), nullptr);
       std::fill(dk.begin(), dk.end(), 0.f);
       std::fill(dv.begin(), dv.end(), 0.f);
-      for (int64_t i0 = 0; i0 < d.S; i0 += kQ) {
-        const int64_t rows = std::min(kQ, d.S - i0);
-        const int64_t n = d.P + i0 + rows;
-        const float* qbase = qkv + (b * d.S + i0) * D3 + h * Dh;
-        load_rows(qbase, D3, rows, Dh, Dhp, scale, t.q.data());
-        load_rows(qbase, D3, rows, Dh, Dhp, 1.0f, qraw.data());
-        load_rows(grad_out + (b * d.S + i0) * D + h * Dh, D, rows, Dh, Dhp, 1.0f, t.go.data());
-        for (int64_t r = 0; r < kQ; ++r) {
-          float acc = 0.f;
-          if (r < rows) {
-            const float* o = out + (b * d.S + i0 + r) * D + h * Dh;
-            for (int64_t c = 0; c < Dh; ++c) acc += t.go[r * Dhp + c] * o[c];
-          }
-          delta[r] = acc;
-        }
-        rows_times_t(t.q.data(), Dhp, t.kt.data(), Lp, Dh, n, t.s.data());      // scores
-        rows_times_t(t.go.data(), Dhp, t.vt.data(), Lp, Dh, n, t.dp.data());    // dP = dO V^T
-        for (int64_t r = 0; r < kQ; ++r) {
-          float* pr = t.s.data() + r * Lp;
-          float* dsr = t.dp.data() + r * Lp;
-          const int64_t nr = r < rows ? d.P + i0 + r + 1 : 0;
-          const float l = r < rows ? lse[bh * d.S + i0 + r] : 0.f;
-          const float dl = delta[r];
-#pragma omp simd
-          for (int64_t j = 0; j < nr; ++j) {
-            const float p = fast_exp(pr[j] - l);
-            pr[j] = p;
-            dsr[j] = p * (dsr[j] - dl) * scale;
-          }
-          for (int64_t j = nr; j < n; ++j) pr[j] = dsr[j] = 0.f;
-        }
-        // dQ = dS K  -> grad_qkv slot 0
-        p_times_rows(t.dp.data(), Lp, t.krow.data(), Dhp, n, t.acc.data());
-        for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(grad_qkv + (b * d.S + i0 + r) * D3 + h * Dh, t.acc.data() + r * Dhp, sizeof(float) * Dh);
-        // dK_j += sum_r dS[r, j] q_r ; dV_j += sum_r P[r, j] dO_r
-        for (int64_t j = 0; j < n; ++j) {
-          for (int64_t cc = 0; cc < Dhp; cc += kV) {
-            float ak[kV], av[kV];
-            std::memcpy(ak, dk.data() + j * Dhp + cc, sizeof(ak));
-            std::memcpy(av, dv.data() + j * Dhp + cc, sizeof(av));
-            for (int64_t r = 0; r < kQ; ++r) {  // rows past the block's end carry zeros
-              const float ds = t.dp[r * Lp + j], p = t.s[r * Lp + j];
-              const float* qr = qraw.data() + r * Dhp + cc;
-              const float* gr = t.go.data() + r * Dhp + cc;
-#pragma omp simd
-              for (int64_t u = 0; u < kV; ++u) {
-                ak[u] += ds * qr[u];
-                av[u] += p * gr[u];
-              }
+      for (int64_t qb0 = 0; qb0 < d.S; qb0 += kQB) {
+        const int64_t qb1 = std::min(d.S, qb0 + kQB);
+        const int64_t nb = d.P + qb1;  // keys the block's rows see
+        for (int64_t i0 = qb0; i0 < qb1; i0 += kR) {
+          const int64_t rows = std::min(kR, qb1 - i0), o = i0 - qb0;
+          const int64_t n = d.P + i0 + rows, n16 = round_up(n, kV);
+          const float* qbase = qkv + (b * d.S + i0) * D3 + h * Dh;
+          float* qsr = qs.data() + o * Dhp;
+          float* gor = go.data() + o * Dhp;
+          const int64_t ahead = std::max<int64_t>(0, std::min(kR, d.S - i0 - kR));
+          load_rows(qbase, D3, rows, Dh, Dhp, 1.0f, qraw.data() + o * Dhp, ahead);
+          load_rows(qbase, D3, rows, Dh, Dhp, scale, qsr);
+          load_rows(grad_out + (b * d.S + i0) * D + h * Dh, D, rows, Dh, Dhp, 1.0f, gor, ahead);
+          for (int64_t r = 0; r < ahead; ++r) prefetch_row(out + (b * d.S + i0 + kR + r) * D + h * Dh, Dh);
+          float* pr = pb.data() + o * Lp;
+          float* dsr = dsb.data() + o * Lp;
+          tile_abt(qsr, Dhp, kt.data(), Lp, Dh, n16, pr, Lp);   // scores
+          tile_abt(gor, Dhp, vt.data(), Lp, Dh, n16, dsr, Lp);  // dP = dO V^T
+          for (int64_t r = 0; r < kR; ++r) {
+            if (r < rows) {
+              const float* orow = out + (b * d.S + i0 + r) * D + h * Dh;
+              float dl = 0.f;
+              for (int64_t c = 0; c < Dh; ++c) dl += gor[r * Dhp + c] * orow[c];
+              delta[o + r] = dl;
+              score_grad_row(pr + r * Lp, dsr + r * Lp, d.P + i0 + r + 1, n16,
+                             lse[bh * d.S + i0 + r], dl, scale);
+            } else {  // rows past the end carry zeros (they join the dQ tile)
+              std::fill(pr + r * Lp, pr + r * Lp + n16, 0.f);
+              std::fill(dsr + r * Lp, dsr + r * Lp + n16, 0.f);
             }
-            std::memcpy(dk.data() + j * Dhp + cc, ak, sizeof(ak));
-            std::memcpy(dv.data() + j * Dhp + cc, av, sizeof(av));
           }
+          // dQ = dS K  -> grad_qkv slot 0
+          tile_pv<false>(dsr, Lp, 1, krow.data(), Dhp, Dhp, n, acc.data(), Dhp);
+          for (int64_t r = 0; r < rows; ++r)
+            copy_row(grad_qkv + (b * d.S + i0 + r) * D3 + h * Dh, acc.data() + r * Dhp, Dh);
+        }
+        // dK[j] += sum_i dS[i, j] q_i ; dV[j] += sum_i P[i, j] dO_i over the block's rows i
+        // that see key j (i >= j - P; later columns of earlier rows hold zeros)
+        for (int64_t j0 = 0; j0 < nb; j0 += kR) {
+          const int64_t ib = std::max(qb0, j0 - d.P);
+          if (ib >= qb1) continue;
+          const int64_t o = ib - qb0;
+          tile_pv<true>(dsb.data() + o * Lp + j0, 1, Lp, qraw.data() + o * Dhp, Dhp, Dhp, qb1 - ib,
+                        dk.data() + j0 * Dhp, Dhp);
+          tile_pv<true>(pb.data() + o * Lp + j0, 1, Lp, go.data() + o * Dhp, Dhp, Dhp, qb1 - ib,
+                        dv.data() + j0 * Dhp, Dhp);
         }
       }
       for (int64_t j = 0; j < L; ++j) {
         float* gk = j < d.P ? grad_k_past + (bh * d.P + j) * Dh
                             : grad_qkv + (b * d.S + (j - d.P)) * D3 + D + h * Dh;
         float* gv = j < d.P ? grad_v_past + (bh * d.P + j) * Dh : gk + D;
-        std::memcpy(gk, dk.data() + j * Dhp, sizeof(float) * Dh);
-        std::memcpy(gv, dv.data() + j * Dhp, sizeof(float) * Dh);
+        copy_row(gk, dk.data() + j * Dhp, Dh);
+        copy_row(gv, dv.data() + j * Dhp, Dh);
       }
     }
   }

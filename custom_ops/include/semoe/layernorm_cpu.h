@@ -48,11 +48,12 @@ inline void layernorm_fwd_cpu(const float* x, const float* r, const float* gamma
 
 // Backward. s: the normalized input (x, or x + r). grad_s: optional upstream gradient of the
 // residual output s (null: none). Writes grad_in [T, D] (the gradient of s, = of x and of r),
-// grad_gamma [D], grad_beta [D].
+// grad_gamma [D], grad_beta [D], and the same gradient to grad_in2 [T, D] when not null (the
+// residual's gradient of the fused add: written in the same pass, no second pass to copy it).
 inline void layernorm_bwd_cpu(const float* s, const float* gamma, const float* mean,
                               const float* rstd, const float* grad_out, const float* grad_s,
                               int64_t T, int64_t D, float* grad_in, float* grad_gamma,
-                              float* grad_beta) {
+                              float* grad_beta, float* grad_in2 = nullptr) {
   constexpr int64_t kBlock = 64;
   const int64_t nblocks = (T + kBlock - 1) / kBlock;
   std::vector<float> pg(static_cast<size_t>(nblocks * D), 0.f), pb(static_cast<size_t>(nblocks * D), 0.f);
@@ -90,6 +91,7 @@ inline void layernorm_bwd_cpu(const float* s, const float* gamma, const float* m
 #pragma omp simd
           for (int64_t c = 0; c < D; ++c) gi[c] = rs * (dxhat[c] - m1 - xhat[c] * m2);
         }
+        if (grad_in2 != nullptr) std::memcpy(grad_in2 + t * D, gi, sizeof(float) * D);
       }
     }
   });

@@ -90,6 +90,25 @@ void linear_bwd_cpu(SgemmFn gemm, const float* x, const float* w, const float* p
     }
     return;
   }
+#ifdef _OPENMP
+  // Two threads: dX (T x K x N) and dW (K x N x T) have the same FLOPs, so each runs as a
+  // single-threaded GEMM on its own thread, concurrently (oneDNN runs single-threaded inside a
+  // parallel region), dX as the NT product straight on W (single-threaded, NT is as fast as NN
+  // on a transposed copy) and db with dW. Deterministic: each product runs on one thread.
+  if (grad_x != nullptr && omp_get_max_threads() == 2 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(2)
+    {
+      if (omp_get_thread_num() == 0) {
+        gemm(false, !trans_w, T, K, N, 1.f, g, N, w, trans_w ? K : N, 0.f, grad_x, K);
+      } else {
+        if (trans_w) gemm(true, false, N, K, T, 1.f, g, N, x, K, 0.f, grad_w, K);
+        else gemm(true, false, K, N, T, 1.f, x, K, g, N, 0.f, grad_w, N);
+        if (grad_b != nullptr) column_sum(g, T, N, grad_b);
+      }
+    }
+    return;
+  }
+#endif
   if (grad_x != nullptr) {
     if (trans_w) {  // W [N, K]: dX = g @ W
       gemm(false, false, T, K, N, 1.f, g, N, w, K, 0.f, grad_x, K);
