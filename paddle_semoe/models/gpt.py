@@ -212,6 +212,16 @@ class BlockOutput(NamedTuple):
     stats: RoutingStats | None
 
 
+class DeferredBlockOutput(NamedTuple):
+    """A block's output with its last residual add pending: the block output is ``x + delta``."""
+
+    x: paddle.Tensor
+    delta: paddle.Tensor
+    cache: KVCache
+    aux_loss: paddle.Tensor | None
+    stats: RoutingStats | None
+
+
 @dataclass(frozen=True)
 class ExpertParallel:
     """The expert-parallel context a model is built with (passed explicitly, never read off
@@ -274,24 +284,47 @@ class Block(nn.Layer):
         return x_B1D + a, new_caches
 
     def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
-        # attend + ln2 with the residual add fused into the LayerNorm (one pass; the same
-        # numbers as ``x = attend(x); h = ln2(x)``, which serving and export run)
-        a, new_cache = self.attn(self.ln1(x), cache)
+        """``x + attn(ln1(x))`` then ``+ ffn(ln2(.))`` for ``x [B, S, D]``."""
+        out = self.forward_deferred(x, None, cache)
+        return BlockOutput(out.x + out.delta, out.cache, out.aux_loss, out.stats)
+
+    def forward_deferred(
+        self, x: paddle.Tensor, delta: paddle.Tensor | None, cache: KVCache | None = None
+    ) -> DeferredBlockOutput:
+        """:meth:`forward` of ``x + delta`` (``delta`` None: of ``x``) with the residual adds
+        left to the LayerNorms: the incoming add runs fused into ``ln1`` and the attention's into
+        ``ln2`` (one pass each, no separate add and no gradient accumulation on the residual
+        stream), and the FFN's add is returned pending: the block's output is ``out.x +
+        out.delta``, for the next block's ``ln1`` to fuse. The same
+        numbers as ``x = attend(x + delta); h = ln2(x); x + ffn(h)``, which serving and export
+        run (a fused add-LayerNorm computes the sum, then the LayerNorm of it, exactly as the
+        unfused ops do).
+
+        Args:
+            x: ``float32 [B, S, D]`` residual stream.
+            delta: ``float32 [B, S, D]`` pending residual add from the previous block, or None.
+            cache: this layer's key/value cache, or None.
+        """
+        if delta is None:
+            h1 = self.ln1(x)
+        else:
+            h1, x = self.ln1.add_norm(delta, x)
+        a, new_cache = self.attn(h1, cache)
         if self.training and self.dropout > 0:
             a = F.dropout(a, self.dropout)
         h, x = self.ln2.add_norm(a, x)
         if isinstance(self.ffn, DenseFFN):
-            return BlockOutput(x + self.ffn(h), new_cache, None, None)
+            return DeferredBlockOutput(x, self.ffn(h), new_cache, None, None)
         if self.recompute_moe and self.training:
             return self._moe_recomputed(x, h, new_cache)
         out = self.ffn(h)
-        return BlockOutput(x + out.y, new_cache, out.aux_loss, out.stats)
+        return DeferredBlockOutput(x, out.y, new_cache, out.aux_loss, out.stats)
 
-    def _moe_recomputed(self, x: paddle.Tensor, h: paddle.Tensor, cache: KVCache) -> BlockOutput:
+    def _moe_recomputed(self, x: paddle.Tensor, h: paddle.Tensor, cache: KVCache) -> DeferredBlockOutput:
         """MoE FFN under activation recomputation: its activations are rebuilt in the backward
         pass (RNG state preserved, so gate noise repeats exactly) instead of being kept."""
         y, aux, demand, kept, dropped = recompute(_flat_moe, self.ffn, h)
-        return BlockOutput(x + y, cache, aux, RoutingStats(demand, kept, dropped))
+        return DeferredBlockOutput(x, y, cache, aux, RoutingStats(demand, kept, dropped))
 
 
 def _flat_moe(ffn: MoELayer, h: paddle.Tensor):
@@ -357,11 +390,23 @@ class GPTMoE(nn.Layer):
     def embed(self, tokens: paddle.Tensor, past: int | paddle.Tensor = 0) -> paddle.Tensor:
         """Token + position embeddings of ``tokens`` int64 [B, S] at positions ``past ..
         past + S - 1`` (``past``: an int, or a 0-D int64 tensor in an exported graph)."""
+        tok, pos = self.embed_parts(tokens, past, per_row=False)
+        return tok + pos
+
+    def embed_parts(
+        self, tokens: paddle.Tensor, past: int | paddle.Tensor = 0, per_row: bool = True
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """The two terms of :meth:`embed`: token embeddings ``[B, S, D]`` and position
+        embeddings, ``[B, S, D]`` (``per_row``: looked up for every row, so the sum can join the
+        first LayerNorm's fused add and its gradient is the lookup's scatter-add, with no
+        broadcast reduction) or ``[1, S, D]``."""
         B, S = tokens.shape
         if isinstance(S, int) and isinstance(past, int) and past + S > self.config.max_seq_len:  # S is symbolic when traced
             raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.config.max_seq_len}")
         pos = paddle.arange(past, past + S, dtype="int64").unsqueeze(0)
-        return self.tok_emb(tokens) + self.pos_emb(pos)
+        if per_row:
+            pos = pos.expand([B, S])
+        return self.tok_emb(tokens), self.pos_emb(pos)
 
     def head(self, x: paddle.Tensor) -> paddle.Tensor:
         table = self.lm_head if self.lm_head is not None else self.tok_emb.weight
@@ -374,18 +419,20 @@ class GPTMoE(nn.Layer):
         caches: list[KVCache] | None = None,
     ) -> GPTOutput:
         past = caches[0].k.shape[2] if caches else 0
-        x = self.embed(tokens, past)
+        # token + position embeddings: their sum joins the first block's ln1 (fused add)
+        x, delta = self.embed_parts(tokens, past)
         aux = paddle.zeros([], dtype="float32")
         stats: list[RoutingStats] = []
         new_caches: list[KVCache] = []
+        # each block's last residual add is fused into the next block's ln1 (Block.forward_deferred)
         for i, block in enumerate(self.blocks):
-            out = block(x, caches[i] if caches else None)
-            x = out.x
+            out = block.forward_deferred(x, delta, caches[i] if caches else None)
+            x, delta = out.x, out.delta
             new_caches.append(out.cache)
             if out.aux_loss is not None and out.stats is not None:
                 aux = aux + out.aux_loss
                 stats.append(out.stats)
-        logits = self.head(x)
+        logits = self.head(x + delta)  # the last add stays a plain one: head(x) is what serving runs
         lm_loss = loss = None
         if targets is not None:
             lm_loss = ops.softmax_cross_entropy(

@@ -4,6 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
+from paddle_semoe import ops
 from paddle_semoe.models.gpt import GPTConfig, GPTMoE
 from paddle_semoe.moe import MoESettings
 
@@ -84,3 +85,30 @@ def test_attend_many_equals_attend_per_sequence():
             np.testing.assert_array_equal(new[b].v.numpy(), ref_cache.v.numpy())
     with pytest.raises(ValueError, match="3 tokens but 2 caches"):
         block.attend_many(paddle.concat(xs, axis=0), caches[:2])
+
+
+@pytest.mark.parametrize("moe_every", [0, 2])
+def test_fused_residual_forward_equals_the_unfused_blocks(moe_every):
+    """GPTMoE.forward leaves residual adds to the next LayerNorm (the embedding sum to the
+    first block's ln1, a block's FFN add to the next block's ln1): the logits equal the unfused
+    composition ``embed -> Block.forward ... -> head`` bit for bit, and so do the gradients up to
+    float32 summation order (the position-embedding gradient is a scatter-add, not a broadcast
+    reduction)."""
+    x = paddle.to_tensor(np.random.default_rng(5).integers(0, 256, (3, 10)))
+    y = paddle.to_tensor(np.random.default_rng(6).integers(0, 256, (3, 10)))
+    m = _model(moe_every=moe_every, moe=MoESettings(num_experts=4, dropless=True))
+    m.eval()  # deterministic routing for both passes (gradients still flow)
+    fused = m(x, y)
+    fused.lm_loss.backward()
+    g_fused = {n: p.grad.numpy().copy() for n, p in m.named_parameters() if p.grad is not None}
+    m.clear_gradients()
+    h = m.embed(x)
+    for block in m.blocks:
+        h = block(h).x
+    logits = m.head(h)
+    np.testing.assert_array_equal(fused.logits.numpy(), logits.numpy())
+    ops.softmax_cross_entropy(logits.reshape([-1, logits.shape[-1]]), y.reshape([-1])).backward()
+    g_plain = {n: p.grad.numpy() for n, p in m.named_parameters() if p.grad is not None}
+    assert g_fused.keys() == g_plain.keys()
+    for n in g_fused:
+        np.testing.assert_allclose(g_fused[n], g_plain[n], rtol=1e-5, atol=1e-7, err_msg=n)

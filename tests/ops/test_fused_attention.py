@@ -38,6 +38,9 @@ def _run(qkv0, past0, H, g, backend):
         (2, 1, 2, 8, 9),  # one decode step against a cache
         (1, 9, 1, 17, 3),  # head dim past one vector, blocks of queries with a cache
         (2, 20, 2, 16, 0),  # several query blocks
+        (1, 70, 2, 16, 0),  # two backward blocks of 64 query rows, the second partial
+        (1, 67, 1, 8, 5),  # two backward blocks with a cache
+        (1, 33, 1, 48, 0),  # head dim of three 16-float chunks (a 32-wide tile and a 16-wide tail)
         (1, 0, 2, 4, 0),  # no tokens
     ],
 )
