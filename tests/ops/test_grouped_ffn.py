@@ -15,7 +15,8 @@ def _weights(E, D, F, seed=0):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
-# 7 non-empty experts: on 2+ threads the experts run one per thread (single-threaded GEMMs)
+# small inputs (serial experts on any thread count); test_grouped_ffn_threads.py covers the
+# threaded work splits (row ranges, whole experts, row slices) on 1 and 2 threads
 @pytest.mark.parametrize("counts,R", [([5, 0, 7, 3], 15), ([4, 4], 12), ([0, 0, 0], 5), ([9], 9), ([0, 0], 0),
                                       ([6, 3, 0, 8, 5, 2, 7, 1], 35)])
 def test_matches_sequential_reference(activation, counts, R):
