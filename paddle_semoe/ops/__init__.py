@@ -354,6 +354,16 @@ def grouped_ffn(
 __all__ += ["grouped_ffn_int8"]
 
 
+def _check_operands(op: str, specs) -> None:
+    """Each ``(name, tensor, shape, dtype)``: the dtype, then the shape (``None`` = any size),
+    or a ValueError naming the op, the argument and both shapes."""
+    for arg, t, want, dtype in specs:
+        _check_dtype(op, arg, t, dtype)
+        got = _shape(t)
+        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
+            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
+
+
 def grouped_ffn_int8(
     x: paddle.Tensor,
     counts: paddle.Tensor,
@@ -379,18 +389,13 @@ def grouped_ffn_int8(
     _check_ffn_inputs(op, x, counts, activation, float32_rows=True)
     E, D = _shape(counts)[0], _shape(x)[1]
     _check_dtype(op, "w1", w1, paddle.int8)
-    _check_dtype(op, "w2", w2, paddle.int8)
     w1s = _shape(w1)
     if len(w1s) != 3 or not _same_dim(w1s[0], E) or not _same_dim(w1s[1], D):
         raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {w1s}")
     F_ = w1s[2]
-    for arg, t, want in (("s1", s1, [E, F_]), ("b1", b1, [E, F_]), ("w2", w2, [E, F_, D]), ("s2", s2, [E, D]),
-                         ("b2", b2, [E, D])):
-        got = _shape(t)
-        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
-            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
-        if arg != "w2":
-            _check_dtype(op, arg, t, paddle.float32)
+    _check_operands(op, (("s1", s1, [E, F_], paddle.float32), ("b1", b1, [E, F_], paddle.float32),
+                         ("w2", w2, [E, F_, D], paddle.int8), ("s2", s2, [E, D], paddle.float32),
+                         ("b2", b2, [E, D], paddle.float32)))
     lib = resolve_backend(backend)
     if lib is None:
         dq1 = w1.astype(paddle.float32) * s1.unsqueeze(1)
@@ -443,13 +448,9 @@ def grouped_ffn_int4(
         raise ValueError(f"{op}: int4 packs two columns per byte: D={D} and F={F_} must be even")
     cdiv = lambda a: None if a is None else -(-a // group_size)  # noqa: E731
     half = lambda a: None if a is None else a // 2  # noqa: E731
-    for arg, t, want, dtype in (("w1", w1, [E, D, half(F_)], paddle.uint8), ("s1", s1, [E, cdiv(D), F_], paddle.float32),
-                                ("b1", b1, [E, F_], paddle.float32), ("w2", w2, [E, F_, half(D)], paddle.uint8),
-                                ("s2", s2, [E, cdiv(F_), D], paddle.float32), ("b2", b2, [E, D], paddle.float32)):
-        _check_dtype(op, arg, t, dtype)
-        got = _shape(t)
-        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
-            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
+    _check_operands(op, (("w1", w1, [E, D, half(F_)], paddle.uint8), ("s1", s1, [E, cdiv(D), F_], paddle.float32),
+                         ("b1", b1, [E, F_], paddle.float32), ("w2", w2, [E, F_, half(D)], paddle.uint8),
+                         ("s2", s2, [E, cdiv(F_), D], paddle.float32), ("b2", b2, [E, D], paddle.float32)))
     lib = resolve_backend(backend)
     if lib is None:
         dq1 = _unpack_int4(w1) * paddle.repeat_interleave(s1, group_size, axis=1)[:, : w1.shape[1]]
