@@ -246,20 +246,28 @@ def decode_main(argv) -> dict:
     from paddle_semoe.inference.cache import ExpertGeometry, belady_hit_rate, routing_requests
     from paddle_semoe.inference.quality import compare_serving
     from paddle_semoe.inference.export import export_package
-    from paddle_semoe.inference.package import aligned_buffer, read_manifest
+    from paddle_semoe.inference.package import PackageError, aligned_buffer, read_manifest
     from paddle_semoe.inference.runner import InferenceModel, ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_decode_", dir=args.workdir)
     work = Path(tmp.name)
     held = load_split().val.astype(np.int64)
     if args.package is not None:
-        man = read_manifest(args.package)
+        try:
+            man = read_manifest(args.package)
+        except PackageError as err:
+            raise SystemExit(f"--package: {err}") from None
         need = max(int(held.max()) + 1, 256)
-        if int(man.model["vocab_size"]) < need or int(man.model["max_seq_len"]) < args.prompt + args.new:
-            raise SystemExit(
-                f"--package {args.package}: needs a byte vocabulary (vocab_size >= {need}, got "
-                f"{man.model['vocab_size']}) and max_seq_len >= --prompt + --new = {args.prompt + args.new} "
-                f"(got {man.model['max_seq_len']})")
+        if int(man.model["vocab_size"]) < need:
+            raise SystemExit(f"--package {args.package}: the prompts are held-out bytes, so the model needs "
+                             f"vocab_size >= {need}, got {man.model['vocab_size']}")
+        if int(man.model["max_seq_len"]) < args.prompt + args.new:
+            raise SystemExit(f"--package {args.package}: max_seq_len {man.model['max_seq_len']} is shorter than "
+                             f"--prompt + --new = {args.prompt + args.new}")
+        missing = [q for q in ("int8", "int4") if f"cache_{q}" in args.modes and not getattr(man, f"{q}_sections")]
+        if missing:
+            raise SystemExit(f"--package {args.package} has no {'/'.join(missing)} expert sections for the "
+                             f"cache_{missing[0]} mode: export it with tools/export.py --{missing[0]}")
         top_k = int(man.model["moe"]["top_k"])
     else:
         model = _random_model(args.prompt + args.new + 8, args.d_model, args.moe_layers, args.d_ff, args.experts, args.top_k)

@@ -89,3 +89,19 @@ def test_pool_runs_sums_counts_and_averages_rates():
     assert p["tokens"] == 40.0 and p["tokens_per_s"] == 20.0 and p["loads"] == 6 and p["bytes_per_token"] == 10.0
     assert abs(p["exposed_vs_floor"] - 1.0) < 1e-12 and abs(p["hit_rate"] - 0.6) < 1e-12
     assert abs(p["policy_replay"]["belady"]["load"] - 0.8) < 1e-12 and p["slots"] == 4 and p["prompt_sets"] == 2
+
+
+def test_decode_benchmark_refuses_a_bad_package_in_one_line(tmp_path):
+    import pytest
+
+    from paddle_semoe.inference.export import export_package
+
+    bench = _bench()
+    with pytest.raises(SystemExit, match="--package: inference package not found"):
+        bench.main(["--decode", "--package", str(tmp_path / "missing"), "--workdir", str(tmp_path)])
+    pkg = export_package(bench._random_model(16, 32, 2, 32, 8, 2), tmp_path / "pkg", graphs=False)
+    with pytest.raises(SystemExit, match="max_seq_len 16 is shorter than --prompt \\+ --new = 40"):
+        bench.main(["--decode", "--package", str(pkg), "--prompt", "8", "--new", "32", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no int8 expert sections for the cache_int8 mode"):
+        bench.main(["--decode", "--package", str(pkg), "--prompt", "4", "--new", "3", "--modes", "cache_int8",
+                    "--workdir", str(tmp_path)])
