@@ -14,7 +14,7 @@
 * :mod:`~paddle_semoe.comm.watchdog`: bounded waiting and :class:`CommError`.
 * :mod:`~paddle_semoe.comm.gloo_groups`: reliable Gloo group creation (a private rendezvous
   store per group); wrap ``fleet.init`` in :func:`gloo_private_rendezvous` on CPU.
-* :mod:`~paddle_semoe.comm.reference`: numpy model of the exchange (tests, benchmarks).
+  (The exchange's independent NumPy model lives with the tests: ``tests/comm/reference.py``.)
 """
 
 from paddle_semoe.comm.alltoall import ExchangePlan, ExpertExchange

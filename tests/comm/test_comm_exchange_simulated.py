@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from paddle_semoe.comm import CommError, ExpertExchange, SimulatedWorld, Topology
-from paddle_semoe.comm.reference import (
+from tests.comm.reference import (
     decode_payload,
     make_payload,
     reference_combine,

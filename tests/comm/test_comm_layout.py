@@ -18,7 +18,7 @@ from paddle_semoe.comm.layout import (
     rank_split_matrix,
     validate_count_matrix,
 )
-from paddle_semoe.comm.reference import make_payload, random_counts, reference_dispatch
+from tests.comm.reference import make_payload, random_counts, reference_dispatch
 from paddle_semoe.comm.topology import group_rank_lists
 
 

@@ -26,7 +26,7 @@ COUNT_MODES = ("uneven", "rank0_sends_nothing", "nobody_sends", "only_to_rank0")
 
 def case_counts(P: int, El: int, seed: int, mode: str, max_rows: int = 6) -> list[np.ndarray]:
     """int32 ``[E]`` counts of every EP rank for one pattern of :data:`COUNT_MODES`."""
-    from paddle_semoe.comm.reference import random_counts
+    from tests.comm.reference import random_counts
 
     if mode not in COUNT_MODES:
         raise ValueError(f"mode must be one of {COUNT_MODES}, got {mode!r}")

@@ -39,7 +39,7 @@ from paddle_semoe.comm import (
     topology_from_fleet,
 )
 from paddle_semoe.comm.gloo_groups import gloo_private_rendezvous
-from paddle_semoe.comm.reference import make_payload
+from tests.comm.reference import make_payload
 from tests.dist.comm_cases import COUNT_MODES, build_params, case_counts, make_problem, rank_loss
 
 WIDTH = 5

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paddle_semoe.comm.reference import decode_payload, make_payload, reference_dispatch
+from tests.comm.reference import decode_payload, make_payload, reference_dispatch
 from tests.dist.comm_cases import COUNT_MODES, case_counts, make_problem, reference_grads
 from tests.dist.launch import LaunchResult, launch
 

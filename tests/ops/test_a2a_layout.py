@@ -10,7 +10,7 @@ import pytest
 
 from paddle_semoe import ops
 from paddle_semoe.comm.layout import Exchange, Permute, flat_route, hierarchical_route, invert_route
-from paddle_semoe.comm.reference import make_payload, reference_dispatch
+from tests.comm.reference import make_payload, reference_dispatch
 from paddle_semoe.comm.topology import group_rank_lists
 
 GROUPS = {0: "ep_group", 1: "intra_node_group", 2: "inter_node_group"}

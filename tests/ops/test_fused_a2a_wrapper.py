@@ -13,7 +13,7 @@ from paddle_semoe import ops
 from paddle_semoe.comm import CommError, ExpertExchange, SimulatedWorld
 from paddle_semoe.comm import nccl_fused
 from paddle_semoe.comm.nccl_fused import FusedNcclExchange
-from paddle_semoe.comm.reference import make_payload
+from tests.comm.reference import make_payload
 from tests.dist.comm_cases import case_counts
 
 WIDTH = 5

@@ -1,4 +1,4 @@
-"""Plain-numpy model of the expert exchange over all ranks at once (for tests and benchmarks).
+"""Plain-numpy model of the expert exchange over all ranks at once (the tests' oracle).
 
 Deliberately written with loops and no code from :mod:`paddle_semoe.comm.layout`, so that it
 is an independent statement of the contract in :mod:`paddle_semoe.comm.alltoall`.
