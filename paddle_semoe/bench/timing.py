@@ -20,7 +20,6 @@ def set_threads(n: int) -> None:
 @dataclass(frozen=True)
 class Timing:
     median_s: float
-    min_s: float
     runs: list[float]
 
 
@@ -33,7 +32,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, runs: int = 5) -> Timi
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return Timing(statistics.median(samples), min(samples), samples)
+    return Timing(statistics.median(samples), samples)
 
 
 def paddle_matmul_rate(m: int, k: int, n: int, runs: int = 5) -> float:

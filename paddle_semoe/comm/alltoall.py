@@ -40,27 +40,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
 from paddle_semoe.comm.layout import (
-    Exchange,
-    Permute,
-    Route,
-    flat_route,
-    hierarchical_route,
-    invert_route,
-    validate_count_matrix,
+    Exchange, Permute, Route, flat_route, hierarchical_route, invert_route, validate_count_matrix,
 )
 from paddle_semoe.comm.topology import Topology
-from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S, Communicator, make_communicator
+from paddle_semoe.comm.transport import (DEFAULT_TIMEOUT_S, Communicator, _pad_rows,
+                                         make_communicator)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CountPlan", "ExchangePlan", "ExpertExchange"]
+__all__ = ["CountPlan", "ExchangeBase", "ExchangePlan", "ExpertExchange"]
+
+PlanT = TypeVar("PlanT", bound="CountPlan")
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,30 @@ class CountPlan:
         """``local_counts`` as an int32 Paddle tensor (on ``place`` if given)."""
         return paddle.to_tensor(self.local_counts.astype(np.int32), place=place)
 
-    def for_rows(self, rows: paddle.Tensor):
+    @classmethod
+    def of(
+        cls: type[PlanT], C: np.ndarray, ep_rank: int, num_local_experts: int, hierarchical: bool,
+        num_input_rows: int = -1, **extra: Any,
+    ) -> PlanT:
+        """The plan of EP rank ``ep_rank`` for the count matrix ``C`` (int64 ``[P, E]``);
+        ``extra``: the fields a subclass adds."""
+        El = num_local_experts
+        return cls(count_matrix=C, ep_rank=ep_rank, num_local_experts=El,
+                   num_send_rows=int(C[ep_rank].sum()), num_input_rows=num_input_rows,
+                   local_counts=C[:, ep_rank * El : (ep_rank + 1) * El].sum(axis=0),
+                   hierarchical=hierarchical, **extra)
+
+    def check_local_out(self, local_out: paddle.Tensor) -> None:
+        """Raise unless the plan has been through dispatch and ``local_out`` is ``[R_loc, D]``."""
+        if self.num_input_rows < 0:
+            raise ValueError("plan has not been through dispatch_rows (num_input_rows unknown)")
+        if local_out.ndim != 2 or local_out.shape[0] != self.num_local_rows:
+            raise ValueError(
+                f"local_out must be [R_loc={self.num_local_rows}, D], "
+                f"got shape {list(local_out.shape)}"
+            )
+
+    def for_rows(self: PlanT, rows: paddle.Tensor) -> PlanT:
         """This plan with ``num_input_rows`` set from the sender buffer ``rows [R, D]`` (checked)."""
         if rows.ndim != 2:
             raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
@@ -123,15 +143,6 @@ class _Leg:
     route: Route
     take: int
     out: int
-
-
-def _pad_rows(x: paddle.Tensor, rows: int) -> paddle.Tensor:
-    extra = rows - x.shape[0]
-    if extra == 0:
-        return x
-    if extra < 0:
-        raise ValueError(f"internal: route produced {x.shape[0]} rows, expected at most {rows}")
-    return paddle.concat([x, paddle.zeros([extra] + list(x.shape[1:]), dtype=x.dtype)], axis=0)
 
 
 class _Runner:
@@ -169,7 +180,38 @@ class _RoutedRows(PyLayer):
         return ctx.runner.run(grad, ctx.bwd)
 
 
-class ExpertExchange:
+class ExchangeBase:
+    """What every expert exchange shares: the EP topology, ``El`` and the counts check."""
+
+    def __init__(self, topology: Topology, num_local_experts: int, hierarchical: bool) -> None:
+        if not isinstance(num_local_experts, int) or num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
+        self.topology = topology
+        self.num_local_experts = num_local_experts
+        self.hierarchical = bool(hierarchical)
+        self.node_size = topology.intra_node_group.size
+
+    @property
+    def ep_degree(self) -> int:
+        return self.topology.ep_degree
+
+    @property
+    def num_experts(self) -> int:
+        """Global expert count ``E``."""
+        return self.topology.ep_degree * self.num_local_experts
+
+    def _check_counts(self, counts: paddle.Tensor | np.ndarray) -> None:
+        shape = list(counts.shape)
+        if shape != [self.num_experts]:
+            raise ValueError(
+                f"counts must have shape [E={self.num_experts}] (ep_degree={self.ep_degree} x "
+                f"num_local_experts={self.num_local_experts}), got {shape}"
+            )
+        if "int" not in str(counts.dtype):
+            raise ValueError(f"counts must be an integer tensor (int32), got dtype {counts.dtype}")
+
+
+class ExpertExchange(ExchangeBase):
     """Sends each EP rank the rows of its experts and brings the results back.
 
     Args:
@@ -196,38 +238,15 @@ class ExpertExchange:
         hierarchical: bool = False,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ) -> None:
-        if not isinstance(num_local_experts, int) or num_local_experts < 1:
-            raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
-        self.topology = topology
-        self.num_local_experts = num_local_experts
-        self.hierarchical = bool(hierarchical)
-        if communicator is None:
-            communicator = make_communicator(backend, rank=topology.rank, timeout_s=timeout_s)
-        self.comm = communicator
-        self._runner = _Runner(communicator, topology)
-        self._node_size = topology.intra_node_group.size
-
-    @property
-    def ep_degree(self) -> int:
-        return self.topology.ep_degree
-
-    @property
-    def num_experts(self) -> int:
-        """Global expert count ``E``."""
-        return self.topology.ep_degree * self.num_local_experts
+        super().__init__(topology, num_local_experts, hierarchical)
+        self.comm = communicator or make_communicator(backend, rank=topology.rank,
+                                                      timeout_s=timeout_s)
+        self._runner = _Runner(self.comm, topology)
 
     # -- phase 1 ----------------------------------------------------------------------
     def exchange_counts(self, counts: paddle.Tensor | np.ndarray) -> ExchangePlan:
         """Count phase (collective over the EP group): ``counts`` int ``[E]`` -> plan."""
-        shape = list(counts.shape)
-        if shape != [self.num_experts]:
-            raise ValueError(
-                f"counts must have shape [E={self.num_experts}] (ep_degree={self.ep_degree} x "
-                f"num_local_experts={self.num_local_experts}), got {shape}"
-            )
-        dtype = str(counts.dtype)
-        if "int" not in dtype:
-            raise ValueError(f"counts must be an integer tensor (int32), got dtype {dtype}")
+        self._check_counts(counts)
         C = self.comm.all_gather_counts(counts, self.topology.ep_group)
         return self.plan_from_count_matrix(C)
 
@@ -237,19 +256,10 @@ class ExpertExchange:
         C = validate_count_matrix(count_matrix, P, El)
         me = self.topology.ep_rank
         if self.hierarchical:
-            route = hierarchical_route(C, me, El, self._node_size)
+            route = hierarchical_route(C, me, El, self.node_size)
         else:
             route = flat_route(C, me, El)
-        return ExchangePlan(
-            count_matrix=C,
-            ep_rank=me,
-            num_local_experts=El,
-            num_send_rows=int(C[me].sum()),
-            num_input_rows=-1,
-            local_counts=C[:, me * El : (me + 1) * El].sum(axis=0),
-            route=route,
-            hierarchical=self.hierarchical,
-        )
+        return ExchangePlan.of(C, me, El, self.hierarchical, route=route)
 
     # -- phase 2 ----------------------------------------------------------------------
     def dispatch_rows(self, rows: paddle.Tensor, plan: ExchangePlan) -> tuple[paddle.Tensor, ExchangePlan]:
@@ -259,11 +269,8 @@ class ExpertExchange:
         needs it).
         """
         plan = plan.for_rows(rows)
-        R = plan.num_input_rows
-        inverse = invert_route(plan.route)
-        fwd = _Leg(plan.route, plan.num_send_rows, plan.num_local_rows)
-        bwd = _Leg(inverse, plan.num_local_rows, R)
-        return _RoutedRows.apply(rows, self._runner, fwd, bwd), plan
+        there, back = self._legs(plan)
+        return _RoutedRows.apply(rows, self._runner, there, back), plan
 
     def dispatch(
         self, rows: paddle.Tensor, counts: paddle.Tensor | np.ndarray
@@ -279,13 +286,15 @@ class ExpertExchange:
 
         Rows past ``sum(counts)`` are zero. Differentiable (the backward is the dispatch route).
         """
-        if plan.num_input_rows < 0:
-            raise ValueError("plan has not been through dispatch_rows (num_input_rows unknown)")
-        if local_out.ndim != 2 or local_out.shape[0] != plan.num_local_rows:
-            raise ValueError(
-                f"local_out must be [R_loc={plan.num_local_rows}, D], got shape {list(local_out.shape)}"
-            )
-        inverse = invert_route(plan.route)
-        fwd = _Leg(inverse, plan.num_local_rows, plan.num_input_rows)
-        bwd = _Leg(plan.route, plan.num_send_rows, plan.num_local_rows)
-        return _RoutedRows.apply(local_out, self._runner, fwd, bwd)
+        plan.check_local_out(local_out)
+        there, back = self._legs(plan)
+        return _RoutedRows.apply(local_out, self._runner, back, there)
+
+    @staticmethod
+    def _legs(plan: ExchangePlan) -> tuple[_Leg, _Leg]:
+        """(dispatch leg, combine leg) of a plan that has seen its rows; each is the other's
+        backward."""
+        return (
+            _Leg(plan.route, plan.num_send_rows, plan.num_local_rows),
+            _Leg(invert_route(plan.route), plan.num_local_rows, plan.num_input_rows),
+        )

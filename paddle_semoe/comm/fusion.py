@@ -90,14 +90,12 @@ class ReductionRule:
 
 def reduction_rule(cls: ParamClass, topology: Topology) -> ReductionRule:
     """The rule of one class (see the module table)."""
-    if cls == "dense":
-        group = topology.dp_group
-    elif cls == "gate":
-        group = topology.gate_group
-    elif cls == "expert":
-        group = topology.expert_dp_group  # 1/ep for the EP sum, 1/edp for the replica mean
-    else:
+    # expert: 1/ep for the EP sum, 1/edp for the replica mean, both in the 1/W scale
+    groups = {"dense": topology.dp_group, "gate": topology.gate_group,
+              "expert": topology.expert_dp_group}
+    if cls not in groups:
         raise ValueError(f"unknown parameter class {cls!r}; expected one of {PARAM_CLASSES}")
+    group = groups[cls]
     return ReductionRule(cls, group if group.size > 1 else None, 1.0 / topology.world_size)
 
 
@@ -108,15 +106,10 @@ class Bucket:
     param_class: ParamClass
     dtype: str
     params: tuple[paddle.Tensor, ...]
-    numels: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return sum(self.numels)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.params[0].element_size()
+        return sum(math.prod(p.shape) for p in self.params) * self.params[0].element_size()
 
 
 def _trainable(params: Iterable[paddle.Tensor]) -> list[paddle.Tensor]:
@@ -143,7 +136,7 @@ def pack(params: Sequence[paddle.Tensor], cap_bytes: int, key: Callable[[paddle.
 def build_buckets(params: Sequence[paddle.Tensor], bucket_bytes: int) -> list[Bucket]:
     """Pack parameters into buckets in order, per (class, dtype); ``bucket_bytes`` caps each."""
     groups = pack(_trainable(params), bucket_bytes, lambda p: (param_class(p), str(p.dtype)))
-    buckets = [Bucket(param_class(ps[0]), str(ps[0].dtype), tuple(ps), tuple(math.prod(p.shape) for p in ps)) for ps in groups]
+    buckets = [Bucket(param_class(ps[0]), str(ps[0].dtype), tuple(ps)) for ps in groups]
     # a deterministic order that every rank shares: by class, then first appearance
     order = {c: i for i, c in enumerate(PARAM_CLASSES)}
     buckets.sort(key=lambda b: order[b.param_class])
@@ -218,18 +211,12 @@ class GradientReducer:
                 all_reduce_grads_(bucket.params, self.comm, rule.group, rule.scale)
 
 
-@paddle.no_grad()
 def reduce_gradients_unfused(
     params: Iterable[paddle.Tensor], topology: Topology, communicator: Communicator | None = None
 ) -> None:
-    """Same semantics as :meth:`GradientReducer.reduce`, one collective per parameter."""
-    comm = communicator or make_communicator("auto", rank=topology.rank)
-    rules = {c: reduction_rule(c, topology) for c in PARAM_CLASSES}
-    order = {c: i for i, c in enumerate(PARAM_CLASSES)}
-    for p in sorted(_trainable(params), key=lambda q: order[param_class(q)]):
-        rule = rules[param_class(p)]
-        if rule.group is not None or rule.scale != 1.0:
-            all_reduce_grads_([p], comm, rule.group, rule.scale)
+    """Same semantics as :meth:`GradientReducer.reduce`, one collective per parameter (buckets
+    of one byte hold one parameter each)."""
+    GradientReducer(params, topology, communicator, bucket_bytes=1).reduce()
 
 
 def squared_norm(grads: Iterable[paddle.Tensor]) -> paddle.Tensor:
@@ -300,14 +287,12 @@ def global_grad_norm(
     clip: bool = False,
 ) -> tuple[float, float]:
     """The global gradient norm of the whole (expert-sharded) model and its clip coefficient
-    ``min(1, max_norm / (norm + eps))``; the gradients are scaled in place only with ``clip``
-    (else the caller folds the coefficient into its update: ``optimizer.step(grad_scale=coef)``).
+    (:func:`clip_by_global_norm_`); the gradients are scaled in place only with ``clip``.
 
-    Call after the gradient reduction. Dense and gate gradients are equal on every rank then,
-    so their squared norms count once (locally); expert gradients differ across the EP group
-    (each rank owns different experts), so their squared norms are summed over ``ep_group``
-    (expert replicas across ``expert_dp_group`` are equal and count once). Collective over the
-    EP group (every rank must call it). Returns ``(norm before clipping, coef)``.
+    Call after the gradient reduction: dense and gate gradients are then equal on every rank
+    and count once; expert gradients differ across the EP group and are summed over
+    ``ep_group`` (replicas across ``expert_dp_group`` count once). Collective over the EP group.
+    Returns ``(norm before clipping, coef)``.
     """
     grads = [(param_class(p), p.grad) for p in _trainable(params) if p.grad is not None]
     shared = squared_norm(g for c, g in grads if c != "expert")

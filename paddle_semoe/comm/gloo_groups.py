@@ -32,6 +32,8 @@ import os
 import socket
 from typing import Any, Callable, Iterator
 
+import paddle.distributed as dist
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["GlooGroupFactory", "gloo_private_rendezvous"]
@@ -40,8 +42,6 @@ _STORE_TIMEOUT_S = 900
 
 
 def _is_gloo() -> bool:
-    import paddle.distributed as dist
-
     return "gloo" in str(dist.get_backend()).lower()
 
 
@@ -71,8 +71,6 @@ class GlooGroupFactory:
     """
 
     def __init__(self, new_group: Callable[..., Any] | None = None) -> None:
-        import paddle.distributed as dist
-
         self._new_group = new_group or dist.new_group
         self._rank = dist.get_rank()
         self._private = _is_gloo()
@@ -99,8 +97,6 @@ class GlooGroupFactory:
 
     def new_group(self, ranks: list[int] | tuple[int, ...] | None = None, **kwargs: Any) -> Any:
         """``paddle.distributed.new_group(ranks, **kwargs)`` with a private Gloo rendezvous."""
-        import paddle.distributed as dist
-
         key = f"semoe/gloo_groups/{self._namespace}/{self._index}"
         self._index += 1
         members = sorted(ranks) if ranks is not None else list(range(dist.get_world_size()))
@@ -108,15 +104,14 @@ class GlooGroupFactory:
             return self._new_group(ranks if ranks is None else list(ranks), **kwargs)
         from paddle.base import core
 
-        host = _host_of(members[0])
-        if self._rank == members[0]:
+        is_master = self._rank == members[0]
+        if is_master:
             port = _free_port()
             self._store.set(key, str(port))
-            store = core.TCPStore(host, port, True, len(members), _STORE_TIMEOUT_S)
         else:
             self._store.wait(key)
             port = int(bytes(self._store.get(key)).decode())
-            store = core.TCPStore(host, port, False, len(members), _STORE_TIMEOUT_S)
+        store = core.TCPStore(_host_of(members[0]), port, is_master, len(members), _STORE_TIMEOUT_S)
         saved = self._collective._default_store
         self._collective._set_default_store(store)
         try:
@@ -133,7 +128,6 @@ def gloo_private_rendezvous() -> Iterator[None]:
     the first ``new_group`` call (after Fleet has initialized the parallel environment).
     A no-op for NCCL. Not thread-safe (it swaps module attributes of Paddle for the block).
     """
-    import paddle.distributed as dist
     from paddle.distributed import collective
 
     original = dist.new_group

@@ -122,14 +122,12 @@ def block_permutation(sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
     """
     sizes = np.asarray(sizes, dtype=np.int64).ravel()
     order = np.asarray(order, dtype=np.int64).ravel()
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
     lengths = sizes[order]
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
     # out position p inside output block k maps to starts[order[k]] + (p - out_start[k])
-    out_starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    delta = starts[order] - out_starts
+    delta = exclusive_cumsum(sizes)[order] - exclusive_cumsum(lengths)
     return np.arange(total, dtype=np.int64) + np.repeat(delta, lengths)
 
 
@@ -146,20 +144,15 @@ def receive_permutation(C: np.ndarray, me: int, num_local_experts: int) -> np.nd
     return block_permutation(sizes.ravel(), order)
 
 
-def _is_identity(index: np.ndarray) -> bool:
-    return bool(np.array_equal(index, np.arange(index.size)))
-
-
 def _permute_step(index: np.ndarray) -> list[Step]:
-    return [] if _is_identity(index) else [Permute(index)]
+    """``[Permute(index)]``, or no step for the identity."""
+    return [] if np.array_equal(index, np.arange(index.size)) else [Permute(index)]
 
 
 def flat_route(C: np.ndarray, me: int, num_local_experts: int) -> Route:
     """Route of EP rank ``me``: one exchange in the EP group, then the target permutation."""
     S = rank_split_matrix(C, num_local_experts)
-    steps: list[Step] = [Exchange("ep_group", S)]
-    steps += _permute_step(receive_permutation(C, me, num_local_experts))
-    return tuple(steps)
+    return (Exchange("ep_group", S), *_permute_step(receive_permutation(C, me, num_local_experts)))
 
 
 def hierarchical_route(C: np.ndarray, me: int, num_local_experts: int, node_size: int) -> Route:
@@ -185,13 +178,13 @@ def hierarchical_route(C: np.ndarray, me: int, num_local_experts: int, node_size
     order2 = (np.arange(L)[None, :] * N + np.arange(N)[:, None]).ravel()  # k = m*L + j -> j*N + m
     perm2 = block_permutation(sizes2.ravel(), order2)
     splits2 = S4[:, :, :, j].sum(axis=1)  # [n, m] = sum_j S[(n,j), (m,j')] on rail j'=j
-    steps: list[Step] = []
-    steps += _permute_step(perm1)
-    steps.append(Exchange("intra_node_group", splits1))
-    steps += _permute_step(perm2)
-    steps.append(Exchange("inter_node_group", splits2))
-    steps += _permute_step(receive_permutation(C, me, num_local_experts))
-    return tuple(steps)
+    return (
+        *_permute_step(perm1),
+        Exchange("intra_node_group", splits1),
+        *_permute_step(perm2),
+        Exchange("inter_node_group", splits2),
+        *_permute_step(receive_permutation(C, me, num_local_experts)),
+    )
 
 
 def invert_route(route: Route) -> Route:
@@ -212,13 +205,8 @@ def pairwise_schedule(size: int) -> list[list[int]]:
     n = size if size % 2 == 0 else size + 1  # add a ghost member for odd sizes
     rounds: list[list[int]] = []
     for k in range(n - 1):
-        partner = [-1] * n
-        partner[n - 1] = k
-        partner[k] = n - 1
-        for i in range(n - 1):
-            if i == k:
-                continue
-            partner[i] = (2 * k - i) % (n - 1)
+        partner = [(2 * k - i) % (n - 1) for i in range(n - 1)] + [k]
+        partner[k] = n - 1  # member k meets the fixed member n - 1
         rounds.append([p if p < size else -1 for p in partner[:size]])
     return rounds
 

@@ -40,9 +40,10 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
-from paddle_semoe.comm.alltoall import CountPlan
+from paddle_semoe.comm.alltoall import CountPlan, ExchangeBase
+from paddle_semoe.comm.layout import validate_count_matrix
 from paddle_semoe.comm.topology import CommGroup, Topology
-from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S
+from paddle_semoe.comm.transport import DEFAULT_TIMEOUT_S, NcclCommunicator
 from paddle_semoe.comm.watchdog import CollectiveWatchdog, CommError
 
 logger = logging.getLogger(__name__)
@@ -126,44 +127,22 @@ class CompiledFusedOps:
         self.compiled_version, self.runtime_version = int(versions[0]), int(versions[1])
         logger.info("fused all-to-all: NCCL %d (compiled against %d)", self.runtime_version,
                     self.compiled_version)
-
-    def dispatch(self, rows, counts, comm, ep_rank, ep_size, num_local_experts, node_size, hierarchical,
-                 timeout_ms):
-        return self.lib.semoe_fused_a2a_dispatch(rows, counts, comm, ep_rank, ep_size, num_local_experts,
-                                                 node_size, hierarchical, timeout_ms)
-
-    def route(self, x, count_matrix, comm, ep_rank, ep_size, num_local_experts, node_size, hierarchical,
-              inverse, out_rows):
-        return self.lib.semoe_fused_a2a_route(x, count_matrix, comm, ep_rank, ep_size, num_local_experts,
-                                              node_size, hierarchical, inverse, out_rows)
+        self.dispatch = lib.semoe_fused_a2a_dispatch
+        self.route = lib.semoe_fused_a2a_route
 
     def gather_counts(self, counts: paddle.Tensor, group: CommGroup, watchdog: CollectiveWatchdog
                       ) -> np.ndarray:
         """int64 ``[G, E]``: every member's counts (Paddle's all_gather; one host sync)."""
-        import paddle.distributed as dist
-
-        counts = counts.astype("int64").reshape([-1])
-        if group.size == 1:
-            return counts.numpy()[None, :]
-        gathered: list[paddle.Tensor] = []
-        with watchdog.guard("fused_a2a[all_gather counts]", group.describe()):
-            dist.all_gather(gathered, counts, group=group.handle)
-            return np.stack([g.numpy() for g in gathered])
+        return NcclCommunicator(group.global_rank, watchdog).all_gather_counts(counts, group)
 
     def create_comm(self, group: CommGroup, device: int, watchdog: CollectiveWatchdog) -> int:
         """Collective over ``group``: unique id on member 0, broadcast, ncclCommInitRank."""
-        import paddle.distributed as dist
-
         anchor = paddle.zeros([1], dtype="int64").cpu()
+        uid = np.zeros(16, dtype=np.int64)
         if group.rank_in_group == 0:
             uid = self.lib.semoe_nccl_unique_id(anchor, self.library).numpy()
-        else:
-            uid = np.zeros(16, dtype=np.int64)
-        if group.size > 1:
-            buf = paddle.to_tensor(uid, place=paddle.CUDAPlace(device))
-            with watchdog.guard("fused_a2a[broadcast nccl unique id]", group.describe()):
-                dist.broadcast(buf, src=group.ranks[0], group=group.handle)
-                uid = buf.numpy()
+        host = NcclCommunicator(group.global_rank, watchdog)
+        uid = host.broadcast(uid, group, 0, "nccl unique id")
         with watchdog.guard("fused_a2a[ncclCommInitRank]", group.describe()):
             handle = self.lib.semoe_nccl_comm_init(paddle.to_tensor(uid, place=paddle.CPUPlace()), group.size,
                                                    group.rank_in_group, device)
@@ -258,7 +237,7 @@ class _FusedRoute(PyLayer):
 
 
 # ---------------------------------------------------------------------------- exchange
-class FusedNcclExchange:
+class FusedNcclExchange(ExchangeBase):
     """Drop-in for :class:`~paddle_semoe.comm.alltoall.ExpertExchange` on GPUs with NCCL.
 
     Args:
@@ -283,12 +262,7 @@ class FusedNcclExchange:
         ops: FusedOps | None = None,
         device: int | None = None,
     ) -> None:
-        if not isinstance(num_local_experts, int) or num_local_experts < 1:
-            raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
-        self.topology = topology
-        self.num_local_experts = num_local_experts
-        self.hierarchical = bool(hierarchical)
-        self.node_size = topology.intra_node_group.size
+        super().__init__(topology, num_local_experts, hierarchical)
         if self.hierarchical and topology.ep_degree % self.node_size:
             raise ValueError(
                 f"hierarchical exchange: node size {self.node_size} must divide ep_degree {topology.ep_degree}"
@@ -298,14 +272,6 @@ class FusedNcclExchange:
         self.ops: FusedOps = ops if ops is not None else CompiledFusedOps()
         self.device = _current_device() if device is None else device
         self._comm: int | None = None
-
-    @property
-    def ep_degree(self) -> int:
-        return self.topology.ep_degree
-
-    @property
-    def num_experts(self) -> int:
-        return self.topology.ep_degree * self.num_local_experts
 
     @property
     def comm(self) -> int:
@@ -337,30 +303,11 @@ class FusedNcclExchange:
         x = x if x.is_contiguous() else x.contiguous()
         return self._call("route", x, C, inverse=inverse, out_rows=out_rows)
 
-    def _check_counts(self, counts: paddle.Tensor | np.ndarray) -> paddle.Tensor:
-        shape = list(counts.shape)
-        if shape != [self.num_experts]:
-            raise ValueError(
-                f"counts must have shape [E={self.num_experts}] (ep_degree={self.ep_degree} x "
-                f"num_local_experts={self.num_local_experts}), got {shape}"
-            )
-        if "int" not in str(counts.dtype):
-            raise ValueError(f"counts must be an integer tensor (int32), got dtype {counts.dtype}")
-        return paddle.to_tensor(counts) if isinstance(counts, np.ndarray) else counts
-
     def _plan(self, C: paddle.Tensor, num_input_rows: int) -> FusedExchangePlan:
         Cn = C.numpy().astype(np.int64, copy=False)
-        me, El = self.topology.ep_rank, self.num_local_experts
-        return FusedExchangePlan(
-            count_matrix=Cn,
-            count_matrix_tensor=C if C.place.is_cpu_place() else paddle.to_tensor(Cn, place=paddle.CPUPlace()),
-            ep_rank=me,
-            num_local_experts=El,
-            num_send_rows=int(Cn[me].sum()),
-            num_input_rows=num_input_rows,
-            local_counts=Cn[:, me * El : (me + 1) * El].sum(axis=0),
-            hierarchical=self.hierarchical,
-        )
+        C_cpu = C if C.place.is_cpu_place() else paddle.to_tensor(Cn, place=paddle.CPUPlace())
+        return FusedExchangePlan.of(Cn, self.topology.ep_rank, self.num_local_experts,
+                                    self.hierarchical, num_input_rows, count_matrix_tensor=C_cpu)
 
     # -- ExpertExchange API -----------------------------------------------------------
     def dispatch(self, rows: paddle.Tensor, counts: paddle.Tensor | np.ndarray
@@ -369,42 +316,32 @@ class FusedNcclExchange:
         -> ``(local_rows [R_loc, D], local_counts int32 [El] on the rows' device, plan)``."""
         if rows.ndim != 2:
             raise ValueError(f"rows must be [R, D], got shape {list(rows.shape)}")
-        counts = self._check_counts(counts)
-        if counts.place != rows.place:
-            counts = paddle.to_tensor(counts.numpy(), place=rows.place)
+        self._check_counts(counts)
+        if isinstance(counts, np.ndarray) or counts.place != rows.place:
+            counts = paddle.to_tensor(np.asarray(counts), place=rows.place)
         rows_c = rows if rows.is_contiguous() else rows.contiguous()
         side: dict = {}
         local_rows, local_counts = _FusedDispatch.apply(rows_c, counts, self, side)
-        plan = self._plan(side["count_matrix"], rows.shape[0])
-        return local_rows, local_counts, plan
+        return local_rows, local_counts, self._plan(side["count_matrix"], rows.shape[0])
 
     def exchange_counts(self, counts: paddle.Tensor | np.ndarray) -> FusedExchangePlan:
         """Count phase alone (Paddle's all_gather on the EP group; one host sync), for callers
         that overlap it with other work before :meth:`dispatch_rows`."""
-        counts = self._check_counts(counts)
+        self._check_counts(counts)
+        counts = paddle.to_tensor(counts) if isinstance(counts, np.ndarray) else counts
         C = np.asarray(self.ops.gather_counts(counts, self.topology.ep_group, self.watchdog))
-        if (C < 0).any():
-            s, x = np.argwhere(C < 0)[0]
-            raise ValueError(f"count matrix has a negative count {C[s, x]} (source {s}, expert {x})")
-        return self._plan(paddle.to_tensor(C.astype(np.int64), place=paddle.CPUPlace()), -1)
+        C = validate_count_matrix(C, self.ep_degree, self.num_local_experts)
+        return self._plan(paddle.to_tensor(C, place=paddle.CPUPlace()), -1)
 
     def dispatch_rows(self, rows: paddle.Tensor, plan: FusedExchangePlan
                       ) -> tuple[paddle.Tensor, FusedExchangePlan]:
         """Row phase of dispatch for a plan from :meth:`exchange_counts` (differentiable)."""
-        plan = plan.for_rows(rows)
-        R = plan.num_input_rows
-        rows = rows if rows.is_contiguous() else rows.contiguous()
-        out = _FusedRoute.apply(rows, self, plan, False, plan.num_local_rows, R)
+        plan = plan.for_rows(rows)  # _route makes the rows contiguous
+        out = _FusedRoute.apply(rows, self, plan, False, plan.num_local_rows, plan.num_input_rows)
         return out, plan
 
     def combine(self, local_out: paddle.Tensor, plan: FusedExchangePlan) -> paddle.Tensor:
         """Inverse route: ``local_out [R_loc, D]`` -> ``rows [R, D]`` in the sender's layout
         (rows past ``sum(counts)`` zero). Differentiable: the backward is the dispatch route."""
-        if plan.num_input_rows < 0:
-            raise ValueError("plan has not been through dispatch (num_input_rows unknown)")
-        if local_out.ndim != 2 or local_out.shape[0] != plan.num_local_rows:
-            raise ValueError(
-                f"local_out must be [R_loc={plan.num_local_rows}, D], got shape {list(local_out.shape)}"
-            )
-        local_out = local_out if local_out.is_contiguous() else local_out.contiguous()
+        plan.check_local_out(local_out)
         return _FusedRoute.apply(local_out, self, plan, True, plan.num_input_rows, plan.num_local_rows)

@@ -23,10 +23,9 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import paddle
 
-from paddle_semoe.comm.layout import exclusive_cumsum
 from paddle_semoe.comm.topology import CommGroup, Topology, default_ranks_per_node
-from paddle_semoe.comm.transport import Communicator, _concat_rows, _row_block
-from paddle_semoe.comm.watchdog import CollectiveWatchdog, CommError
+from paddle_semoe.comm.transport import Communicator, _rows_for
+from paddle_semoe.comm.watchdog import CommError
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +88,9 @@ class SimulatedWorld:
                 try:
                     results[rank] = fn(rank)
                     self._done.add(rank)
-                    self._cond.notify_all()
                 except BaseException as exc:  # noqa: BLE001 - reported to the caller
-                    errors[rank] = exc
-                    self._failed[rank] = exc
+                    errors[rank] = self._failed[rank] = exc
+                finally:
                     self._cond.notify_all()
 
         threads = [
@@ -103,10 +101,9 @@ class SimulatedWorld:
             t.start()
         for t in threads:
             t.join()
-        if errors:
-            first = min(errors)
+        if errors:  # the lowest rank whose error is not a peer's CommError, else the lowest
             root = [r for r in sorted(errors) if not isinstance(errors[r], CommError)]
-            raise errors[root[0] if root else first]
+            raise errors[(root or sorted(errors))[0]]
         return results
 
     # -- rendezvous ---------------------------------------------------------------------
@@ -161,10 +158,8 @@ class SimulatedWorld:
 class SimulatedCommunicator(Communicator):
     """The primitives of :class:`Communicator` for one rank of a :class:`SimulatedWorld`."""
 
-    name = "simulated"
-
     def __init__(self, world: SimulatedWorld, rank: int) -> None:
-        super().__init__(rank=rank, watchdog=CollectiveWatchdog(None, rank))
+        super().__init__(rank=rank)  # no timer: the world's own timeout bounds each collective
         self.world = world
 
     def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
@@ -179,11 +174,7 @@ class SimulatedCommunicator(Communicator):
                     f"rank {self.rank}: exchange_rows on {group.describe()}: member {s} uses a "
                     f"different split matrix (layout bug): {theirs.tolist()} vs {splits.tolist()}"
                 )
-        blocks = []
-        for s, (xs, _) in enumerate(parts):
-            off = int(exclusive_cumsum(splits[s])[me])
-            blocks.append(_row_block(xs, off, off + int(splits[s, me])))
-        return _concat_rows(blocks, x)
+        return _rows_for(me, [xs for xs, _ in parts], splits, x)
 
     def _tensor_all_reduce(self, t: paddle.Tensor, group: CommGroup, op: str, label: str) -> None:
         parts = self.world.gather(self.rank, group, label, t.clone())

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,7 @@ __all__ = [
 ]
 
 #: Group kinds in the order in which every rank creates them (``new_group`` is collective).
-GROUP_KINDS: tuple[str, ...] = (
-    "ep",
-    "expert_dp",
-    "dp",
-    "intra_node",
-    "inter_node",
-    "sharding",
-)
+GROUP_KINDS: tuple[str, ...] = ("ep", "expert_dp", "dp", "intra_node", "inter_node", "sharding")
 
 
 @dataclass(frozen=True)
@@ -107,12 +100,9 @@ def validate_degrees(
     world_size: int, ep_degree: int, ranks_per_node: int, sharding_degree: int = 1
 ) -> None:
     """Check that the degrees describe a valid layout; ``ValueError`` names the problem."""
-    for key, value in (
-        ("world_size", world_size),
-        ("ep_degree", ep_degree),
-        ("ranks_per_node", ranks_per_node),
-        ("sharding_degree", sharding_degree),
-    ):
+    degrees = {"world_size": world_size, "ep_degree": ep_degree, "ranks_per_node": ranks_per_node,
+               "sharding_degree": sharding_degree}
+    for key, value in degrees.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
     if world_size % ep_degree:
@@ -196,24 +186,9 @@ class Topology:
     sharding_group: CommGroup | None = None
 
     def __post_init__(self) -> None:
-        validate_degrees(self.world_size, self.ep_degree, self.ranks_per_node)
-        expected = group_rank_lists(
-            self.world_size,
-            self.ep_degree,
-            self.ranks_per_node,
-            self.sharding_group.size if self.sharding_group is not None else 1,
-        )
-        groups: list[tuple[str, CommGroup | None]] = [
-            ("ep", self.ep_group),
-            ("expert_dp", self.expert_dp_group),
-            ("dp", self.dp_group),
-            ("intra_node", self.intra_node_group),
-            ("inter_node", self.inter_node_group),
-            ("sharding", self.sharding_group),
-        ]
-        for kind, group in groups:
-            if group is None:
-                continue
+        sharding = self.sharding_group.size if self.sharding_group is not None else 1
+        expected = group_rank_lists(self.world_size, self.ep_degree, self.ranks_per_node, sharding)
+        for kind, group in self.groups():
             mine = [r for r in expected[kind] if self.rank in r]
             if group.global_rank != self.rank or tuple(group.ranks) != mine[0]:
                 raise ValueError(
@@ -241,25 +216,10 @@ class Topology:
         """
         return self.dp_group if self.expert_dp_degree > 1 else self.ep_group
 
-    @property
-    def is_single(self) -> bool:
-        return self.world_size == 1
-
     @staticmethod
     def single() -> "Topology":
         """One process, no groups, no communication."""
-        return Topology(
-            world_size=1,
-            rank=0,
-            ep_degree=1,
-            ranks_per_node=1,
-            ep_group=CommGroup.solo("ep"),
-            expert_dp_group=CommGroup.solo("expert_dp"),
-            dp_group=CommGroup.solo("dp"),
-            intra_node_group=CommGroup.solo("intra_node"),
-            inter_node_group=CommGroup.solo("inter_node"),
-            sharding_group=None,
-        )
+        return Topology.from_handles(1, 0, 1, 1, {})
 
     @staticmethod
     def from_handles(
@@ -272,45 +232,30 @@ class Topology:
     ) -> "Topology":
         """Assemble a topology from backend handles keyed by rank tuple (``None`` allowed)."""
         lists = group_rank_lists(world_size, ep_degree, ranks_per_node, sharding_degree)
-        mine: dict[str, CommGroup] = {}
+        mine: dict[str, Any] = {}
         for kind in GROUP_KINDS:
             ranks = next(r for r in lists[kind] if rank in r)
-            mine[kind] = CommGroup(kind, ranks, ranks.index(rank), handles.get(ranks))
-        return Topology(
-            world_size=world_size,
-            rank=rank,
-            ep_degree=ep_degree,
-            ranks_per_node=ranks_per_node,
-            ep_group=mine["ep"],
-            expert_dp_group=mine["expert_dp"],
-            dp_group=mine["dp"],
-            intra_node_group=mine["intra_node"],
-            inter_node_group=mine["inter_node"],
-            sharding_group=mine["sharding"] if sharding_degree > 1 else None,
-        )
+            mine[f"{kind}_group"] = CommGroup(kind, ranks, ranks.index(rank), handles.get(ranks))
+        if sharding_degree == 1:
+            mine["sharding_group"] = None
+        return Topology(world_size, rank, ep_degree, ranks_per_node, **mine)
+
+    def groups(self) -> list[tuple[str, CommGroup]]:
+        """``(kind, group)`` of every group of this rank, in :data:`GROUP_KINDS` order."""
+        pairs = [(kind, getattr(self, f"{kind}_group")) for kind in GROUP_KINDS]
+        return [(kind, g) for kind, g in pairs if g is not None]
 
     def describe(self) -> str:
-        parts = [
+        head = (
             f"W={self.world_size} rank={self.rank} ep={self.ep_degree} "
             f"expert_dp={self.expert_dp_degree} ranks_per_node={self.ranks_per_node}"
-        ]
-        for g in (
-            self.ep_group,
-            self.expert_dp_group,
-            self.dp_group,
-            self.intra_node_group,
-            self.inter_node_group,
-            self.sharding_group,
-        ):
-            if g is not None:
-                parts.append(g.describe())
-        return " ".join(parts)
+        )
+        return " ".join([head] + [g.describe() for _, g in self.groups()])
 
 
 def _new_groups(
     lists: dict[str, list[tuple[int, ...]]],
     existing: Mapping[tuple[int, ...], Any] | None = None,
-    kinds: Sequence[str] = GROUP_KINDS,
 ) -> dict[tuple[int, ...], Any]:
     """Create one Paddle group per distinct rank tuple, identically ordered on every rank.
 
@@ -324,10 +269,8 @@ def _new_groups(
 
     factory = GlooGroupFactory()
     handles: dict[tuple[int, ...], Any] = dict(existing or {})
-    for kind in kinds:
-        for ranks in lists[kind]:
-            if len(ranks) == 1 or ranks in handles:
-                continue
+    for ranks in (r for kind in GROUP_KINDS for r in lists[kind]):
+        if len(ranks) > 1 and ranks not in handles:
             handles[ranks] = factory.new_group(ranks)
     return handles
 
@@ -427,12 +370,10 @@ def topology_from_fleet(
     # Groups Fleet already made are known on every rank only for the rank's own group, but
     # the decision "Fleet has this kind" is the same everywhere, so the creation order of the
     # remaining groups is identical on all ranks.
-    fleet_kinds = {k for k in GROUP_KINDS if any(r in existing for r in lists[k])}
     handles = dict(existing)
     for kind in GROUP_KINDS:
-        if kind in fleet_kinds:
-            for ranks in lists[kind]:
-                handles.setdefault(ranks, None)
+        if any(r in existing for r in lists[kind]):
+            handles.update({r: existing.get(r) for r in lists[kind]})
     handles = _new_groups(lists, existing=handles)
     for kind in GROUP_KINDS:
         own = next(r for r in lists[kind] if rank in r)

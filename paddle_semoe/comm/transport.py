@@ -112,14 +112,25 @@ def _concat_rows(parts: list[paddle.Tensor], width_like: paddle.Tensor) -> paddl
     return paddle.concat(parts, axis=0)
 
 
-def _without_traffic(x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor | None:
-    """The result of an exchange that moves nothing (a group of one, or no rows anywhere: every
-    member knows the split matrix, so all skip together), else None."""
-    if group.size == 1:
+def _pad_rows(x: paddle.Tensor, rows: int) -> paddle.Tensor:
+    """``x [n, ...]`` with zero rows appended up to ``rows`` (``x`` itself when ``n == rows``)."""
+    extra = rows - x.shape[0]
+    if extra == 0:
         return x
-    if not splits.any():
-        return _row_block(x, 0, 0)
-    return None
+    if extra < 0:
+        raise ValueError(f"internal: {x.shape[0]} rows where at most {rows} fit")
+    return paddle.concat([x, paddle.zeros([extra] + list(x.shape[1:]), dtype=x.dtype)], axis=0)
+
+
+def _rows_for(
+    me: int, buffers: list[paddle.Tensor], splits: np.ndarray, like: paddle.Tensor
+) -> paddle.Tensor:
+    """The rows member ``me`` receives, cut from every member's whole send buffer, by source."""
+    parts = []
+    for s, buf in enumerate(buffers):
+        off = int(exclusive_cumsum(splits[s])[me])
+        parts.append(_row_block(buf, off, off + int(splits[s, me])))
+    return _concat_rows(parts, like)
 
 
 class Communicator:
@@ -132,8 +143,6 @@ class Communicator:
         rank: this process's global rank (for messages).
         watchdog: bounds each blocking call; default: none (errors are still wrapped).
     """
-
-    name = "base"
 
     def __init__(self, rank: int = 0, watchdog: CollectiveWatchdog | None = None) -> None:
         self.rank = rank
@@ -215,14 +224,23 @@ class Communicator:
             )
         return splits
 
-    @staticmethod
-    def _local_block(x: paddle.Tensor, splits: np.ndarray, me: int) -> paddle.Tensor:
-        off = exclusive_cumsum(splits[me])
-        return _row_block(x, int(off[me]), int(off[me] + splits[me, me]))
-
 
 class _PaddleCommunicator(Communicator):
-    """Collectives through ``paddle.distributed`` (Gloo or NCCL)."""
+    """Collectives through ``paddle.distributed`` (Gloo or NCCL); backends add ``_exchange``."""
+
+    def exchange_rows(
+        self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup
+    ) -> paddle.Tensor:
+        splits = self._check_exchange(x, splits, group)
+        if group.size == 1:
+            return x
+        if not splits.any():  # no rows anywhere: every member knows the split matrix and skips
+            return _row_block(x, 0, 0)
+        return self._exchange(x, splits, group)
+
+    def _exchange(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
+        """The exchange of a checked split matrix that moves rows, in a group of several."""
+        raise NotImplementedError
 
     def _tensor_all_reduce(self, t: paddle.Tensor, group: CommGroup, op: str, label: str) -> None:
         with self.watchdog.guard(label, group.describe(), self._peers(group)):
@@ -245,14 +263,8 @@ class _PaddleCommunicator(Communicator):
 class NcclCommunicator(_PaddleCommunicator):
     """``alltoall_single`` with split sizes (GPU/NCCL only)."""
 
-    name = "nccl"
-
-    def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-        splits = self._check_exchange(x, splits, group)
+    def _exchange(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
         me = group.rank_in_group
-        trivial = _without_traffic(x, splits, group)
-        if trivial is not None:
-            return trivial
         n_recv = int(splits[:, me].sum())
         x = x if x.is_contiguous() else x.contiguous()
         out = paddle.empty([n_recv] + list(x.shape[1:]), dtype=x.dtype)
@@ -267,30 +279,29 @@ class NcclCommunicator(_PaddleCommunicator):
         return out
 
 
-class GlooPairwiseCommunicator(_PaddleCommunicator):
-    """Blocking send/recv over a round-robin schedule of disjoint pairs (see module doc).
+class GlooAllGatherCommunicator(_PaddleCommunicator):
+    """Padded all_gather of whole send buffers; each member slices its blocks out."""
 
-    Paddle's Gloo group stamps every send, recv, all_gather, all_reduce and broadcast with
-    the next value of one per-group counter, and a send only matches the receive with the
-    same stamp. So every member must issue the same number of such operations before each
-    round: members never skip a zero-row direction (Gloo sends 0 bytes fine), and a group
-    of odd size (one member would sit out each round and fall behind) uses the padded
-    all-gather instead.
-    """
+    def _exchange(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
+        x = x if x.is_contiguous() else x.contiguous()
+        padded = _pad_rows(x, int(splits.sum(axis=1).max()))  # the largest send buffer
+        gathered: list[paddle.Tensor] = []
+        with self.watchdog.guard("exchange_rows[padded all_gather]", group.describe()):
+            dist.all_gather(gathered, padded, group=group.handle)
+        return _rows_for(group.rank_in_group, gathered, splits, x)
 
-    name = "gloo_pairwise"
 
-    def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-        splits = self._check_exchange(x, splits, group)
+class GlooPairwiseCommunicator(GlooAllGatherCommunicator):
+    """Blocking send/recv over a round-robin schedule of disjoint pairs (see module doc); odd
+    group sizes use the padded all-gather."""
+
+    def _exchange(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
         me = group.rank_in_group
-        trivial = _without_traffic(x, splits, group)
-        if trivial is not None:
-            return trivial
         if group.size % 2:
-            return _padded_all_gather_exchange(self, x, splits, group)
+            return super()._exchange(x, splits, group)
         send_off = exclusive_cumsum(splits[me])
         received: list[paddle.Tensor | None] = [None] * group.size
-        received[me] = self._local_block(x, splits, me)
+        received[me] = _row_block(x, int(send_off[me]), int(send_off[me] + splits[me, me]))
         tail = list(x.shape[1:])
         for partners in pairwise_schedule(group.size):
             peer = partners[me]
@@ -298,52 +309,14 @@ class GlooPairwiseCommunicator(_PaddleCommunicator):
             peer_rank = group.ranks[peer]
             block = _row_block(x, int(send_off[peer]), int(send_off[peer]) + n_send)
             buf = paddle.empty([n_recv] + tail, dtype=x.dtype)
-            where = group.describe()
-            if me < peer:
-                with self.watchdog.guard("exchange_rows[pairwise send]", where, str(peer_rank)):
-                    dist.send(block, dst=peer_rank, group=group.handle)
-                with self.watchdog.guard("exchange_rows[pairwise recv]", where, str(peer_rank)):
-                    dist.recv(buf, src=peer_rank, group=group.handle)
-            else:
-                with self.watchdog.guard("exchange_rows[pairwise recv]", where, str(peer_rank)):
-                    dist.recv(buf, src=peer_rank, group=group.handle)
-                with self.watchdog.guard("exchange_rows[pairwise send]", where, str(peer_rank)):
-                    dist.send(block, dst=peer_rank, group=group.handle)
+            steps = [("send", dist.send, block, {"dst": peer_rank}),
+                     ("recv", dist.recv, buf, {"src": peer_rank})]
+            for kind, fn, t, kw in steps if me < peer else steps[::-1]:  # lower member sends first
+                label = f"exchange_rows[pairwise {kind}]"
+                with self.watchdog.guard(label, group.describe(), str(peer_rank)):
+                    fn(t, group=group.handle, **kw)
             received[peer] = buf
         return _concat_rows([r for r in received if r is not None], x)
-
-
-def _padded_all_gather_exchange(comm: Communicator, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-    """The all-gather exchange (``splits`` already checked, ``group.size > 1``)."""
-    me = group.rank_in_group
-    width = int(splits.sum(axis=1).max())
-    if width == 0:  # nobody sends: every member knows it and skips
-        return _row_block(x, 0, 0)
-    x = x if x.is_contiguous() else x.contiguous()
-    pad = width - x.shape[0]
-    padded = x if pad == 0 else paddle.concat(
-        [x, paddle.zeros([pad] + list(x.shape[1:]), dtype=x.dtype)], axis=0
-    )
-    gathered: list[paddle.Tensor] = []
-    with comm.watchdog.guard("exchange_rows[padded all_gather]", group.describe()):
-        dist.all_gather(gathered, padded, group=group.handle)
-    parts = []
-    for s in range(group.size):
-        off = int(exclusive_cumsum(splits[s])[me])
-        parts.append(_row_block(gathered[s], off, off + int(splits[s, me])))
-    return _concat_rows(parts, x)
-
-
-class GlooAllGatherCommunicator(_PaddleCommunicator):
-    """Padded all_gather of whole send buffers; each member slices its blocks out."""
-
-    name = "gloo_allgather"
-
-    def exchange_rows(self, x: paddle.Tensor, splits: np.ndarray, group: CommGroup) -> paddle.Tensor:
-        splits = self._check_exchange(x, splits, group)
-        if group.size == 1:
-            return x
-        return _padded_all_gather_exchange(self, x, splits, group)
 
 
 def _detect_backend() -> str:

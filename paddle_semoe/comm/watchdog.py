@@ -72,13 +72,6 @@ class CollectiveWatchdog:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name=f"semoe-comm-watchdog-{self.rank}", daemon=True
-            )
-            self._thread.start()
-
     def _loop(self) -> None:
         with self._cond:
             while not self._closed:
@@ -109,7 +102,10 @@ class CollectiveWatchdog:
         what = f"{op} on group {group} with peer {peer}"
         if self.timeout_s is not None:
             with self._cond:
-                self._ensure_thread()
+                if self._thread is None:  # started at the first guarded call
+                    name = f"semoe-comm-watchdog-{self.rank}"
+                    self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+                    self._thread.start()
                 self._deadline = time.monotonic() + self.timeout_s
                 self._what = what
                 self._cond.notify()

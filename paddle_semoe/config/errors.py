@@ -7,11 +7,6 @@ from typing import Optional
 __all__ = ["ConfigError", "ConfigFileNotFoundError"]
 
 
-def _one_line(message: str) -> str:
-    """Collapse whitespace runs (including newlines) so a message prints as one line."""
-    return " ".join(str(message).split())
-
-
 class ConfigError(ValueError):
     """A config could not be loaded, merged, overridden or validated.
 
@@ -24,7 +19,7 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, message: str, key: Optional[str] = None) -> None:
-        super().__init__(_one_line(message))
+        super().__init__(" ".join(str(message).split()))  # whitespace runs and newlines: one space
         self.key = key
 
 

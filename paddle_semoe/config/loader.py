@@ -10,9 +10,9 @@ from typing import Iterable, Mapping, Optional, Type, TypeVar, Union
 from .errors import ConfigError
 from .overrides import apply_overrides
 from .schema import from_dict
-from .yaml_files import load_yaml_with_bases, load_yaml_with_origins
+from .yaml_files import load_yaml_with_origins
 
-__all__ = ["load_config", "load_yaml_with_bases"]
+__all__ = ["load_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,7 @@ _INDEX_RE = re.compile(r"\[\d+\]")
 
 def _origin_of(key: Optional[str], origins: Mapping[str, str]) -> str:
     """The file or override that set ``key`` (list indices ignored), or ``""``."""
-    if not key:
-        return ""
-    return origins.get(_INDEX_RE.sub("", key), "")
+    return origins.get(_INDEX_RE.sub("", key), "") if key else ""
 
 
 def load_config(cls: Type[T], path: Union[str, Path], overrides: Iterable[str] = ()) -> T:

@@ -76,16 +76,15 @@ def apply_overrides(
                 )
             node = child
         dotted = ".".join(parts)
-        if isinstance(value, str) and value == DELETE:
+        delete = isinstance(value, str) and value == DELETE
+        if delete:
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = value
         if origins is not None:
             for stale in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
                 del origins[stale]
-            if not (isinstance(value, str) and value == DELETE):
-                origins[dotted] = f"-o {text}"
-                if isinstance(value, Mapping):
-                    for sub in flatten_keys(value, dotted + "."):
-                        origins[sub] = f"-o {text}"
+            if not delete:  # the key and, for a mapping, every key under it
+                subs = flatten_keys(value, dotted + ".") if isinstance(value, Mapping) else []
+                origins.update(dict.fromkeys([dotted, *subs], f"-o {text}"))
     return result

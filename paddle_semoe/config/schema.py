@@ -52,6 +52,14 @@ T = TypeVar("T")
 _NoneType = type(None)
 _SEQUENCE_ORIGINS = (list, AbcSequence, MutableSequence)
 _MAPPING_ORIGINS = (dict, AbcMapping, AbcMutableMapping)
+#: Scalar annotation -> (accepts a value, what the error says it must be).
+_SCALARS: Dict[type, typing.Tuple[typing.Callable[[Any], bool], str]] = {
+    _NoneType: (lambda v: v is None, "null"),
+    bool: (lambda v: isinstance(v, bool), "a bool (true or false)"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a float"),
+    str: (lambda v: isinstance(v, str), "a string (quote numbers, e.g. '007')"),
+}
 
 
 def _join(path: str, key: str) -> str:
@@ -72,9 +80,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _value_desc(value: Any) -> str:
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {_short_repr(value)}"
+    return "null" if value is None else f"{type(value).__name__} {_short_repr(value)}"
 
 
 def suggest_key(key: str, valid: typing.Iterable[str]) -> str:
@@ -110,30 +116,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _convert_union(value, args, path)
     if origin is typing.Literal:
         return _convert_literal(value, args, path)
-    if tp is _NoneType:
-        if value is not None:
-            raise _mismatch(path, "null", value)
-        return None
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return from_dict(tp, value, path)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _convert_enum(value, tp, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _mismatch(path, "a bool (true or false)", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _mismatch(path, "an int", value)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _mismatch(path, "a float", value)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _mismatch(path, "a string (quote numbers, e.g. '007')", value)
-        return value
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise _mismatch(path, expected, value)
+        return float(value) if tp is float else value
     if tp is Path or (isinstance(tp, type) and issubclass(tp, Path)):
         if isinstance(value, Path):
             return value

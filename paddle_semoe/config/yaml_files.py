@@ -61,13 +61,9 @@ Origins = Dict[str, str]
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
-    """Return ``base`` with ``update`` merged on top; neither input is modified.
-
-    Mappings present on both sides merge recursively; any other value in ``update`` replaces
-    the one in ``base``; a value equal to :data:`DELETE` removes the key. Mappings coming from
-    ``update`` are merged onto an empty mapping, so nested :data:`DELETE` markers never leak
-    into the result.
-    """
+    """Return ``base`` with ``update`` merged on top (the module's rules); neither input is
+    modified. Mappings from ``update`` merge onto an empty one, so nested :data:`DELETE` markers
+    never leak into the result."""
     merged: Dict[str, Any] = dict(base)
     for key, value in update.items():
         if isinstance(value, str) and value == DELETE:
@@ -141,9 +137,7 @@ def _load(path: Path, stack: Tuple[Path, ...], referrer: Optional[Path]) -> Tupl
     origins: Origins = {}
     if BASE_KEY in own:
         for base in _base_list(own.pop(BASE_KEY), source):
-            base_path = Path(base).expanduser()
-            if not base_path.is_absolute():
-                base_path = as_named.parent / base_path
+            base_path = as_named.parent / Path(base).expanduser()  # an absolute path stays as is
             base_data, base_origins = _load(base_path, stack + (resolved,), resolved)
             merged = deep_merge(merged, base_data)
             origins = _combine_origins(merged, origins, base_origins)

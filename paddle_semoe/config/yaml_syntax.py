@@ -77,9 +77,7 @@ class ConfigLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.Node) -> int:
         text = self.construct_scalar(node)
-        if text.startswith(("0o", "0x")):
-            return int(text, 0)
-        return int(text, 10)
+        return int(text, 0 if text.startswith(("0o", "0x")) else 10)
 
     def construct_yaml_float(self, node: yaml.Node) -> float:
         text = self.construct_scalar(node).lower()
@@ -90,35 +88,28 @@ class ConfigLoader(yaml.SafeLoader):
         return float(text)
 
 
-ConfigLoader.add_implicit_resolver(_TAG + "null", _NULL_RE, ["~", "n", "N", ""])
-ConfigLoader.add_implicit_resolver(_TAG + "bool", _BOOL_RE, list("tTfF"))
-ConfigLoader.add_implicit_resolver(_TAG + "int", _INT_RE, list("-+0123456789"))
-ConfigLoader.add_implicit_resolver(_TAG + "float", _FLOAT_RE, list("-+.0123456789"))
-ConfigLoader.add_implicit_resolver(_MERGE_TAG, re.compile(r"^(?:<<)$"), ["<"])
-ConfigLoader.add_constructor(_TAG + "null", ConfigLoader.construct_yaml_null)
-ConfigLoader.add_constructor(_TAG + "bool", ConfigLoader.construct_yaml_bool)
-ConfigLoader.add_constructor(_TAG + "int", ConfigLoader.construct_yaml_int)
-ConfigLoader.add_constructor(_TAG + "float", ConfigLoader.construct_yaml_float)
-
-
 class ConfigDumper(yaml.SafeDumper):
     """SafeDumper that also quotes strings the 1.2 rules would read as null/bool/number."""
 
 
-# Resolvers are consulted by the dumper only to decide whether a string needs quotes; adding
-# ours on top of the YAML 1.1 set quotes anything that is ambiguous under either schema.
-ConfigDumper.add_implicit_resolver(_TAG + "null", _NULL_RE, ["~", "n", "N", ""])
-ConfigDumper.add_implicit_resolver(_TAG + "bool", _BOOL_RE, list("tTfF"))
-ConfigDumper.add_implicit_resolver(_TAG + "int", _INT_RE, list("-+0123456789"))
-ConfigDumper.add_implicit_resolver(_TAG + "float", _FLOAT_RE, list("-+.0123456789"))
+# The dumper consults resolvers only to decide whether a string needs quotes; adding ours on
+# top of its YAML 1.1 set quotes anything that is ambiguous under either schema.
+for _kind, _regexp, _first in (
+    ("null", _NULL_RE, ["~", "n", "N", ""]),
+    ("bool", _BOOL_RE, list("tTfF")),
+    ("int", _INT_RE, list("-+0123456789")),
+    ("float", _FLOAT_RE, list("-+.0123456789")),
+):
+    ConfigLoader.add_implicit_resolver(_TAG + _kind, _regexp, _first)
+    ConfigLoader.add_constructor(_TAG + _kind, getattr(ConfigLoader, f"construct_yaml_{_kind}"))
+    ConfigDumper.add_implicit_resolver(_TAG + _kind, _regexp, _first)
+ConfigLoader.add_implicit_resolver(_MERGE_TAG, re.compile(r"^(?:<<)$"), ["<"])
 
 
 def _mark_text(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     problem = getattr(err, "problem", None) or str(err)
-    if mark is None:
-        return problem
-    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: {problem}"
+    return problem if mark is None else f"{mark.name}:{mark.line + 1}:{mark.column + 1}: {problem}"
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:

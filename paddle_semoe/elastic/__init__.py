@@ -1,18 +1,10 @@
 """Elastic MoE training for unbalanced multi-task work (SE-MoE item 6, the UFO case).
 
-* :mod:`.planner`: load-aware task -> rank assignment (pure; explained in the log), the naive
-  one-rank-per-task baseline.
-* :mod:`.cost`: per-task cost per sample from a profiling run, the config, or FLOPs.
-* :mod:`.groups`: per-task process groups (private Gloo rendezvous).
-* :mod:`.sync`: gradient sync rules (shared over all ranks, task params inside their group)
-  and the loss scaling that makes them exact for every plan. Shared vs task parameters are
-  tagged through :mod:`paddle_semoe.params`; task-routed dispatch (no gate, no all-to-all) is
-  :mod:`paddle_semoe.models.task_route`.
-* :mod:`.state`: checkpoints that reload onto another number of ranks / another plan, with
-  model checksums.
-* :mod:`.timing`: per-rank busy / idle time.
-* :mod:`.trainer`: the training loop; :mod:`.launch`: restart-on-failure around
-  ``paddle.distributed.launch``.
+:mod:`.planner` assigns tasks to ranks from their costs (:mod:`.cost`); :mod:`.groups`,
+:mod:`.sync` and :mod:`.state` give a plan its task groups, gradient sums that are exact for
+every plan, and checkpoints that reload under any plan; :mod:`.trainer` is the loop,
+:mod:`.timing` its per-rank busy/idle time, :mod:`.launch` the restart-on-failure wrapper.
+Task-routed dispatch is :mod:`paddle_semoe.models.task_route`.
 """
 
 from paddle_semoe.elastic.config import ElasticConfig, ElasticRunConfig, TaskSpec

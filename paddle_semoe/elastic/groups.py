@@ -47,15 +47,13 @@ class TaskGroups:
     def from_handles(plan: Plan, rank: int, handles: Mapping[tuple[int, ...], Any] | None = None) -> "TaskGroups":
         """Assemble from backend handles keyed by rank tuple (missing -> ``None``: simulated)."""
         handles = handles or {}
-        world_ranks = tuple(range(plan.world_size))
-        world = CommGroup("world", world_ranks, rank, None)
-        tasks: list[CommGroup | None] = []
-        for t, ranks in enumerate(task_group_lists(plan)):
-            if rank in ranks:
-                tasks.append(CommGroup(f"task:{plan.tasks[t].name}", ranks, ranks.index(rank), handles.get(ranks)))
-            else:
-                tasks.append(None)
-        return TaskGroups(rank, world, tuple(tasks))
+        tasks = tuple(
+            CommGroup(f"task:{task.name}", ranks, ranks.index(rank), handles.get(ranks))
+            if rank in ranks else None
+            for task, ranks in zip(plan.tasks, task_group_lists(plan))
+        )
+        world = CommGroup("world", tuple(range(plan.world_size)), rank, None)
+        return TaskGroups(rank, world, tasks)
 
     def describe(self) -> str:
         mine = [g.describe() for g in self.tasks if g is not None]
@@ -72,8 +70,7 @@ def build_task_groups(plan: Plan, factory: Any = None) -> TaskGroups:
         raise ValueError(f"the plan is for {plan.world_size} ranks but {world} processes are running")
     handles: dict[tuple[int, ...], Any] = {}
     if world > 1:
-        if factory is None:
-            factory = GlooGroupFactory()
+        factory = GlooGroupFactory() if factory is None else factory
         for ranks in task_group_lists(plan):
             if len(ranks) > 1 and ranks not in handles and ranks != tuple(range(world)):
                 handles[ranks] = factory.new_group(list(ranks))

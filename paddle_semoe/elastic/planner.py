@@ -168,21 +168,16 @@ class Plan:
         return tuple(sorted(s.task for s in self.shards if s.rank == rank))
 
     def shard(self, task: int, rank: int) -> Shard | None:
-        for s in self.shards:
-            if s.task == task and s.rank == rank:
-                return s
-        return None
+        return next((s for s in self.shards if s.task == task and s.rank == rank), None)
 
     def owner(self, task: int) -> int:
         """The rank that saves task ``task``'s parameters (first of its group)."""
         return self.task_ranks(task)[0]
 
-    def rank_busy(self, rank: int) -> float:
-        """Predicted busy time of ``rank`` for one step (cost model of the module docstring)."""
-        return sum(self.tasks[s.task].busy(s.count) for s in self.shards if s.rank == rank)
-
     def busy(self) -> list[float]:
-        return [self.rank_busy(r) for r in range(self.world_size)]
+        """Predicted busy time of each rank for one step (cost model of the module docstring)."""
+        return [sum(self.tasks[s.task].busy(s.count) for s in self.shards if s.rank == r)
+                for r in range(self.world_size)]
 
     @property
     def step_time(self) -> float:
@@ -252,10 +247,8 @@ def _allocate_dedicated(tasks: Sequence[TaskLoad], heavy: Sequence[int], ranks: 
     return k
 
 
-def _pack_light(tasks: Sequence[TaskLoad], light: Sequence[int], bins: int) -> list[list[int]] | None:
+def _pack_light(tasks: Sequence[TaskLoad], light: Sequence[int], bins: int) -> list[list[int]]:
     """Longest-processing-time-first packing of whole light tasks onto ``bins`` ranks."""
-    if bins < 1 or bins > len(light):
-        return None
     order = sorted(light, key=lambda t: (-tasks[t].busy(tasks[t].batch_size), t))
     packed: list[list[int]] = [[] for _ in range(bins)]
     load = [0.0] * bins
@@ -287,16 +280,12 @@ def plan_load_aware(tasks: Sequence[TaskLoad], world_size: int) -> Plan:
         bin_counts = range(1, min(len(light), world_size - len(heavy)) + 1) if light else [0]
         for bins in bin_counts:
             dedicated = world_size - bins
-            if heavy and dedicated < len(heavy):
-                continue
             if not heavy and dedicated > 0:
                 continue  # ranks with nothing to do: another split uses them
-            k = _allocate_dedicated(tasks, heavy, dedicated) if heavy else {}
-            if k is None:
+            k = _allocate_dedicated(tasks, heavy, dedicated)
+            if k is None:  # fewer ranks than heavy tasks
                 continue
-            packed = _pack_light(tasks, light, bins) if light else []
-            if packed is None:  # the light tasks do not fit in this many bins
-                continue
+            packed = _pack_light(tasks, light, bins)
             busy = [_heavy_busy(tasks[t], k[t]) for t in heavy]
             busy += [sum(tasks[t].busy(tasks[t].batch_size) for t in p) for p in packed]
             key = (max(busy), sum(k.values()) + len(light), max((len(p) for p in packed), default=0))
@@ -316,10 +305,8 @@ def plan_load_aware(tasks: Sequence[TaskLoad], world_size: int) -> Plan:
             shards.append(Shard(t, rank, start, n))
             start += n
             rank += 1
-    for p in packed:
-        for t in p:
-            shards.append(Shard(t, rank, 0, tasks[t].batch_size))
-        rank += 1
+    shards += [Shard(t, rank + b, 0, tasks[t].batch_size) for b, p in enumerate(packed) for t in p]
+    rank += len(packed)
     notes: tuple[str, ...] = ()
     if rank < world_size:
         notes = (f"ranks {rank}..{world_size - 1} host no task (more ranks than samples)",)
@@ -349,10 +336,6 @@ def make_plan(strategy: str, tasks: Sequence[TaskLoad], world_size: int) -> Plan
 
 
 # ---------------------------------------------------------------------- explanation
-def _ms(x: float) -> str:
-    return f"{x * 1e3:8.2f}"
-
-
 def explain_plan(plan: Plan, baseline: Plan | None = None, cost_source: str = "") -> str:
     """Multi-line text: loads, the assignment, predicted busy/idle per rank, and the comparison
     with ``baseline`` (typically the naive plan). Times are printed in milliseconds."""
@@ -377,19 +360,15 @@ def explain_plan(plan: Plan, baseline: Plan | None = None, cost_source: str = ""
     for name, p in (("chosen", plan), ("baseline", baseline)):
         if p is None:
             continue
-        busy, idle = p.busy(), p.idle()
-        lines.append(
-            f"  {name:<8} {p.strategy:<10} predicted busy ms [{', '.join(_ms(b).strip() for b in busy)}]"
-            f"  idle ms [{', '.join(_ms(i).strip() for i in idle)}]  step {p.step_time * 1e3:.2f} ms"
-        )
-        for r in range(p.world_size):
-            lines.append(f"      rank {r}: {p.describe_rank(r)}")
+        busy, idle = (", ".join(f"{x * 1e3:.2f}" for x in xs) for xs in (p.busy(), p.idle()))
+        lines.append(f"  {name:<8} {p.strategy:<10} predicted busy ms [{busy}]  idle ms [{idle}]"
+                     f"  step {p.step_time * 1e3:.2f} ms")
+        lines += [f"      rank {r}: {p.describe_rank(r)}" for r in range(p.world_size)]
     if baseline is not None and plan.step_time > 0:
         gain = baseline.step_time / plan.step_time
         lines.append(
             f"  predicted: step {baseline.step_time * 1e3:.2f} -> {plan.step_time * 1e3:.2f} ms, "
             f"samples/s per rank x{gain:.2f} ({(gain - 1):+.0%}) against the {baseline.strategy} plan"
         )
-    for note in plan.notes:
-        lines.append(f"  note: {note}")
+    lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """Checkpoints of an elastic multi-task job, re-planned and resharded on load.
 
-The format is :mod:`paddle_semoe.io.checkpoint` (one ``.npz`` shard per rank, a manifest with
-SHA-256 of every file, atomic publication), written collectively by
-:func:`paddle_semoe.engine.checkpoint.write_checkpoint` like a GPT-MoE job's. What a shard holds is decided per *entity*
-(``shared`` or ``task:<name>``): every entity is saved exactly once, by its owner under the plan
-in force (shared: rank 0; task ``t``: the first rank of its group), as
+The format is :mod:`paddle_semoe.io.checkpoint`, written collectively by
+:func:`paddle_semoe.engine.checkpoint.write_checkpoint` like a GPT-MoE job's. What a shard
+holds is decided per *entity* (``shared`` or ``task:<name>``): every entity is saved exactly
+once, by its owner under the plan in force (shared: rank 0; task ``t``: the first rank of its
+group), as
 
 * ``param/<structured name>``: the parameter, and
 * ``opt/<structured name>/<accumulator>``: its AdamW state (moments, beta powers).
@@ -22,6 +22,7 @@ ranks, so a resumed job can prove that it holds exactly the saved model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -36,7 +37,7 @@ from paddle_semoe.elastic.planner import Plan
 from paddle_semoe.engine.checkpoint import write_checkpoint
 from paddle_semoe.io.checkpoint import CheckpointError, Manifest, save_shard, shard_name
 from paddle_semoe.io.files import sha256_from_words, sha256_to_words
-from paddle_semoe.io.model_state import opt_state_by_param
+from paddle_semoe.io.model_state import check_shape, opt_state_by_param
 from paddle_semoe.params import entity_name, split_by_task
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,8 @@ def entity_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 def combine_digests(entities: Mapping[str, str]) -> str:
     """The model checksum from per-entity digests (order independent)."""
-    h = hashlib.sha256()
-    for name in sorted(entities):
-        h.update(f"{name}={entities[name]}\n".encode())
-    return h.hexdigest()
+    text = "".join(f"{name}={entities[name]}\n" for name in sorted(entities))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _entities(plan: Plan) -> list[str]:
@@ -89,19 +88,31 @@ def _by_entity(named: Iterable[tuple[str, paddle.Tensor]], plan: Plan) -> dict[s
     return {entity_name(t, names): ps for t, ps in split_by_task(named).items()}
 
 
-def _gather_digests(local: Mapping[str, str], entities: list[str], comm: Communicator, world: CommGroup) -> dict[str, str]:
-    """Every entity's digest on every rank: owners fill their rows, the rest are zero, summed."""
+def _owned_arrays(
+    named_params: Iterable[tuple[str, paddle.Tensor]], plan: Plan, rank: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{entity: {structured name: array}}`` of the entities ``rank`` owns under ``plan``."""
+    groups = _by_entity(named_params, plan)
+    return {e: {n: p.numpy() for n, p in ps} for e, ps in groups.items() if _owner(plan, e) == rank}
+
+
+def _gather_digests(
+    owned: Mapping[str, Mapping[str, np.ndarray]], plan: Plan, comm: Communicator, world: CommGroup
+) -> tuple[str, dict[str, str]]:
+    """``(param_sha256, {entity: sha256})`` on every rank: owners fill their entities' rows of
+    a table, the rest are zero, summed over ``world``."""
+    entities = _entities(plan)
     table = np.zeros((len(entities), 4), dtype=np.int64)
     for i, e in enumerate(entities):
-        if e in local:
-            table[i] = sha256_to_words(local[e])
+        if e in owned:
+            table[i] = sha256_to_words(entity_digest(owned[e]))
     total = comm.all_reduce(table, world, what="entity digests")
     out = {}
     for i, e in enumerate(entities):
         if not total[i].any():
             raise CheckpointError(f"no rank owns {e!r}: the plan places it nowhere")
         out[e] = sha256_from_words(total[i])
-    return out
+    return combine_digests(out), out
 
 
 def live_digest(
@@ -111,10 +122,7 @@ def live_digest(
 
     Returns ``(param_sha256, {entity: sha256})``, equal on every rank.
     """
-    groups = _by_entity(named_params, plan)
-    local = {e: entity_digest({n: p.numpy() for n, p in ps}) for e, ps in groups.items() if _owner(plan, e) == world.global_rank}
-    digests = _gather_digests(local, _entities(plan), comm, world)
-    return combine_digests(digests), digests
+    return _gather_digests(_owned_arrays(named_params, plan, world.global_rank), plan, comm, world)
 
 
 def save_elastic(
@@ -132,10 +140,8 @@ def save_elastic(
     """Write a checkpoint (collective over ``world``). Returns ``(final directory, param_sha256)``."""
     named = dict(named_params)
     rank = world.global_rank
-    owned = {e: {n: p.numpy() for n, p in ps} for e, ps in _by_entity(named.items(), plan).items() if _owner(plan, e) == rank}
-    local_digests = {e: entity_digest(arrays) for e, arrays in owned.items()}
-    digests = _gather_digests(local_digests, _entities(plan), comm, world)
-    param_sha = combine_digests(digests)
+    owned = _owned_arrays(named.items(), plan, rank)
+    param_sha, digests = _gather_digests(owned, plan, comm, world)
 
     def write_files(tmp: Path) -> list:
         opt = opt_state_by_param(optimizer.state_dict(), named)
@@ -191,13 +197,7 @@ def restore_elastic(
         raise CheckpointError(f"checkpoint {where} was trained on tasks {old_names}; this job has {new_names}")
     owners: dict[str, int] = manifest.meta["owners"]
     named = dict(named_params)
-    cache: dict[int, tuple[dict[str, np.ndarray], dict]] = {}
-
-    def shard(r: int) -> tuple[dict[str, np.ndarray], dict]:
-        if r not in cache:
-            cache[r] = manifest.shard(r)
-        return cache[r]
-
+    shard = functools.cache(manifest.shard)
     opt_state: dict[str, paddle.Tensor] = {}
     for e, ps in _by_entity(named.items(), plan).items():
         if e not in owners:
@@ -212,12 +212,8 @@ def restore_elastic(
                 f"unexpected {extra[:4]}): was the model config changed?"
             )
         for n, p in ps:
-            arr = tensors[f"param/{n}"]
-            if list(arr.shape) != list(p.shape):
-                raise CheckpointError(
-                    f"checkpoint {where}: parameter {n!r} has shape {list(arr.shape)}, the model expects {list(p.shape)}"
-                )
-            p.set_value(arr)
+            check_shape(p, n, tensors[f"param/{n}"], where)
+            p.set_value(tensors[f"param/{n}"])
             prefix = f"opt/{n}/"
             for k, a in tensors.items():
                 if k.startswith(prefix):

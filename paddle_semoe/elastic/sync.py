@@ -12,8 +12,7 @@ global batches (``w_t`` = the task's loss weight). A rank holding ``n_{t,r}`` sa
 
 Every rank then holds the gradient of the same global objective ``L``, whatever the plan, so
 the optimizer steps are the same under the naive plan, the load-aware plan, or after a resize
-(up to floating-point summation order). (With equal shard sizes this is the familiar
-"average within the group" of data parallelism, weighted by the task's share of the batch.)
+(up to floating-point summation order).
 
 Gradients are packed per entity (shared, task 0, task 1, ...) into buckets of at most
 ``bucket_bytes`` and reduced with one collective each; entities go in a fixed global order
@@ -25,7 +24,6 @@ global norm: shared gradients (equal everywhere) count once, task gradients once
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -58,10 +56,9 @@ class SyncRule:
 
 def sync_rules(plan: Plan, rank: int) -> list[SyncRule]:
     """The rules of the entities ``rank`` holds, in the global reduction order (pure)."""
-    rules = [SyncRule(SHARED, tuple(range(plan.world_size)))]
-    for t in plan.rank_tasks(rank):
-        rules.append(SyncRule(t, plan.task_ranks(t)))
-    return rules
+    return [SyncRule(SHARED, tuple(range(plan.world_size)))] + [
+        SyncRule(t, plan.task_ranks(t)) for t in plan.rank_tasks(rank)
+    ]
 
 
 @dataclass(frozen=True)
@@ -115,10 +112,6 @@ class ElasticGradSync:
             if b.group.size > 1:
                 all_reduce_grads_(b.params, self.comm, b.group)
 
-    def global_norm(self) -> float:
-        """Norm of the whole model's (already reduced) gradient; collective over the world."""
-        return self.clip_(math.inf)
-
     @paddle.no_grad()
     def clip_(self, max_norm: float, eps: float = 1e-6) -> float:
         """Scale every gradient by ``min(1, max_norm / norm)`` (``math.inf``: measure only);
@@ -132,7 +125,6 @@ class ElasticGradSync:
             elif self.plan.owner(b.entity) == self.groups.rank:
                 owned += grads
         grads = [p.grad for p in self.params if p.grad is not None]
-        total, _ = clip_by_global_norm_(
+        return clip_by_global_norm_(
             grads, squared_norm(shared), squared_norm(owned), max_norm, self.comm, self.groups.world, eps
-        )
-        return total
+        )[0]

@@ -2,27 +2,24 @@
 
 Start-up on every rank (all collective steps in the same order everywhere):
 
-1. task costs (:mod:`~paddle_semoe.elastic.cost`: profiled on the ranks, from the config, or
-   from FLOPs), averaged over the ranks and broadcast from rank 0;
+1. task costs (:mod:`~paddle_semoe.elastic.cost`), averaged over the ranks, broadcast from rank 0;
 2. the plan (:mod:`~paddle_semoe.elastic.planner`), explained in the log by rank 0 against the
    naive one-rank-per-task plan and written to ``<output_dir>/plan.json``; every rank checks
    that all ranks computed the same plan;
-3. the task groups (:mod:`~paddle_semoe.elastic.groups`), the model with the hosted tasks'
-   parameters only, AdamW, the gradient sync (:mod:`~paddle_semoe.elastic.sync`);
-4. resume (``train.resume=auto``: the latest checkpoint if any) from a checkpoint written by
-   any number of ranks under any plan (:mod:`~paddle_semoe.elastic.state`), then the
-   parameters' checksum is recomputed across the ranks and must equal the checkpoint's.
+3. the task groups, the model with the hosted tasks' parameters only, AdamW, the gradient sync;
+4. resume (``train.resume=auto``) from a checkpoint written by any number of ranks under any
+   plan (:mod:`~paddle_semoe.elastic.state`); the parameters' checksum, recomputed across the
+   ranks, must equal the checkpoint's.
 
 One step: the rank's samples of all its tasks go through the model in one batch (task-routed
-MoE), the local objective is ``sum_t (w_t / B_t) * sum_i loss_i`` (exact for any plan), then
-gradient sums (shared over the world, task params over their group), global-norm clipping,
-AdamW with the step's learning rate. The data of a step is a pure function of
-``(seed, task, step)``, so a resumed or resized job continues on exactly the samples the
-uninterrupted job would have seen.
+MoE) under the local objective of :mod:`~paddle_semoe.elastic.sync` (exact for any plan), then
+gradient sums, global-norm clipping and AdamW. A step's data is a pure function of
+``(seed, task, step)``, so a resumed or resized job sees exactly the samples the uninterrupted
+job would have seen.
 
 Metrics (rank 0; VisualDL + ``metrics.jsonl``): per-task loss, samples/s, per-rank busy/idle
-seconds per step; evaluations: per-task held-out accuracy. ``events.jsonl``: plan, saves and
-restores with checksums. ``timings.npz``: every step's phase times of every rank.
+seconds per step, per-task held-out accuracy. ``events.jsonl``: plan, saves and restores with
+checksums. ``timings.npz``: every step's phase times of every rank.
 """
 
 from __future__ import annotations
@@ -160,7 +157,6 @@ class ElasticTrainer:
         self.plan = make_plan(elastic.plan, loads, world_size)
         self.baseline = plan_naive(loads, world_size)
         self._check_plan_agreement()
-        self.cost_note = source
         if self.is_main:
             logger.info("%s", explain_plan(self.plan, self.baseline, source))
             (self.output_dir / "plan.json").write_text(json.dumps(
@@ -300,15 +296,13 @@ class ElasticTrainer:
         images, task_local, parts = self._batch(self.step)
         if parts:
             out = self.model(images, task_local)
-            total = None
+            terms = []
             for t, off, n, y in parts:
                 ce = F.cross_entropy(self.model.head(t, out.cls[off:off + n]), y, reduction="sum")
-                term = ce * self.weights[t]
-                total = term if total is None else total + term
+                terms.append(ce * self.weights[t])
                 loss_sum[t] = float(ce)
                 count[t] = n
-            assert total is not None  # parts is not empty
-            total.backward()
+            sum(terms[1:], terms[0]).backward()
             if self._want_share():
                 self._count_share(out.use_task, parts)
         self.timer.mark("compute")
@@ -358,11 +352,8 @@ class ElasticTrainer:
                 table[t, 2] += len(yb)
         self.model.train()
         table = self.comm.all_reduce(table, self.world, what="evaluation")
-        result: dict[str, float] = {}
-        for t, spec in enumerate(self.tasks):
-            result[f"acc/{spec.name}"] = table[t, 1] / max(table[t, 2], 1)
-            result[f"loss/{spec.name}"] = table[t, 0] / max(table[t, 2], 1)
-        return result
+        return {f"{key}/{spec.name}": table[t, col] / max(table[t, 2], 1)
+                for t, spec in enumerate(self.tasks) for key, col in (("acc", 1), ("loss", 0))}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -372,11 +363,10 @@ class ElasticTrainer:
                     restart=int(os.environ.get("SEMOE_ELASTIC_RESTART", "0")))
         T = len(self.tasks)
         acc_loss, acc_count = np.zeros(T), np.zeros(T)
-        norms: list[float] = []
-        progress = Progress(self.step, run.stop_after or run.max_steps)
+        end = run.stop_after or run.max_steps
+        progress = Progress(self.step, end)
         last_eval: dict[str, float] = {}
         samples_per_step = np.array([t.batch_size for t in self.tasks], dtype=np.int64)
-        end = run.stop_after or run.max_steps
         if self.step >= end and run.stop_after:
             logger.info("already at step %d >= train.stop_after=%d: nothing to do", self.step, end)
         while self.step < end:
@@ -385,10 +375,9 @@ class ElasticTrainer:
             self.samples_seen += samples_per_step
             acc_loss += loss_sum
             acc_count += count
-            norms.append(norm)
             if self.step % run.log_every == 0 or self.step == end:
-                self._log(acc_loss, acc_count, norms, progress)
-                acc_loss, acc_count, norms = np.zeros(T), np.zeros(T), []
+                self._log(acc_loss, acc_count, norm, progress)
+                acc_loss, acc_count = np.zeros(T), np.zeros(T)
             if self.step % run.eval_every == 0 or self.step == end:
                 last_eval = self.evaluate()
                 self.metrics.scalars(self.step, last_eval, prefix="val")
@@ -420,9 +409,11 @@ class ElasticTrainer:
         self.metrics.close()
         return summary
 
-    def _log(self, loss_sum: np.ndarray, count: np.ndarray, norms: list[float], progress: Progress) -> None:
+    def _log(self, losses: np.ndarray, count: np.ndarray, norm: float, progress: Progress) -> None:
+        """Metrics of the steps since the last call (``norm``: the last step's gradient norm)."""
         T = len(self.tasks)
-        sums = self.comm.all_reduce(np.concatenate([loss_sum, count, self._share.reshape(-1)]), self.world, what="metrics")
+        flat = np.concatenate([losses, count, self._share.reshape(-1)])
+        sums = self.comm.all_reduce(flat, self.world, what="metrics")
         share = sums[2 * T:].reshape(self._share.shape)
         self._share[:] = 0.0
         rows = self.timer.take()
@@ -438,7 +429,7 @@ class ElasticTrainer:
         total_samples = sum(s.batch_size for s in self.tasks) * ds
         values: dict[str, float] = {
             "loss": objective,
-            "grad_norm": float(norms[-1]) if norms else float("nan"),
+            "grad_norm": float(norm),
             "lr": lr_at(self.step - 1, self.optim_cfg, self.run.max_steps),
             "samples_per_s": total_samples / dt if dt > 0 else float("nan"),
             "samples_per_s_per_rank": total_samples / dt / self.world_size if dt > 0 else float("nan"),
@@ -451,10 +442,9 @@ class ElasticTrainer:
                 if share[t, b, 1] > 0:
                     values[f"task_expert_share/{s.name}/moe{b}"] = float(share[t, b, 0] / share[t, b, 1])
         for r in range(self.world_size):
-            values[f"busy_s/rank{r}"] = float(summ["busy_wall"][r]) / n
-            values[f"busy_cpu_s/rank{r}"] = float(summ["busy_cpu"][r]) / n
-            values[f"idle_s/rank{r}"] = float(summ["idle_wall"][r]) / n
-            values[f"comm_s/rank{r}"] = float(summ["comm_wall"][r]) / n
+            for key, col in (("busy_s", "busy_wall"), ("busy_cpu_s", "busy_cpu"),
+                             ("idle_s", "idle_wall"), ("comm_s", "comm_wall")):
+                values[f"{key}/rank{r}"] = float(summ[col][r]) / n
         self.metrics.scalars(self.step, values)
         logger.info(
             "step %d/%d | loss %.4f (%s) | %.1f samples/s (%.1f per rank) | busy ms [%s] idle ms [%s] | ETA %s",

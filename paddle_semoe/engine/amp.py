@@ -71,10 +71,8 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
         text = Path(cpuinfo).read_text()
     except OSError:
         return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    flags = {f for line in text.splitlines() if line.startswith("flags")
+             for f in line.partition(":")[2].split()}
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
@@ -151,12 +149,3 @@ def autocast(cfg: AmpConfig):
 
 def scaler_for(cfg: AmpConfig) -> LossScaler | None:
     return LossScaler() if cfg.enabled and cfg.dtype == "float16" else None
-
-
-@paddle.no_grad()
-def unscale_(params, scale: float) -> None:
-    """Divide every gradient by the loss scale, in place."""
-    inv = 1.0 / scale
-    for p in params:
-        if p.grad is not None:
-            paddle.assign(p.grad * inv, output=p.grad)

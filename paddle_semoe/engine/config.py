@@ -29,6 +29,14 @@ def _require_finite(section: object, *names: str) -> None:
             raise ValueError(f"{name} must be a finite number, got {value}")
 
 
+def _require_choice(section: object, **choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming the first field (keyword) whose value is not among its choices."""
+    for name, allowed in choices.items():
+        value = getattr(section, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One prepared dataset (``tools/prepare_data.py`` output) and its blending weight."""
@@ -89,15 +97,12 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require_finite(self, "bucket_mb", "comm_timeout_s")
-        for name in ("ep_degree", "sharding_degree"):
-            if getattr(self, name) < 1:
+        for name in ("ep_degree", "sharding_degree", "dp_degree"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dp_degree is not None and self.dp_degree < 1:
-            raise ValueError(f"dp_degree must be >= 1, got {self.dp_degree}")
         if self.sharding_stage not in (1, 2, 3):
             raise ValueError(f"sharding_stage must be 1, 2 or 3, got {self.sharding_stage}")
-        if self.a2a_backend not in A2A_BACKENDS:
-            raise ValueError(f"a2a_backend must be one of {A2A_BACKENDS}, got {self.a2a_backend!r}")
+        _require_choice(self, a2a_backend=A2A_BACKENDS)
         if (self.bucket_mb is not None and self.bucket_mb <= 0) or self.comm_timeout_s <= 0:
             raise ValueError("bucket_mb and comm_timeout_s must be positive")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
@@ -155,14 +160,12 @@ class OptimConfig:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.schedule not in LR_SCHEDULES:
-            raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        _require_choice(self, schedule=LR_SCHEDULES)
         if self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.grad_clip < 0:
             raise ValueError("warmup_steps >= 0, grad_accum_steps >= 1 and grad_clip >= 0 required")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if self.expert_update not in EXPERT_UPDATES:
-            raise ValueError(f"expert_update must be one of {EXPERT_UPDATES}, got {self.expert_update!r}")
+        _require_choice(self, expert_update=EXPERT_UPDATES)
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,7 @@ class AmpConfig:
     cpu_gemms: str = "ffn"
 
     def __post_init__(self) -> None:
-        if self.dtype not in AMP_DTYPES:
-            raise ValueError(f"dtype must be one of {AMP_DTYPES}, got {self.dtype!r}")
-        if self.level not in AMP_LEVELS:
-            raise ValueError(f"level must be one of {AMP_LEVELS}, got {self.level!r}")
-        if self.cpu_gemms not in AMP_CPU_GEMMS:
-            raise ValueError(f"cpu_gemms must be one of {AMP_CPU_GEMMS}, got {self.cpu_gemms!r}")
+        _require_choice(self, dtype=AMP_DTYPES, level=AMP_LEVELS, cpu_gemms=AMP_CPU_GEMMS)
 
 
 @dataclass(frozen=True)
@@ -198,8 +196,8 @@ class RunConfig:
     eval_batches: int = 8
     save_every: int = 100  # 0: only the final checkpoint
     keep_checkpoints: int = 2
-    # "auto" (latest in output_dir; refused by name if it does not verify), "auto_verified" (the newest
-    # checkpoint, in save order, that verifies), a checkpoint path, or None
+    # "auto", "auto_verified" (see paddle_semoe.io.checkpoint.resolve_checkpoint), a checkpoint
+    # path, or None
     resume: str | None = None
     recompute_experts: bool = False
     nan_skip_limit: int = 5  # non-finite steps tolerated before stopping

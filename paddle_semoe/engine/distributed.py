@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import paddle
+from paddle.distributed import fleet
 
-from paddle_semoe.comm import Topology, topology_from_fleet
+from paddle_semoe.comm import Topology, gloo_private_rendezvous, topology_from_fleet
 from paddle_semoe.engine.config import ParallelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def init_distributed(cfg: TrainConfig) -> DistContext:
             raise ValueError(f"parallel.ep_degree={par.ep_degree} needs {par.ep_degree}+ processes; 1 was launched")
         return DistContext(1, 0, par, Topology.single(), None)
 
-    from paddle.distributed import fleet
-
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {
         "dp_degree": par.dp_degree,
@@ -84,8 +83,6 @@ def init_distributed(cfg: TrainConfig) -> DistContext:
         "pp_degree": 1,
         "sharding_degree": par.sharding_degree,
     }
-    from paddle_semoe.comm.gloo_groups import gloo_private_rendezvous
-
     # Gloo groups otherwise rendezvous under shared keys and can connect to another group's
     # stale address (seen with dp x sharding on 4 processes); a no-op under NCCL.
     with gloo_private_rendezvous():

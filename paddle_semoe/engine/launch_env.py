@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+from paddle_semoe.config import ConfigError, load_config
 from paddle_semoe.io.files import IntegrityError
 
 T = TypeVar("T")
@@ -70,8 +71,6 @@ def setup_logging(env: LaunchEnv) -> None:
 
 def load_job_config(cls: type[T], path: Path | str, overrides: list[str]) -> tuple[T | None, str | None]:
     """``(config, None)``, or ``(None, one-line error)`` for the entry point to print (exit code 2)."""
-    from paddle_semoe.config import ConfigError, load_config
-
     try:
         return load_config(cls, path, overrides), None
     except (ConfigError, FileNotFoundError) as err:
@@ -118,12 +117,8 @@ _EXPECTED_BY_NAME = (
 
 
 def _named_expected() -> tuple[type[BaseException], ...]:
-    found = []
-    for module, name in _EXPECTED_BY_NAME:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _EXPECTED_BY_NAME)
+    return tuple(c for c in found if isinstance(c, type) and issubclass(c, BaseException))
 
 
 def _one_line(text: str) -> str:

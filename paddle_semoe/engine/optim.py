@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import paddle
 
 from paddle_semoe import ops
 from paddle_semoe.engine.config import OptimConfig
+from paddle_semoe.moe.experts import GroupedExperts
 from paddle_semoe.params import classify_parameters
+from paddle_semoe.storage.adamw import AdamWHyper
+from paddle_semoe.storage.lazy import ResidentLazyExperts
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,15 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "linear":
         return floor + (cfg.lr - floor) * (1.0 - progress)
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@paddle.no_grad()
+def scale_grads_(params: Iterable[paddle.Tensor], scale: float) -> None:
+    """Multiply every present gradient by ``scale`` in place (nothing when it is 1)."""
+    if scale != 1.0:
+        for p in params:
+            if p.grad is not None:
+                paddle.assign(p.grad * scale, output=p.grad)
 
 
 class FusedAdamW(paddle.optimizer.AdamW):
@@ -77,9 +89,7 @@ class FusedAdamW(paddle.optimizer.AdamW):
         if not params:
             return
         if not self._fusable(params):
-            if grad_scale != 1.0:
-                for p in params:
-                    paddle.assign(p.grad * grad_scale, output=p.grad)
+            scale_grads_(params, grad_scale)
             super().step()
             return
         self._create_accumulators(paddle.static.default_main_program().global_block(), params)
@@ -97,13 +107,8 @@ class FusedAdamW(paddle.optimizer.AdamW):
 def _adamw(params: list, cfg: OptimConfig, backend: str = "auto") -> FusedAdamW:
     decay = {p.name for p in params if len(p.shape) >= 2}
     return FusedAdamW(
-        learning_rate=cfg.lr,
-        parameters=params,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        epsilon=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        apply_decay_param_fun=lambda name: name in decay,
+        learning_rate=cfg.lr, parameters=params, beta1=cfg.beta1, beta2=cfg.beta2, epsilon=cfg.eps,
+        weight_decay=cfg.weight_decay, apply_decay_param_fun=lambda name: name in decay,
         backend=backend,
     )
 
@@ -112,10 +117,7 @@ def _step(opt: paddle.optimizer.Optimizer, grad_scale: float) -> None:
     if isinstance(opt, FusedAdamW):
         opt.step(grad_scale)
         return
-    if grad_scale != 1.0:
-        for p in opt._parameter_list:
-            if p.grad is not None:
-                paddle.assign(p.grad * grad_scale, output=p.grad)
+    scale_grads_(opt._parameter_list, grad_scale)
     opt.step()
 
 
@@ -140,10 +142,6 @@ class MoEOptimizer:
         self.lazy = None  # LazyExpertUpdater (paddle_semoe.storage.lazy) with expert_update=lazy
         self._lr = cfg.lr
         if cfg.expert_update == "lazy":
-            from paddle_semoe.moe.experts import GroupedExperts
-            from paddle_semoe.storage.adamw import AdamWHyper
-            from paddle_semoe.storage.lazy import ResidentLazyExperts
-
             hyper = AdamWHyper(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
             experts = [m for m in model.sublayers() if isinstance(m, GroupedExperts)]
             self.lazy = lazy_experts if lazy_experts is not None else ResidentLazyExperts(experts, hyper)
@@ -167,16 +165,11 @@ class MoEOptimizer:
 
     def replace_optimizers(self, opts: list) -> None:
         """Adopt optimizers returned by ``paddle.amp.decorate`` (same order as ``optimizers()``)."""
-        it = iter(opts)
-        if self.dense is not None:
-            self.dense = next(it)
-        if self.expert is not None:
-            self.expert = next(it)
+        it, pair = iter(opts), (self.dense, self.expert)
+        self.dense, self.expert = (None if opt is None else next(it) for opt in pair)
 
     def optimizers(self) -> Iterator[paddle.optimizer.Optimizer]:
-        for opt in (self.dense, self.expert):
-            if opt is not None:
-                yield opt
+        return (opt for opt in (self.dense, self.expert) if opt is not None)
 
     def set_lr(self, lr: float) -> None:
         self._lr = lr
@@ -189,10 +182,7 @@ class MoEOptimizer:
         (the other gradients were clipped in place). ``grad_scale``: a clip coefficient for the
         dense and expert AdamW, folded into their fused kernel (instead of clipping in place)."""
         if self.sharded is not None:
-            if grad_scale != 1.0:
-                for p in self.dense_params:
-                    if p.grad is not None:
-                        paddle.assign(p.grad * grad_scale, output=p.grad)
+            scale_grads_(self.dense_params, grad_scale)
             self.sharded.step()
         elif self.dense is not None:
             _step(self.dense, grad_scale)
@@ -200,11 +190,8 @@ class MoEOptimizer:
             _step(self.expert, grad_scale)
         if self.lazy is not None:
             self.lazy.step(self._lr, expert_grad_scale)
-        if self.sharded_dense is not None:
-            if grad_scale != 1.0:  # its AdamW takes no gradient scale: clip its gradients in place
-                for seg_param in self.sharded_dense.params():
-                    if seg_param.grad is not None:
-                        paddle.assign(seg_param.grad * grad_scale, output=seg_param.grad)
+        if self.sharded_dense is not None:  # its AdamW takes no gradient scale: clip in place
+            scale_grads_(self.sharded_dense.params, grad_scale)
             self.sharded_dense.step(self._lr)
 
     def sync_params(self) -> None:

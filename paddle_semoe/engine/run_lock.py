@@ -41,9 +41,7 @@ class LockHolder:
 
 def _read_holder(fd: int) -> LockHolder | None:
     os.lseek(fd, 0, os.SEEK_SET)
-    raw = b""
-    while chunk := os.read(fd, 4096):
-        raw += chunk
+    raw = b"".join(iter(lambda: os.read(fd, 4096), b""))
     try:
         doc = json.loads(raw.decode())
         return LockHolder(int(doc["pid"]), str(doc["host"]), str(doc["started"]))
@@ -68,12 +66,6 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def lock_output_dir(output_dir: Path | str, rank: int = 0) -> RunLock:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,11 +31,11 @@ from paddle_semoe.comm.transport import make_communicator
 from paddle_semoe.config import dump_yaml, to_dict
 from paddle_semoe.data import check_tokenizer_on_resume, copy_tokenizer_files, load_training_split, val_batches
 from paddle_semoe.engine.checkpoint import TrainingError, write_checkpoint
-from paddle_semoe.engine.amp import autocast, configure_cpu_gemms, scaler_for, unscale_
+from paddle_semoe.engine.amp import autocast, configure_cpu_gemms, scaler_for
 from paddle_semoe.engine.config import TrainConfig
 from paddle_semoe.engine.distributed import DistContext
 from paddle_semoe.engine.metrics import MetricsLogger, Progress, format_eta, peak_rss_bytes
-from paddle_semoe.engine.optim import MoEOptimizer, lr_at
+from paddle_semoe.engine.optim import MoEOptimizer, lr_at, scale_grads_
 from paddle_semoe.engine.preempt import Preempted, StopRequest
 from paddle_semoe.io.checkpoint import (
     AUTO, AUTO_VERIFIED, LATEST, CheckpointError, read_manifest, remove_partial, resolve_checkpoint, save_shard, shard_name,
@@ -70,19 +68,22 @@ class StepSums(NamedTuple):
     dropped_by_choice: list[paddle.Tensor]  # per MoE layer: [K] float64 dropped share per choice rank (micro-batch mean)
 
 
-@dataclass
-class StepResult:
-    """One optimizer step on this rank. ``loss``, ``grad_norm`` and ``skipped`` were decisions,
-    so they are host values; the rest stays on the device until a log step reads it."""
+class StepResult(NamedTuple):
+    """One optimizer step on this rank: ``loss``, ``grad_norm`` and ``skipped`` were decisions,
+    so they are host values; ``sums`` stays on the device until a log step reads it."""
 
+    sums: StepSums
     loss: float
-    lm_loss: paddle.Tensor  # [] float64
-    aux_loss: paddle.Tensor  # [] float64
     grad_norm: float
     skipped: bool
-    demand: list[paddle.Tensor]  # per MoE layer: [E] int64 routing choices per expert (this rank)
-    dropped: paddle.Tensor  # [] float64
-    dropped_by_choice: list[paddle.Tensor]  # per MoE layer: [K] float64 (this rank)
+
+
+def _add_at(sums: list[paddle.Tensor], i: int, value: paddle.Tensor) -> None:
+    """``sums[i] += value`` over micro-batches (the first one appends)."""
+    if i == len(sums):
+        sums.append(value)
+    else:
+        sums[i] = sums[i] + value
 
 
 def expert_init_value(seed: int, layer_idx: int, g: int, pname: str, shape: tuple, std: float) -> np.ndarray:
@@ -97,18 +98,14 @@ def expert_init_value(seed: int, layer_idx: int, g: int, pname: str, shape: tupl
 def init_experts_by_global_index(model: paddle.nn.Layer, seed: int, layout: ExpertLayout, std: float) -> None:
     """Initialize expert weights from (seed, layer, global expert index) alone, so a model built
     with any expert-parallel degree holds exactly the same experts."""
-    layer_idx = 0
-    for _, sub in model.named_sublayers():
-        if not isinstance(sub, GroupedExperts):
-            continue
+    experts = [sub for _, sub in model.named_sublayers() if isinstance(sub, GroupedExperts)]
+    for layer_idx, sub in enumerate(experts):
         for pname in ("w1", "w2"):
             p = getattr(sub, pname)
-            slices = [
+            p.set_value(np.stack([
                 expert_init_value(seed, layer_idx, layout.offset + local, pname, tuple(p.shape[1:]), std)
                 for local in range(layout.num_local)
-            ]
-            p.set_value(np.stack(slices))
-        layer_idx += 1
+            ]))
 
 
 class Trainer:
@@ -123,9 +120,8 @@ class Trainer:
         ep = par.ep_degree
         self.layout = ExpertLayout(ep, self.topology.ep_rank if ep > 1 else 0, mcfg.moe.num_experts)
 
-        # data: every rank is data-parallel; the global batch is split over ranks and micro-steps
-        # (TrainConfig.resolve_parallel, called by check_parallel_support, checked the split)
-        # the built-in corpus (byte tokens), or data.datasets: prepared, memory-mapped, blended by weight
+        # data: the global batch is split over all ranks and micro-steps (checked by
+        # TrainConfig.resolve_parallel); the built-in corpus or data.datasets, blended by weight
         self.split = load_training_split(
             cfg.data.corpus, cfg.data.val_fraction, [(d.path, d.weight) for d in cfg.data.datasets], mcfg.vocab_size,
             verify=cfg.data.verify,
@@ -141,16 +137,14 @@ class Trainer:
         self.comm = None if ctx.world_size == 1 else make_communicator(backend, rank=ctx.rank, timeout_s=par.comm_timeout_s)
         parallel = None  # the model gets its EP group, exchange and communicator explicitly
         if ep > 1:
+            n_local, hier = mcfg.moe.num_experts // ep, par.hierarchical_a2a
             exchange: FusedNcclExchange | ExpertExchange
             if par.a2a_backend == "nccl_fused":  # rows through the fused op; self.comm (NCCL) for the rest
-                exchange = FusedNcclExchange(
-                    self.topology, mcfg.moe.num_experts // ep, hierarchical=par.hierarchical_a2a,
-                    timeout_s=par.comm_timeout_s,
-                )
+                exchange = FusedNcclExchange(self.topology, n_local, hierarchical=hier,
+                                             timeout_s=par.comm_timeout_s)
             else:
-                exchange = ExpertExchange(
-                    self.topology, mcfg.moe.num_experts // ep, communicator=self.comm, hierarchical=par.hierarchical_a2a
-                )
+                exchange = ExpertExchange(self.topology, n_local, communicator=self.comm,
+                                          hierarchical=hier)
             parallel = ExpertParallel(self.topology.ep_group, exchange, self.comm)
         with deferred_expert_weights(cfg.storage.enabled):  # tiered: no expert stack is ever allocated
             self.model = GPTMoE(mcfg, parallel, recompute_moe=cfg.train.recompute_experts)
@@ -182,12 +176,11 @@ class Trainer:
         self.cpu_gemm_precision = configure_cpu_gemms(cfg.amp, backend=mcfg.ops_backend)
         if self.cpu_gemm_precision is not None and ctx.is_main:
             logger.info("CPU GEMM precision: %s", self.cpu_gemm_precision)
-        params = [p for p in self.model.parameters() if not p.stop_gradient]
-        self.params = params
+        self.params = [p for p in self.model.parameters() if not p.stop_gradient]
         self.reducer = None
         if ctx.world_size > 1 and par.fused_grad_buckets:
             bucket = int(par.bucket_mb * (1 << 20)) if par.bucket_mb is not None else None
-            self.reducer = GradientReducer(params, self.topology, self.comm, bucket)
+            self.reducer = GradientReducer(self.params, self.topology, self.comm, bucket)
 
         # host collectives of the loop (NaN check, metrics, checkpoints) over all ranks, under the watchdog
         self.coll = self.comm or make_communicator("gloo", rank=ctx.rank)
@@ -209,6 +202,14 @@ class Trainer:
     def _all_reduce(self, values: Any, op: str = "sum", what: str | None = None) -> np.ndarray:
         """float64 sum / max of host values over all ranks (:meth:`Communicator.all_reduce`)."""
         return self.coll.all_reduce(np.asarray(values, dtype=np.float64), self.world, op, what)
+
+    def _sum_arrays(self, arrays: list[np.ndarray], what: str | None = None) -> list[np.ndarray]:
+        """Element-wise sums over all ranks of a list of arrays, flattened to float64 (one
+        all-reduce); the arrays themselves on a single rank."""
+        if self.ctx.world_size == 1 or not arrays:
+            return arrays
+        flat = self._all_reduce(np.concatenate([np.ravel(a) for a in arrays]), what=what)
+        return np.split(flat, np.cumsum([a.size for a in arrays])[:-1])
 
     def _sum_tensor_over_ranks(self, t: paddle.Tensor) -> None:
         """In place: ``t`` = its sum over all ranks (the aux-free routers' expert loads)."""
@@ -233,11 +234,8 @@ class Trainer:
 
     def _lazy_activity(self, kept: list[np.ndarray]) -> list[np.ndarray]:
         """Rows kept per local expert, summed over micro-batches and ranks (lazy update)."""
-        if self.ctx.world_size > 1 and kept:
-            flat = self._all_reduce([float(v) for k in kept for v in k])
-            kept = np.split(np.asarray(flat), np.cumsum([k.size for k in kept])[:-1])
         lo, hi = self.layout.offset, self.layout.offset + self.layout.num_local
-        return [np.asarray(k)[lo:hi] for k in kept]
+        return [np.asarray(k)[lo:hi] for k in self._sum_arrays(kept)]
 
     def accumulate_gradients(self, batch: np.ndarray) -> StepSums:
         """Forward/backward over the micro-batches of ``batch`` and the gradient reduction.
@@ -267,26 +265,20 @@ class Trainer:
             lm_sum = lm_sum + out.lm_loss.detach().astype("float64") / accum
             aux_sum = aux_sum + out.aux_loss.detach().astype("float64") / accum
             for i, s in enumerate(out.moe_stats):
-                if i == len(demand):  # first micro-batch
-                    demand.append(paddle.zeros(s.demand.shape, dtype="int64"))
-                    kept.append(paddle.zeros(s.kept.shape, dtype="int64"))
-                demand[i] = demand[i] + s.demand.astype("int64")
+                _add_at(demand, i, s.demand.astype("int64"))
                 if lazy is not None:
-                    kept[i] = kept[i] + s.kept.astype("int64")
+                    _add_at(kept, i, s.kept.astype("int64"))
                 frac = s.dropped_fraction.detach().astype("float64") / (accum * max(len(out.moe_stats), 1))
                 dropped = dropped + frac
                 if s.dropped_by_choice is not None:  # (None under activation recomputation)
-                    if i == len(by_choice):
-                        by_choice.append(paddle.zeros(s.dropped_by_choice.shape, dtype="float64"))
-                    by_choice[i] = by_choice[i] + s.dropped_by_choice.detach().astype("float64") / accum
-        self._lazy_kept = [k.numpy() for k in kept] if lazy is not None else []
+                    _add_at(by_choice, i, s.dropped_by_choice.detach().astype("float64") / accum)
+        self._lazy_kept = [k.numpy() for k in kept]  # empty without the lazy update
 
         if self.reducer is not None:
             self.reducer.reduce()
         elif self.ctx.world_size > 1:
             reduce_gradients_unfused(self.params, self.topology, self.comm)
-        if scale != 1.0:
-            unscale_(self.params, scale)
+        scale_grads_(self.params, 1.0 / scale)  # the loss scale
         return StepSums(loss_sum, lm_sum, aux_sum, demand, dropped, by_choice)
 
     def train_step(self, batch: np.ndarray) -> StepResult:
@@ -326,8 +318,7 @@ class Trainer:
             # aux-loss-free routers: bias += rate * sign(mean - load), load summed over all ranks
             update_balance_biases(self.model, self._sum_tensor_over_ranks)
         self.optimizer.clear_grad()
-        return StepResult(loss_sum, sums.lm_loss, sums.aux_loss, grad_norm, skipped, sums.demand, sums.dropped,
-                          sums.dropped_by_choice)
+        return StepResult(sums, loss_sum, grad_norm, skipped)
 
     @paddle.no_grad()
     def evaluate(self, tokens: Any = None) -> float:
@@ -433,10 +424,7 @@ class Trainer:
         if self.stop_request is None:
             return 0
         self.stop_request.announce()
-        mine = float(self.stop_request.signum)
-        if self.ctx.world_size == 1:
-            return int(mine)
-        return int(self._all_reduce([mine], "max", "stop request")[0])
+        return int(self._all_reduce([self.stop_request.signum], "max", "stop request")[0])
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -459,22 +447,19 @@ class Trainer:
         )
         progress = Progress(self.step, run.max_steps)
         tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-        last: StepResult | None = None
         self._last_logged_loss = float("nan")
         val_loss = float("nan")
         self._ensure_experts()
         while self.step < run.max_steps:
             lr = lr_at(self.step, cfg.optim, run.max_steps)
             self.optimizer.set_lr(lr)
-            batch = next(self.batcher)
-            last = self.train_step(batch)
+            last = self.train_step(next(self.batcher))
             self.step += 1
             self.tokens_seen += tokens_per_step
             if self.step % run.log_every == 0 or self.step == run.max_steps:
                 self._log_train(last, lr, progress, tokens_per_step)
             if self.step % run.eval_every == 0 or self.step == run.max_steps:
-                val_loss = self.evaluate()
-                self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
+                val_loss = self._validate()
                 if self.ctx.is_main:
                     logger.info("step %d: val loss %.4f (unigram baseline %.3f)", self.step, val_loss, self.unigram_baseline)
             saved = None
@@ -483,17 +468,12 @@ class Trainer:
             signum = self._stop_signal()
             if signum and self.step < run.max_steps:  # every rank stops after the same step
                 ckpt = saved or self.save_checkpoint()
-                self.metrics.close()
-                if self.tiered is not None:
-                    self.tiered.close()
+                self._close()
                 raise Preempted(self.step, ckpt, signal.Signals(signum).name)
         if not math.isfinite(val_loss):  # nothing ran here (resumed at max_steps): still report
-            val_loss = self.evaluate()
-            self.metrics.scalars(self.step, {"loss": val_loss, "unigram_baseline": self.unigram_baseline}, prefix="val")
+            val_loss = self._validate()
         final_ckpt = self.save_checkpoint()
-        self.metrics.close()
-        if self.tiered is not None:
-            self.tiered.close()
+        self._close()
         summary = {
             "step": self.step,
             "train_loss": self._last_logged_loss,
@@ -509,18 +489,28 @@ class Trainer:
                 logger.info("VisualDL: visualdl --logdir %s", Path(self.metrics.logdir).resolve())
         return summary
 
+    def _validate(self) -> float:
+        """The held-out loss, logged as ``val`` metrics."""
+        val_loss = self.evaluate()
+        scalars = {"loss": val_loss, "unigram_baseline": self.unigram_baseline}
+        self.metrics.scalars(self.step, scalars, prefix="val")
+        return val_loss
+
+    def _close(self) -> None:
+        self.metrics.close()
+        if self.tiered is not None:
+            self.tiered.close()
+
     def _log_train(self, r: StepResult, lr: float, progress: Progress, tokens_per_step: int) -> None:
         dt, ds = progress.interval(self.step)
         # a log step: the first host read of the step's lm/aux losses and routing statistics
-        loss, lm, aux = (v / self.ctx.world_size for v in self._all_reduce([r.loss, float(r.lm_loss), float(r.aux_loss)]))
+        sums = r.sums
+        ws = self.ctx.world_size
+        loss, lm, aux = self._all_reduce([r.loss, float(sums.lm_loss), float(sums.aux_loss)]) / ws
         self._last_logged_loss = lm
         tps = tokens_per_step * ds / dt if dt > 0 else float("nan")
-        dropped = float(r.dropped)
-        demand = [d.numpy() for d in r.demand]
-        if demand and self.ctx.world_size > 1:
-            flat = self._all_reduce([float(v) for d in demand for v in d])
-            sizes = [d.size for d in demand]
-            demand = np.split(np.asarray(flat), np.cumsum(sizes)[:-1])
+        dropped = float(sums.dropped)
+        demand = self._sum_arrays([d.numpy() for d in sums.demand])
         scalars = {
             "loss": loss, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": r.grad_norm,
             "tokens_per_s": tps, "dropped_fraction": dropped, "peak_rss_bytes": float(peak_rss_bytes()),
@@ -528,18 +518,16 @@ class Trainer:
         }
         self.metrics.scalars(self.step, scalars)
         # routing health per MoE layer: max/mean load, dropped share per choice rank, aux-free bias
-        by_choice = [c.numpy() for c in r.dropped_by_choice]
-        if by_choice and self.ctx.world_size > 1:
-            flat = self._all_reduce([float(v) for c in by_choice for v in c.reshape(-1)], what="dropped by choice")
-            by_choice = np.split(np.asarray(flat) / self.ctx.world_size, np.cumsum([c.size for c in by_choice])[:-1])
+        by_choice = [c.numpy() for c in sums.dropped_by_choice]
+        if ws > 1:
+            by_choice = [c / ws for c in self._sum_arrays(by_choice, "dropped by choice")]
         routing = routing_scalars(self.cfg.model.moe_layers, demand, by_choice, balance_biases(self.model))
         if routing:
             self.metrics.scalars(self.step, routing, prefix="routing")
         storage: dict[str, float] = {}  # this rank's storage counters (only alpha with resident lazy experts)
-        if self.optimizer.lazy is not None:
-            storage.update(self.optimizer.lazy.interval_scalars())
-        if self.optimizer.sharded_dense is not None:
-            storage.update(self.optimizer.sharded_dense.interval_scalars())
+        for part in (self.optimizer.lazy, self.optimizer.sharded_dense):
+            if part is not None:
+                storage.update(part.interval_scalars())
         if storage:
             self.metrics.scalars(self.step, storage, prefix="storage")
         if self.cfg.monitor.expert_histograms:

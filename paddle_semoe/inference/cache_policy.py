@@ -6,41 +6,20 @@ runs the layers in order, each a *request*: the set of keys that layer needs at 
 resident together, so they cannot evict each other). With pre-gating, layer ``j+1``'s router on
 layer ``j``'s input *predicts* layer ``j+1``'s keys before layer ``j`` is requested.
 
-:func:`replay` runs a :class:`Trace` (requests and predictions, as ``ExpertCache`` records them
-with ``record_routing``) through an :class:`EvictionPolicy` at a given capacity, the same way the
-cache does (hits pinned first, misses take an empty slot else the policy's victim; a prefetch
-only displaces a victim the policy lets it displace), and counts
-
-* ``hits``: keys found resident when requested (a key a prefetch brought in counts; this is the
-  cache's live hit rate), and
-* ``loads``: every load, demand misses and prefetches (used or wasted).
-
-``1 - loads / requests`` is the *load-based* hit rate: the quantity Belady's MIN
-(:func:`belady_hits`, evict the key used farthest in the future) maximizes for a capacity, also
-against any prefetching policy (a prefetch is a load too). Without prefetch the two rates agree.
-
-Policies (all pure bookkeeping, deterministic ties: the lower score, then the least recently
-used, then the lower key):
-
-* :class:`LRUPolicy`, :class:`LFUDecayPolicy` (hit counters decayed by ``beta`` every forward
-  pass), :class:`LayerDistancePolicy` (decayed hits divided by the number of layers until the
-  key's layer runs again: the live cache's policy before this module),
-* :class:`NextUsePolicy` (evict the key with the farthest *estimated* next use: layers until its
-  layer runs plus ``L`` times the expected number of steps until the expert is used again),
-* :class:`PartitionedPolicy` (``capacity / L`` slots per layer, a base policy inside each),
-* :class:`ARCPolicy` (adaptive replacement: recency and frequency lists with ghost lists),
-* :class:`PregateAwarePolicy` (a base policy that never evicts a key the last pre-gating
-  prediction named for the layer that runs next).
-
-:func:`static_optimum_hit_rate` is the best fixed set of keys chosen in hindsight: the ceiling of
-frequency-based eviction if routing were drawn independently every step.
+:func:`replay` runs a :class:`Trace` (as ``ExpertCache`` records it with ``record_routing``)
+through an :class:`EvictionPolicy` the way the cache does and counts ``hits`` (keys resident
+when requested, prefetched ones included: the live hit rate) and ``loads`` (demand misses and
+prefetches). ``1 - loads / requests`` is the *load-based* hit rate, the quantity Belady's MIN
+(:func:`belady_hits`) maximizes for a capacity, also against prefetching policies; without
+prefetch the two rates agree. Policy ties go to the lower score, then the least recently used,
+then the lower key. :func:`static_optimum_hit_rate` is the best fixed set of keys in hindsight.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence, Union
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
@@ -142,11 +121,19 @@ def belady_hits(requests: Sequence[Sequence[int]], capacity: int) -> list[int]:
     return out
 
 
+def belady_hit_rate(requests: Sequence[Sequence[int]], capacity: int, start: int = 0) -> float:
+    """Hit rate of the offline-optimal cache (:func:`belady_hits`) on requests of keys needed at
+    once; ``capacity`` >= the largest request. Requests before ``start`` warm the cache uncounted
+    (MIN is optimal for every prefix, so the window's count is the optimum's)."""
+    hits = belady_hits(requests, capacity)
+    total = sum(len(set(r)) for r in requests[start:])
+    return sum(hits[start:]) / total if total else 0.0
+
+
 def belady_hit_rate_of(trace: Trace, capacity: int) -> float:
     """Belady's hit rate over the counted window of ``trace`` (the whole trace replayed)."""
-    hits = belady_hits([trace.keys(i) for i in range(len(trace.requests))], capacity)
-    n = trace.counted()
-    return sum(hits[trace.start :]) / n if n else 0.0
+    requests = [trace.keys(i) for i in range(len(trace.requests))]
+    return belady_hit_rate(requests, capacity, trace.start)
 
 
 def static_optimum_hit_rate(trace: Trace, capacity: int) -> float:
@@ -159,48 +146,43 @@ def static_optimum_hit_rate(trace: Trace, capacity: int) -> float:
     estimate of what frequency-based online eviction can reach on the trace."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
-    counts: dict[int, int] = {}
-    for i in range(trace.start, len(trace.requests)):
-        for k in trace.keys(i):
-            counts[k] = counts.get(k, 0) + 1
+    counts = Counter(k for i in range(trace.start, len(trace.requests)) for k in trace.keys(i))
     n = trace.counted()
     return sum(sorted(counts.values(), reverse=True)[:capacity]) / n if n else 0.0
 
 
 # ----------------------------------------------------------------------------- policies
-class EvictionPolicy(Protocol):
-    """Replacement bookkeeping of an expert cache (the replay calls it; so does ExpertCache)."""
+class EvictionPolicy:
+    """Replacement bookkeeping of an expert cache (the replay calls it; so does ExpertCache).
+    The hooks ``predict``, ``inserted`` and ``evicted`` do nothing unless overridden."""
 
     name: str
 
     def reset(self, layers: int, experts: int, capacity: int) -> None:
         """Forget everything; a cache of ``capacity`` slots over ``layers`` x ``experts`` keys."""
-        ...
+        raise NotImplementedError
 
     def record(self, layer: int, keys: Keys) -> None:
         """Layer ``layer`` is about to run and uses ``keys`` (called before their loads)."""
-        ...
+        raise NotImplementedError
 
     def predict(self, layer: int, keys: Keys) -> None:
         """Pre-gating names ``keys`` for ``layer`` (its next use)."""
-        ...
 
     def inserted(self, key: int) -> None:
         """``key`` was loaded into a slot."""
-        ...
 
     def evicted(self, key: int) -> None:
         """``key`` left its slot."""
-        ...
 
     def victim(self, candidates: np.ndarray, incoming: int, speculative: bool) -> int | None:
         """The key among ``candidates`` (resident, evictable; int64, non-empty) to evict for
         ``incoming`` (-1: not known); for a ``speculative`` (prefetch) load, None refuses the
         displacement."""
-        ...
+        raise NotImplementedError
 
 
-class _ScoredPolicy:
+class _ScoredPolicy(EvictionPolicy):
     """Shared state: hit counters decayed by ``beta`` every ``decay_every`` forward passes (a
     pass starts when a layer no later than the previous one runs), a use clock, the layer that
     ran last. Subclasses give ``keep(keys)``: the lower, the sooner evicted; ``margin`` scales
@@ -239,15 +221,6 @@ class _ScoredPolicy:
         self.last_use[k] = self.clock + np.arange(1, k.size + 1)
         self.clock += k.size
 
-    def predict(self, layer: int, keys: Keys) -> None:
-        pass
-
-    def inserted(self, key: int) -> None:
-        pass
-
-    def evicted(self, key: int) -> None:
-        pass
-
     def distance(self, keys: np.ndarray) -> np.ndarray:
         """Layers until each key's layer runs again (1: the next layer; L: the one that just ran)."""
         return (keys // self.E - self.layer - 1) % self.L + 1
@@ -258,26 +231,19 @@ class _ScoredPolicy:
     def victim(self, candidates: np.ndarray, incoming: int, speculative: bool) -> int | None:
         score = self.keep(candidates)
         i = int(np.lexsort((candidates, self.last_use[candidates], score))[0])
-        if speculative and not self.admits(self.keep(np.array([incoming]))[0], score[i]):
+        # a prefetch displaces the victim only if margin * (incoming key's keep) >= victim's keep
+        if speculative and not self.margin * self.keep(np.array([incoming]))[0] >= score[i]:
             return None
         return int(candidates[i])
 
-    def admits(self, incoming: float, victim: float) -> bool:
-        """Whether a prefetch of keep-priority ``incoming`` may displace ``victim``: when
-        ``margin * incoming >= victim`` (margin 1: no more hits than the incoming key)."""
-        return self.margin * incoming >= victim
-
 
 class LRUPolicy(_ScoredPolicy):
-    """Least recently used (a prefetch may displace any key)."""
+    """Least recently used (every key keeps priority 0, so a prefetch may displace any key)."""
 
     name = "lru"
 
     def keep(self, keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys))
-
-    def victim(self, candidates: np.ndarray, incoming: int, speculative: bool) -> int | None:
-        return super().victim(candidates, incoming, False)
 
 
 class LFUDecayPolicy(_ScoredPolicy):
@@ -295,14 +261,11 @@ class LayerDistancePolicy(_ScoredPolicy):
 
     A forward runs the MoE layers in order, so the layer that just ran is needed farthest in the
     future (distance L) and the next one soonest (1): Belady's "farthest next use", estimated,
-    times LFU's reuse estimate. The expert cache's default. Replayed on 18 decode traces of the
-    benchmark model (8 layers x 64 experts, top-4, 128 slots; 2 models x 3 prompts, 32 and 96
-    steps), demand-paged, it was the best or within 2 points of the best of every policy here
-    (batch 1: 0.39 vs LRU 0.35, LFU-decay 0.38, ARC 0.36, next-use 0.40, partitioned 0.39-0.40;
-    batch 8: 0.29 vs LRU 0.00, which the cyclic layer order defeats, LFU-decay 0.23, ARC 0.09,
-    partitioned 0.26), against Belady 0.67 / 0.52; with pre-gating it keeps the most prefetches
-    and so the highest live hit rate of the policies that keep the load-based rate above 0.2 at
-    batch 1."""
+    times LFU's reuse estimate. The expert cache's default: replayed demand-paged on 18 decode
+    traces of the benchmark model (8 layers x 64 experts, top-4, 128 slots), it was the best or
+    within 2 points of the best policy here (batch 1: 0.39, LRU 0.35; batch 8: 0.29, LRU 0.00,
+    which the cyclic layer order defeats; Belady 0.67 / 0.52), and with pre-gating it kept the
+    most prefetches."""
 
     name = "lfu_decay_dist"
 
@@ -353,11 +316,8 @@ class NextUsePolicy(_ScoredPolicy):
         later = np.where(self.predicted[keys], (1.0 - self.confidence) * later, later)
         return -(self.distance(keys) + later)
 
-    def admits(self, incoming: float, victim: float) -> bool:
-        return incoming >= victim
 
-
-class PartitionedPolicy:
+class PartitionedPolicy(EvictionPolicy):
     """``capacity // L`` slots per layer (the remainder to the first layers); the base policy
     picks the victim among the keys of the incoming key's layer (unknown incoming key: the layer
     last recorded, whose demand loads these are) when that layer is at its quota, else among
@@ -400,7 +360,7 @@ class PartitionedPolicy:
         return self.base.victim(pool, incoming, speculative)
 
 
-class ARCPolicy:
+class ARCPolicy(EvictionPolicy):
     """Adaptive Replacement Cache (Megiddo & Modha): T1 holds keys seen once recently, T2 keys
     seen at least twice; ghost lists B1/B2 remember recent evictions from each and move the
     target size ``p`` of T1. The victim is the least recently used evictable key of T1 when T1
@@ -435,9 +395,6 @@ class ARCPolicy:
             else:
                 self.t1[k] = None
 
-    def predict(self, layer: int, keys: Keys) -> None:
-        pass
-
     def inserted(self, key: int) -> None:
         if key not in self.t1 and key not in self.t2:
             self.t1[key] = None
@@ -453,14 +410,11 @@ class ARCPolicy:
     def victim(self, candidates: np.ndarray, incoming: int, speculative: bool) -> int | None:
         ok = set(int(k) for k in candidates)
         first, second = (self.t1, self.t2) if len(self.t1) > self.p else (self.t2, self.t1)
-        for lst in (first, second):
-            for k in lst:
-                if k in ok:
-                    return k
-        return int(candidates.min())  # resident but untracked (cannot happen through replay)
+        # none tracked: resident but untracked (cannot happen through replay)
+        return next((k for lst in (first, second) for k in lst if k in ok), int(candidates.min()))
 
 
-class PregateAwarePolicy:
+class PregateAwarePolicy(EvictionPolicy):
     """A base policy that never evicts a key of the latest pre-gating prediction while its
     layer has not run yet (unless every candidate is protected)."""
 
@@ -504,7 +458,6 @@ class ReplayResult:
     demand_loads: int = 0
     prefetch_loads: int = 0
     prefetch_used: int = 0  # prefetched keys requested before their eviction
-    per_request_hits: list[int] = field(default_factory=list)
 
     @property
     def loads(self) -> int:
@@ -563,9 +516,7 @@ def replay(trace: Trace, capacity: int, policy: EvictionPolicy, prefetch: bool =
                 continue
             fresh: set[int] = set()
             for k in pkeys:
-                if k in resident:
-                    continue
-                if not evict(fresh, k, True):
+                if k in resident or not evict(fresh, k, True):
                     continue
                 resident.add(k)
                 by_prefetch.add(k)
@@ -593,27 +544,23 @@ def replay(trace: Trace, capacity: int, policy: EvictionPolicy, prefetch: bool =
         if counted:
             res.requests += len(keys)
             res.hits += hits
-            res.per_request_hits.append(hits)
     return res
 
 
-def default_policies() -> list[EvictionPolicy]:
-    """The candidates :func:`compare` measures by default."""
-    return [
-        LRUPolicy(), LFUDecayPolicy(0.9), LayerDistancePolicy(0.9), NextUsePolicy(0.9),
-        PartitionedPolicy(LRUPolicy()), PartitionedPolicy(LFUDecayPolicy(0.9)), ARCPolicy(),
-        PregateAwarePolicy(LayerDistancePolicy(0.9)), PregateAwarePolicy(NextUsePolicy(0.9)),
-    ]
-
-
 def compare(trace: Trace, capacity: int, policies: Sequence[EvictionPolicy] | None = None) -> dict[str, dict[str, float]]:
-    """Every policy with and without prefetch, Belady and the hindsight static optimum
-    (:func:`static_optimum_hit_rate`) on one trace: ``{name: {"hit": live rate, "load":
-    load-based rate}}`` (``belady`` and ``static_optimum`` have both equal)."""
+    """Every policy (None: each policy here) with and without prefetch, Belady and the hindsight
+    static optimum (:func:`static_optimum_hit_rate`) on one trace: ``{name: {"hit": live rate,
+    "load": load-based rate}}`` (``belady`` and ``static_optimum`` have both equal)."""
+    if policies is None:
+        policies = [
+            LRUPolicy(), LFUDecayPolicy(0.9), LayerDistancePolicy(0.9), NextUsePolicy(0.9),
+            PartitionedPolicy(LRUPolicy()), PartitionedPolicy(LFUDecayPolicy(0.9)), ARCPolicy(),
+            PregateAwarePolicy(LayerDistancePolicy(0.9)), PregateAwarePolicy(NextUsePolicy(0.9)),
+        ]
     b = belady_hit_rate_of(trace, capacity)
     st = static_optimum_hit_rate(trace, capacity)
     out = {"belady": {"hit": b, "load": b}, "static_optimum": {"hit": st, "load": st}}
-    for pol in policies if policies is not None else default_policies():
+    for pol in policies:
         for pf in (False, True):
             r = replay(trace, capacity, pol, prefetch=pf)
             out[pol.name + ("+prefetch" if pf else "")] = {"hit": r.hit_rate, "load": r.load_hit_rate}

@@ -18,11 +18,8 @@ graph           inputs -> outputs                                       paramete
 ==============  ======================================================  ==================
 
 The custom ops appear in ``moe_pre``/``experts``/``moe_post`` and survive export through their
-InferShape/InferDtype functions. A model with shared experts (``model.moe.num_shared_experts >
-0``) exports ``moe_pre`` with the extra output ``shared`` and ``moe_post`` with the extra input
-``shared``; the shared experts are dense parameters, so they live in ``moe_pre`` and every
-expert-serving mode (resident, ring, naive) feeds the same graphs. ``moe_post`` adds them in the
-training layer's order, ``x_mid + (combine + shared)``.
+InferShape/InferDtype functions. Shared experts are dense parameters (in ``moe_pre``), so every
+expert-serving mode feeds the same graphs.
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import paddle
@@ -52,9 +48,8 @@ from paddle_semoe.inference.package import (
     PackageError,
     Section,
     expert_checksums,
-    write_int4_section,
-    write_int8_section,
     write_manifest,
+    write_quantized_section,
     write_section,
 )
 from paddle_semoe.models.gpt import Block, GPTConfig, GPTMoE, KVCache
@@ -159,23 +154,16 @@ class _Experts(nn.Layer):
 
 
 class _MoEPost(nn.Layer):
-    def __init__(self, layer: MoELayer):
-        super().__init__()
-        self._combine = layer.combine  # the method only: the graph holds no parameters
-
-    def forward(self, x_mid, rows, weights, positions):
-        return x_mid + self._combine(rows, weights, positions).reshape(paddle.shape(x_mid))
-
-
-class _MoEPostShared(nn.Layer):
-    """``x_mid + (combine + shared)``: the order of ``MoELayer.forward`` then ``Block.forward``."""
+    """``x_mid + combine`` or, given the shared experts' output, ``x_mid + (combine + shared)``:
+    the order of ``MoELayer.forward`` then ``Block.forward``."""
 
     def __init__(self, layer: MoELayer):
         super().__init__()
         self._combine = layer.combine  # the method only: the graph holds no parameters
 
-    def forward(self, x_mid, rows, weights, positions, shared):
-        return x_mid + (self._combine(rows, weights, positions) + shared).reshape(paddle.shape(x_mid))
+    def forward(self, x_mid, rows, weights, positions, shared=None):
+        y = self._combine(rows, weights, positions)
+        return x_mid + (y if shared is None else y + shared).reshape(paddle.shape(x_mid))
 
 
 class _Head(nn.Layer):
@@ -187,10 +175,11 @@ class _Head(nn.Layer):
         return self.m.head(x)
 
 
-def _save(layer: nn.Layer, specs: list[InputSpec], path: Path) -> str:
+def _save(layer: nn.Layer, specs: list[InputSpec], out: Path, name: str) -> str:
+    """Save ``layer`` as the static graph ``graphs/<name>`` under ``out``; returns that prefix."""
     static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
-    paddle.jit.save(static, str(path))
-    return path.name
+    paddle.jit.save(static, str(out / "graphs" / name))
+    return f"graphs/{name}"
 
 
 def export_graphs(model: GPTMoE, out: Path) -> dict:
@@ -206,17 +195,13 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
             "pure-Paddle reference (export with --no-graphs, or build the ops)"
         )
     moe_cfg = cfg.moe_config()
-    D, E, F, K = cfg.d_model, moe_cfg.num_experts, moe_cfg.d_ff, moe_cfg.k
-    gdir = out / "graphs"
-    gdir.mkdir(parents=True, exist_ok=True)
+    D, E, F, K, H = cfg.d_model, moe_cfg.num_experts, moe_cfg.d_ff, moe_cfg.k, cfg.n_heads
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
     x_spec = InputSpec([None, None, D], "float32", "x")
-    H = cfg.n_heads
-    cache_specs = [InputSpec([None, H, None, D // H], "float32", "k_past"), InputSpec([None, H, None, D // H], "float32", "v_past")]
-    graphs: dict = {
-        "embed": "graphs/" + _save(_Embed(model), [InputSpec([None, None], "int64", "tokens"), InputSpec([1], "int64", "past")],
-                                   gdir / "embed"),
-        "kv_cache": True,
-    }
+    block_specs = [x_spec] + [InputSpec([None, H, None, D // H], "float32", n)
+                              for n in ("k_past", "v_past")]
+    tokens_specs = [InputSpec([None, None], "int64", "tokens"), InputSpec([1], "int64", "past")]
+    graphs: dict = {"embed": _save(_Embed(model), tokens_specs, out, "embed"), "kv_cache": True}
     blocks = []
     moe_layers = model.moe_layers()
     was_dropless = [layer.eval_dropless for layer in moe_layers]
@@ -225,30 +210,27 @@ def export_graphs(model: GPTMoE, out: Path) -> dict:
     try:
         for i, b in enumerate(model.blocks):
             if isinstance(b.ffn, MoELayer):
-                blocks.append({"kind": "moe", "pre": "graphs/" + _save(_MoEPre(b, b.ffn), [x_spec, *cache_specs],
-                                                                        gdir / f"moe_pre_{i:02d}")})
+                pre = _save(_MoEPre(b, b.ffn), block_specs, out, f"moe_pre_{i:02d}")
+                blocks.append({"kind": "moe", "pre": pre})
             else:
-                blocks.append({"kind": "dense", "graph": "graphs/" + _save(_DenseBlock(b), [x_spec, *cache_specs],
-                                                                            gdir / f"block_{i:02d}")})
+                graph = _save(_DenseBlock(b), block_specs, out, f"block_{i:02d}")
+                blocks.append({"kind": "dense", "graph": graph})
     finally:
         for layer, flag in zip(moe_layers, was_dropless):
             layer.eval_dropless = flag
     graphs["blocks"] = blocks
     if moe_layers:  # one experts graph and one combine graph serve every MoE layer (same code, no parameters)
         rows = InputSpec([None, D], "float32", "rows")
-        graphs["experts"] = "graphs/" + _save(
-            _Experts(moe_layers[0].experts),
-            [rows, InputSpec([E], "int32", "counts"), InputSpec([E, D, F], "float32", "w1"), InputSpec([E, F], "float32", "b1"),
-             InputSpec([E, F, D], "float32", "w2"), InputSpec([E, D], "float32", "b2")],
-            gdir / "experts",
-        )
-        post_specs = [x_spec, rows, InputSpec([None, K], "float32", "weights"), InputSpec([None, K], "int32", "positions")]
-        post: nn.Layer = _MoEPost(moe_layers[0])
+        expert_specs = [rows, InputSpec([E], "int32", "counts"),
+                        InputSpec([E, D, F], "float32", "w1"), InputSpec([E, F], "float32", "b1"),
+                        InputSpec([E, F, D], "float32", "w2"), InputSpec([E, D], "float32", "b2")]
+        graphs["experts"] = _save(_Experts(moe_layers[0].experts), expert_specs, out, "experts")
+        post_specs = [x_spec, rows, InputSpec([None, K], "float32", "weights"),
+                      InputSpec([None, K], "int32", "positions")]
         if moe_cfg.num_shared_experts > 0:  # every MoE layer has them (one MoEConfig for all)
             post_specs.append(InputSpec([None, D], "float32", "shared"))
-            post = _MoEPostShared(moe_layers[0])
-        graphs["moe_post"] = "graphs/" + _save(post, post_specs, gdir / "moe_post")
-    graphs["head"] = "graphs/" + _save(_Head(model), [x_spec], gdir / "head")
+        graphs["moe_post"] = _save(_MoEPost(moe_layers[0]), post_specs, out, "moe_post")
+    graphs["head"] = _save(_Head(model), [x_spec], out, "head")
     return graphs
 
 
@@ -278,13 +260,10 @@ def check_export_target(out: Path, overwrite: bool) -> None:
 
 
 def _package_records(root: Path, recorded: set[str]) -> list[FileRecord]:
-    """Records of every file under ``root`` not yet in ``recorded`` (graphs, their .info files,
-    ...), so the manifest covers every file of the package."""
-    return [
-        record_of(path, path.relative_to(root).as_posix())
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.relative_to(root).as_posix() not in recorded and path.name != "manifest.json"
-    ]
+    """Records of every file under ``root`` but its manifest not yet in ``recorded`` (the extra
+    files, the graphs and their .info files, ...), so the manifest covers every file."""
+    names = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
+    return [record_of(root / n, n) for n in names if n not in recorded and n != "manifest.json"]
 
 
 def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files: Sequence[tuple[str, Path]] = (),
@@ -309,7 +288,7 @@ def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        sections, int8_sections, graph_index = _write_package(model, tmp, graphs, extra_files, int8, int4)
+        sections, graph_index = _write_package(model, tmp, graphs, extra_files, int8, int4)
         _publish_package(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,36 +301,32 @@ def export_package(model: GPTMoE, out: Path, *, graphs: bool = True, extra_files
 
 
 def _write_package(model: GPTMoE, tmp: Path, graphs: bool, extra_files: Sequence[tuple[str, Path]],
-                   int8: bool, int4: bool = False) -> tuple[list[Section], list[Section], dict]:
+                   int8: bool, int4: bool) -> tuple[list[Section], dict]:
     (tmp / "experts").mkdir(parents=True)
     model.eval()
-    sections, int8_sections, int4_sections = [], [], []
+    sections: list[Section] = []
+    quantized: dict[str, list[Section]] = {"int8": [], "int4": []}
     for i, arrays in expert_arrays(model).items():
         rel = f"experts/layer_{i:02d}.bin"
         specs, size, sha = write_section(tmp / rel, arrays)
-        sections.append(Section(i, rel, size, sha, specs, expert_checksums(arrays["w1"], arrays["w2"])))
-        if int8:
-            rel8 = f"experts/layer_{i:02d}.int8.bin"
-            specs8, size8, sha8, crc8 = write_int8_section(tmp / rel8, arrays["w1"], arrays["w2"])
-            int8_sections.append(Section(i, rel8, size8, sha8, specs8, crc8))
-        if int4:
-            rel4 = f"experts/layer_{i:02d}.int4.bin"
-            specs4, size4, sha4, crc4 = write_int4_section(tmp / rel4, arrays["w1"], arrays["w2"])
-            int4_sections.append(Section(i, rel4, size4, sha4, specs4, crc4))
+        w1, w2 = arrays["w1"], arrays["w2"]
+        sections.append(Section(i, rel, size, sha, specs, expert_checksums(w1, w2)))
+        for q in [q for q, on in (("int8", int8), ("int4", int4)) if on]:
+            rel = f"experts/layer_{i:02d}.{q}.bin"
+            specs, size, sha, crc = write_quantized_section(tmp / rel, w1, w2, q)
+            quantized[q].append(Section(i, rel, size, sha, specs, crc))
     dense: dict[str, Any] = dense_arrays(model)  # (numpy's stub would read a key as allow_pickle)
     np.savez(tmp / "dense.npz", **dense)
 
     graph_index = export_graphs(model, tmp) if graphs else {}
-    extra = []
     for name, src in extra_files:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(tmp / name, Path(src).read_bytes())
-        extra.append(record_of(tmp / name, name))
-    recorded = {"dense.npz", *(s.file for s in sections + int8_sections + int4_sections), *(r.name for r in extra)}
-    extra += _package_records(tmp, recorded)  # the static graphs and anything else written above
-    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"), graph_index, extra, int8_sections,
-                   int4_sections)
-    return sections, int8_sections, graph_index
+    section_files = {s.file for s in sections + quantized["int8"] + quantized["int4"]}
+    extra = _package_records(tmp, {"dense.npz", *section_files})
+    write_manifest(tmp, to_dict(model.config), sections, sha256_file(tmp / "dense.npz"),
+                   graph_index, extra, quantized["int8"], quantized["int4"])
+    return sections, graph_index
 
 
 def _publish_package(tmp: Path, out: Path) -> None:

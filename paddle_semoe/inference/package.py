@@ -26,6 +26,7 @@ import json
 import logging
 import dataclasses
 import os
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,14 +77,6 @@ class Section:
     tensors: tuple[TensorSpec, ...]
     expert_crc32: tuple[int, ...] = ()  # per expert: CRC-32 of its w1 rows then its w2 rows
 
-    @property
-    def payload_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.tensors[0].shape[0])
-
     def tensor(self, name: str) -> TensorSpec:
         for t in self.tensors:
             if t.name == name:
@@ -107,22 +100,25 @@ def expert_checksums(w1: np.ndarray, w2: np.ndarray) -> tuple[int, ...]:
     )
 
 
-def section_layout(shapes: dict[str, tuple[int, ...]], dtype: str = "float32") -> tuple[tuple[TensorSpec, ...], int]:
-    """Aligned offsets of the expert tensors in a section and the section's file size."""
+def _write_arrays(path: Path,
+                  arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
+    """A section file: the arrays in order, each at a 4096-aligned offset, the file size a
+    multiple of 4096; returns (specs, size, sha256)."""
     specs, off = [], 0
-    for name in EXPERT_TENSORS:
-        spec = TensorSpec(name, tuple(int(s) for s in shapes[name]), dtype, off)
-        specs.append(spec)
-        off = _align(off + spec.nbytes)
-    return tuple(specs), max(off, ALIGN)
+    for name, a in arrays.items():
+        specs.append(TensorSpec(name, tuple(int(d) for d in a.shape), str(a.dtype), off))
+        off = _align(off + specs[-1].nbytes)
+    buf = bytearray(max(off, ALIGN))
+    for spec in specs:
+        data = np.ascontiguousarray(arrays[spec.name]).tobytes()
+        buf[spec.offset : spec.offset + len(data)] = data
+    write_atomic(path, bytes(buf))
+    return tuple(specs), len(buf), sha256_bytes(buf)
 
 
 def write_section(path: Path, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
-    specs, size = section_layout({k: v.shape for k, v in arrays.items()}, str(arrays["w1"].dtype))
-    return _write_specs(path, specs, size, arrays)
-
-
-INT8_TENSORS = ("w1", "w1_scale", "w2", "w2_scale")
+    """A float32 expert section: w1, b1, w2, b2 of ``arrays``; returns (specs, size, sha256)."""
+    return _write_arrays(path, {k: arrays[k] for k in EXPERT_TENSORS})
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,28 +128,6 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None, :]), -127, 127).astype(np.int8)
     return q, scale
-
-
-def write_int8_section(path: Path, w1: np.ndarray, w2: np.ndarray) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
-    """An int8 expert section: ``w1``/``w2`` int8 (each expert's rows one contiguous range) and
-    their per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of the
-    int8 w1/w2 rows). Biases stay in the float32 section."""
-    return _write_quantized_section(path, *quantize_int8(w1), *quantize_int8(w2))
-
-
-def _write_quantized_section(path: Path, q1: np.ndarray, s1: np.ndarray, q2: np.ndarray, s2: np.ndarray
-                             ) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
-    """Write quantized ``w1``/``w2`` and their scales (``INT8_TENSORS`` order, each 4096-aligned)."""
-    arrays = {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2}
-    specs, off = [], 0
-    for name in INT8_TENSORS:
-        a = arrays[name]
-        spec = TensorSpec(name, tuple(int(d) for d in a.shape), str(a.dtype), off)
-        specs.append(spec)
-        off = _align(off + spec.nbytes)
-    specs_t, size = tuple(specs), max(off, ALIGN)
-    _, _, sha = _write_specs(path, specs_t, size, arrays)
-    return specs_t, size, sha, expert_checksums(q1, q2)
 
 
 INT4_GROUP = 32  # int4 scales: one per output channel and group of 32 consecutive input rows
@@ -195,20 +169,16 @@ def dequantize_int4(packed: np.ndarray, scale: np.ndarray, group: int = INT4_GRO
     return q * np.repeat(scale, group, axis=1)[:, : q.shape[1]]
 
 
-def write_int4_section(path: Path, w1: np.ndarray, w2: np.ndarray, group: int = INT4_GROUP) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
-    """An int4 expert section: packed ``w1``/``w2`` (each expert's rows one contiguous range) and
-    their per-group, per-output-channel scales; returns (specs, size, sha256, per-expert CRC-32 of
-    the packed w1/w2 rows). Biases stay in the float32 section."""
-    return _write_quantized_section(path, *quantize_int4(w1, group), *quantize_int4(w2, group))
-
-
-def _write_specs(path: Path, specs: tuple[TensorSpec, ...], size: int, arrays: dict[str, np.ndarray]) -> tuple[tuple[TensorSpec, ...], int, str]:
-    buf = bytearray(size)
-    for s in specs:
-        data = np.ascontiguousarray(arrays[s.name]).tobytes()
-        buf[s.offset : s.offset + len(data)] = data
-    write_atomic(path, bytes(buf))
-    return specs, size, sha256_bytes(buf)
+def write_quantized_section(path: Path, w1: np.ndarray, w2: np.ndarray, quant: str
+                            ) -> tuple[tuple[TensorSpec, ...], int, str, tuple[int, ...]]:
+    """A weight-only ``quant`` (``int8`` or ``int4``) expert section: quantized ``w1``/``w2``
+    (each expert's rows one contiguous range) and their scales (:func:`quantize_int8` /
+    :func:`quantize_int4`); returns (specs, size, sha256, per-expert CRC-32 of the quantized
+    w1/w2 rows). Biases stay in the float32 section."""
+    quantize = quantize_int8 if quant == "int8" else quantize_int4
+    (q1, s1), (q2, s2) = quantize(w1), quantize(w2)
+    specs, size, sha = _write_arrays(path, {"w1": q1, "w1_scale": s1, "w2": q2, "w2_scale": s2})
+    return specs, size, sha, expert_checksums(q1, q2)
 
 
 @dataclass(frozen=True)
@@ -221,12 +191,6 @@ class Manifest:
     graphs: dict[str, Any]
     int8_sections: tuple[Section, ...] = ()  # optional weight-only int8 copies, same layer order
     int4_sections: tuple[Section, ...] = ()  # optional weight-only int4 copies (groups of INT4_GROUP rows)
-
-    def section(self, layer: int) -> Section:
-        for s in self.sections:
-            if s.layer == layer:
-                return s
-        raise PackageError(f"package {self.root} has no expert section for layer {layer}")
 
     @property
     def max_section_bytes(self) -> int:
@@ -305,23 +269,17 @@ def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
     return m
 
 
-def _graph_prefixes(graphs: dict[str, Any]) -> list[str]:
-    """Every file prefix (``graphs/embed``, ...) of a manifest's graph index."""
-    out: list[str] = []
-    for key, value in graphs.items():
-        if isinstance(value, bool):  # a flag ("kv_cache"), not a file
-            continue
-        if key == "blocks":
-            out += [str(v) for b in value for k, v in b.items() if k != "kind"]
-        else:
-            out.append(str(value))
-    return out
-
-
 def _check_graphs_recorded(mpath: Path, graphs: dict[str, Any], recorded: set[str]) -> None:
-    """Refuse a package whose static graphs have no checksums in the manifest (exported by an
-    older version): they could not be verified before Paddle Inference loads them."""
-    for prefix in _graph_prefixes(graphs):
+    """Refuse a package whose static graphs (every file prefix of the graph index:
+    ``graphs/embed``, ...) have no checksums in the manifest (exported by an older version):
+    they could not be verified before Paddle Inference loads them."""
+    prefixes: list[str] = []
+    for key, value in graphs.items():
+        if key == "blocks":
+            prefixes += [str(v) for b in value for k, v in b.items() if k != "kind"]
+        elif not isinstance(value, bool):  # a bool is a flag ("kv_cache"), not a file
+            prefixes.append(str(value))
+    for prefix in prefixes:
         if not any(name.startswith(prefix + ".") for name in recorded):
             raise PackageError(
                 f"inference manifest {mpath} records no checksum for the static graph {prefix}: it cannot be verified; "
@@ -330,9 +288,8 @@ def _check_graphs_recorded(mpath: Path, graphs: dict[str, Any], recorded: set[st
 
 
 def _with_expert_checksums(root: Path, s: Section) -> Section:
-    buf = np.fromfile(root / s.file, dtype=np.uint8)
-    v = section_views(buf, s)
-    return Section(s.layer, s.file, s.nbytes, s.sha256, s.tensors, expert_checksums(v["w1"], v["w2"]))
+    v = section_views(np.fromfile(root / s.file, dtype=np.uint8), s)
+    return dataclasses.replace(s, expert_crc32=expert_checksums(v["w1"], v["w2"]))
 
 
 def verify_file(path: Path, sha256: str, nbytes: int | None) -> None:
@@ -346,63 +303,92 @@ def load_dense(m: Manifest) -> dict[str, np.ndarray]:
 
 def section_views(buffer: np.ndarray, section: Section) -> dict[str, np.ndarray]:
     """Typed views of the expert tensors inside a raw (uint8) section buffer."""
-    out = {}
-    for t in section.tensors:
-        raw = buffer[t.offset : t.offset + t.nbytes]
-        out[t.name] = raw.view(np.dtype(t.dtype)).reshape(t.shape)
-    return out
+    return {t.name: buffer[t.offset : t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
+            for t in section.tensors}
 
 
-class SectionFile:
-    """Reads one section into caller-provided aligned memory; ``direct`` bypasses the page cache.
+class PackageFile:
+    """One file of a verified package, read with ``pread`` into caller memory (one descriptor,
+    opened on the first read).
 
-    ``direct=True`` uses O_DIRECT (real disk reads every time); where the file system refuses
-    it, the page cache is dropped for the file after each read instead (logged once).
+    Every read first checks that the file's size and mtime are those it had when this object was
+    made, else refuses naming it. ``direct``: O_DIRECT, so the page cache never serves a read;
+    ranges whose offset, length or destination are not 4096-aligned are read as their covering
+    pages through this thread's bounce buffer. Where the file system refuses O_DIRECT, reads are
+    buffered and the file's page cache is dropped after each one (logged once).
     """
 
-    def __init__(self, root: Path, section: Section, direct: bool):
-        self.path = root / section.file
-        self.section = section
-        self.direct = direct
-        st = self.path.stat()
+    def __init__(self, path: Path, direct: bool):
+        self.path, self.direct = path, direct
+        st = path.stat()
         self._stamp = (st.st_size, st.st_mtime_ns)
-        self._fadvise_only = False
+        self._fd: int | None = None
+        self._fadvise = False
+        self._warned_bounce = False
+        self._lock = threading.Lock()
 
-    def _check_unchanged(self) -> None:
+    def _open(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                direct = getattr(os, "O_DIRECT", 0) if self.direct else 0
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY | direct)
+                except OSError:
+                    if not self.direct:
+                        raise
+                    self._fadvise = True
+                    logger.warning("O_DIRECT refused for %s; reading buffered and dropping its "
+                                   "page cache instead", self.path)
+                    self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
+
+    def read(self, offset: int, out: np.ndarray) -> None:
+        """Fill ``out`` (uint8) with the file's ``out.nbytes`` bytes from ``offset``."""
         try:
             st = self.path.stat()
         except FileNotFoundError as exc:
             raise PackageError(f"inference package file disappeared: {self.path}") from exc
         if (st.st_size, st.st_mtime_ns) != self._stamp:
             raise PackageError(f"inference package file {self.path} changed after it was verified; refusing to serve it")
+        fd = self._fd if self._fd is not None else self._open()
+        n = out.nbytes
+        target, start, length = out, offset, n
+        unaligned = offset % ALIGN or n % ALIGN or out.ctypes.data % ALIGN
+        if self.direct and not self._fadvise and unaligned:
+            if not self._warned_bounce:
+                logger.info("%s: unaligned ranges read via an O_DIRECT bounce buffer", self.path)
+                self._warned_bounce = True
+            start = offset // ALIGN * ALIGN
+            length = _align(offset + n) - start
+            target = _bounce(length)
+        mv = target.data.cast("B")
+        done = 0
+        while done < length:
+            got = os.preadv(fd, [mv[done:length]], start + done)
+            if got <= 0:
+                raise PackageError(f"inference package file {self.path} ended at byte {start+done}")
+            done += got
+        if target is not out:
+            np.copyto(out, target[offset - start : offset - start + n])
+        if self._fadvise:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read_into(self, out: memoryview) -> int:
-        """Read the whole section into ``out`` (>= nbytes, 4096-aligned). Returns bytes read."""
-        self._check_unchanged()
-        n = self.section.nbytes
-        flags = os.O_RDONLY
-        if self.direct and not self._fadvise_only:
-            flags |= getattr(os, "O_DIRECT", 0)
-        try:
-            fd = os.open(self.path, flags)
-        except OSError:
-            if not self.direct:
-                raise
-            self._fadvise_only = True
-            logger.warning("O_DIRECT refused for %s; reading buffered and dropping its page cache instead", self.path)
-            fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [out[done:n]], done)
-                if got <= 0:
-                    raise PackageError(f"inference package file {self.path} ended after {done} of {n} bytes")
-                done += got
-            if self.direct and self._fadvise_only:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        return n
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+_local = threading.local()  # per thread: the O_DIRECT bounce buffer
+
+
+def _bounce(nbytes: int) -> np.ndarray:
+    """This thread's 4096-aligned bounce buffer, at least ``nbytes`` (grown when needed)."""
+    b = getattr(_local, "bounce", None)
+    if b is None or b.size < nbytes:
+        b = _local.bounce = aligned_buffer(nbytes)
+    return b[:nbytes]
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:

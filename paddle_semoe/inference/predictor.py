@@ -2,18 +2,11 @@
 
 Each sub-graph of the package (see export.py) gets a ``paddle.inference`` predictor; the
 expert graph takes the expert weights as inputs, so the same :mod:`ring` providers feed it
-layer by layer (a model's shared experts are dense: they run inside its ``moe_pre`` graphs, whose
-extra output ``moe_post`` adds). The compiled custom ops must be loaded in the serving process (they are, via
-:func:`paddle_semoe.ops.resolve_backend`). The block graphs take and return key/value caches,
+layer by layer (shared experts are dense: they run inside the ``moe_pre`` graphs, whose extra
+output ``moe_post`` adds). The compiled custom ops are loaded through
+:func:`paddle_semoe.ops.resolve_backend`. The block graphs take and return key/value caches,
 so generation prefills the prompt once and then decodes one token per step, like the dygraph
 runner (routing is dropless in both, so they give the same tokens).
-
-Runtime (profiled on the quickstart model's decode steps): activations, caches and expert
-weights pass between the graphs as CPU paddle Tensors, shared with the predictors without a copy
-(only the caches are cloned, see :class:`_Graph`); the graphs run Paddle's native CPU kernels,
-the dygraph path's, not oneDNN (half the run time here, and bit-identical logits to the dygraph
-runner); with a ring, the compute thread yields the GIL once after each ``release`` so the
-loader starts the next read at once (see :class:`PaddleInferenceModel`).
 """
 
 from __future__ import annotations
@@ -40,13 +33,10 @@ class _Graph:
     """One Paddle Inference predictor run on CPU paddle Tensors.
 
     Inputs and outputs are ``paddle.Tensor`` (the ``run(list)`` overload): inputs are shared with
-    the predictor (``ShareDataWith``, no copy; the caller keeps them alive until the call returns,
-    as the ring does while a layer is acquired), and each output is a tensor on the allocation the
-    predictor wrote (no copy out). The predictor keeps that allocation and writes its next run's
-    output into it when the new output fits: an output is valid until the same graph runs again.
-    Activations are consumed before that; the key/value caches outlive it (they are the next
-    step's inputs of the same graph), so the model copies them (``clone``: 3% of a decode step
-    on the quickstart model, against 5% for the copies in and out of every tensor before)."""
+    the predictor (no copy; the caller keeps them alive until the call returns), and each output
+    is the allocation the predictor wrote, which its next run overwrites: an output is valid
+    until the same graph runs again. Activations are consumed before that; the key/value caches
+    are the next step's inputs of the same graph, so the model clones them."""
 
     def __init__(self, root: Path, prefix: str, threads: int):
         model, params = root / f"{prefix}.json", root / f"{prefix}.pdiparams"
@@ -55,10 +45,8 @@ class _Graph:
         cfg = pi.Config(str(model), str(params)) if params.exists() else pi.Config(str(model), "")
         cfg.disable_gpu()
         cfg.disable_glog_info()
-        # oneDNN (on by default for CPU) re-creates its primitives for every new input shape and
-        # resets its cache around every run: measured 2x the run time of a decode step's block
-        # graph (~600 vs ~300 us) with bit-identical outputs, so the graphs run the native phi
-        # CPU kernels, the ones the dygraph path runs.
+        # oneDNN re-creates its primitives for every new input shape: 2x a decode step's block graph
+        # time (~600 vs ~300 us), so the graphs run the native CPU kernels, the dygraph path's.
         cfg.disable_onednn()
         cfg.set_cpu_math_library_num_threads(threads)
         self.name = prefix
@@ -77,9 +65,8 @@ class PaddleInferenceModel:
     """GPT-MoE served through Paddle Inference predictors with ring-supplied expert weights.
 
     ``threads``: the math library's threads during each predictor run
-    (``set_cpu_math_library_num_threads``). The dygraph path runs with Paddle's default of 1; a
-    decode step's matrices are a few rows, and on 2 shared cores 1 thread was the faster setting
-    (the second thread's OpenMP worker spins between runs, against the ring's loader thread)."""
+    (``set_cpu_math_library_num_threads``); 1, the dygraph path's default, was the faster setting
+    for a decode step's few rows on 2 shared cores."""
 
     def __init__(self, manifest: Manifest, serve: ServeConfig, threads: int = 1):
         if not manifest.graphs:
@@ -91,10 +78,8 @@ class PaddleInferenceModel:
         root, g = manifest.root, manifest.graphs
         self.manifest = manifest
         self.embed = _Graph(root, g["embed"], threads)
-        self.blocks = [
-            ("moe", _Graph(root, b["pre"], threads)) if b["kind"] == "moe" else ("dense", _Graph(root, b["graph"], threads))
-            for b in g["blocks"]
-        ]
+        self.blocks = [("moe", _Graph(root, b["pre"], threads)) if b["kind"] == "moe"
+                       else ("dense", _Graph(root, b["graph"], threads)) for b in g["blocks"]]
         has_moe = any(b["kind"] == "moe" for b in g["blocks"])  # a dense model has no expert graphs
         self.experts_graph = _Graph(root, g["experts"], threads) if has_moe else None
         self.post = _Graph(root, g["moe_post"], threads) if has_moe else None
@@ -107,11 +92,9 @@ class PaddleInferenceModel:
                 )
         self.head = _Graph(root, g["head"], threads)
         self.experts = build_provider(manifest, serve)
-        # ``predictor.run`` keeps the GIL for a whole graph (dygraph ops release it). The ring's
-        # ``release(j)`` wakes its loader thread, which needs the GIL to start the next read: it
-        # got it only at the next GIL release, two graph runs later (0.55 ms median after
-        # release, ring:1 on the quickstart model); yielding once right after ``release`` (a
-        # ``sleep(0)``) starts the read within 0.04 ms, and ring:1 decodes 20-25% faster.
+        # ``predictor.run`` keeps the GIL for a whole graph: the ring's loader, woken by
+        # ``release``, would start its read two graph runs later; yielding once after ``release``
+        # starts it at once (ring:1 decodes 20-25% faster on the quickstart model).
         self._yield_after_release = isinstance(self.experts, RingExperts)
         cfg = manifest.model
         self._heads, self._d_head = int(cfg["n_heads"]), int(cfg["d_model"]) // int(cfg["n_heads"])
@@ -132,10 +115,7 @@ class PaddleInferenceModel:
     def step(self, tokens: np.ndarray | paddle.Tensor, caches: list[tuple[paddle.Tensor, paddle.Tensor]]
              ) -> tuple[np.ndarray, list[tuple[paddle.Tensor, paddle.Tensor]]]:
         """int64 [B, S] after the past positions held in ``caches`` (one (k, v) ``[B, H, P, Dh]``
-        per block) -> (logits float32 [B, S, V], the caches extended to P + S positions).
-
-        Activations and caches stay CPU paddle Tensors from graph to graph (no copies in or
-        out); only the logits come back as numpy."""
+        per block) -> (logits float32 [B, S, V] as numpy, the caches extended to P + S)."""
         if not isinstance(tokens, paddle.Tensor):
             tokens = paddle.to_tensor(np.ascontiguousarray(tokens, dtype=np.int64), place=_CPU)
         past = paddle.to_tensor(np.asarray([caches[0][0].shape[2]], np.int64), place=_CPU)
@@ -143,14 +123,12 @@ class PaddleInferenceModel:
         new_caches = []
         j = 0
         for (kind, graph), (k_past, v_past) in zip(self.blocks, caches):
+            x, k, v, *moe = graph(x, k_past, v_past)  # an MoE block's x is x_mid, then its routing
+            new_caches.append((k.clone(), v.clone()))  # see _Graph: outliving the graph's next run
             if kind == "dense":
-                x, k, v = graph(x, k_past, v_past)
-                new_caches.append((k.clone(), v.clone()))  # see _Graph: outliving the graph's next run
                 continue
             assert self.experts_graph is not None and self.post is not None  # a package with MoE blocks has both
-            # shared: [] or [shared experts' rows]
-            x_mid, k, v, rows, counts, weights, positions, *shared = graph(x, k_past, v_past)
-            new_caches.append((k.clone(), v.clone()))
+            rows, counts, weights, positions, *shared = moe  # shared: [] or [shared experts' rows]
             w = self.experts.acquire(j)
             try:
                 (out,) = self.experts_graph(rows, counts, w["w1"], w["b1"], w["w2"], w["b2"])
@@ -158,7 +136,7 @@ class PaddleInferenceModel:
                 self.experts.release(j)
             if self._yield_after_release:
                 time.sleep(0)  # let the loader thread take the GIL and start its read (see __init__)
-            (x,) = self.post(x_mid, out, weights, positions, *shared)
+            (x,) = self.post(x, out, weights, positions, *shared)
             j += 1
         (logits,) = self.head(x)
         return logits.numpy(), new_caches

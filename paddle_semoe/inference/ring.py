@@ -5,22 +5,17 @@ layers), the four expert tensors of that layer as Paddle tensors that share memo
 NumPy buffer (zero copy), and is told when the layer is done with them:
 
 * :class:`ResidentExperts` loads all N sections once and keeps them (the baseline).
-* :class:`RingExperts` holds K fixed slots (allocated once, never re-allocated). Slots start
-  with layers ``0..K-1``; when layer ``j`` releases its slot, a loader thread fills it with
-  layer ``(j + K) mod N``, so the copy of the next layers overlaps the compute of the current
-  ones, pass after pass (a generation step runs layers 0..N-1 again and again).
+* :class:`RingExperts` holds K fixed slots (allocated once). Slots start with layers
+  ``0..K-1``; when layer ``j`` releases its slot, a loader thread fills it with layer
+  ``(j + K) mod N``, so loading the next layers overlaps computing the current ones.
 * :class:`OnDemandExperts` has one buffer and loads each layer synchronously before it runs.
 
 :class:`LayerWeights` turns a provider into the expert-weight source of one MoE layer
 (``GroupedExperts.weight_source``): the served model runs the training layer's own code.
-
-Sources: :class:`HostSource` keeps every section in host memory (loaded from the package
-files once) and copies into slots; :class:`DiskSource` streams sections from the package
-files each time (``direct=True``: O_DIRECT, so the page cache cannot hide the disk).
-
-A trace of (event, layer, slot, time) records is kept when ``trace=True`` so tests can prove
-that no slot is computed on before its load finished and that no load overwrote a slot
-still in use.
+Sources: :class:`HostSource` (every section in host memory, copied into slots) and
+:class:`DiskSource` (streamed from the package files, ``direct=True``: O_DIRECT).
+With ``trace=True`` a provider records (event, layer, slot, time) tuples, so tests can prove
+that no slot is computed on before its load finished nor reloaded while in use.
 """
 
 from __future__ import annotations
@@ -30,64 +25,59 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import paddle
 
-from paddle_semoe.inference.package import Manifest, SectionFile, aligned_buffer, section_views
+from paddle_semoe.inference.package import (Manifest, PackageFile, Section, aligned_buffer,
+                                            section_views)
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- sources
 class ExpertSource(Protocol):
-    def load(self, index: int, out: np.ndarray) -> None:
-        """Fill ``out`` (uint8, >= section bytes, 4096-aligned) with section ``index``."""
+    """The section files of a package (``sections``, default the manifest's float32 ones)."""
 
-
-class HostSource:
-    """All sections in host memory (read from the package files once)."""
-
-    def __init__(self, manifest: Manifest):
-        self.sections = manifest.sections
-        self.buffers = []
-        for s in manifest.sections:
-            buf = aligned_buffer(s.nbytes)
-            SectionFile(manifest.root, s, direct=False).read_into(buf.data)
-            self.buffers.append(buf)
-
-    def load(self, index: int, out: np.ndarray) -> None:
-        src = self.buffers[index]
-        np.copyto(out[: src.size], src)
-
-
-class DiskSource:
-    """Sections streamed from the package files on every load."""
-
-    def __init__(self, manifest: Manifest, direct: bool = True):
-        self.files = [SectionFile(manifest.root, s, direct) for s in manifest.sections]
-
-    def load(self, index: int, out: np.ndarray) -> None:
-        self.files[index].read_into(out.data)
-
-
-# ----------------------------------------------------------------------------- providers
-class ExpertProvider(Protocol):
-    """Hands out MoE layer ``j``'s expert tensors {w1 [E,D,F], b1 [E,F], w2 [E,F,D], b2 [E,D]}
-    (float32, sharing memory with the provider's buffer) until ``release(j)``."""
-
-    stats: "ProviderStats"
-
-    def acquire(self, j: int) -> dict[str, paddle.Tensor]: ...
-
-    def release(self, j: int) -> None: ...
-
-    def resident_expert_bytes(self) -> int: ...
+    def read(self, index: int, offset: int, out: np.ndarray) -> None:
+        """Fill ``out`` (uint8) with ``out.nbytes`` bytes of section ``index`` from ``offset``."""
 
     def close(self) -> None: ...
 
 
+class HostSource:
+    """All sections in host memory (read from the package files once); a read is a copy."""
+
+    def __init__(self, manifest: Manifest, sections: Sequence[Section] | None = None):
+        sections = manifest.sections if sections is None else sections
+        self.buffers = [np.fromfile(manifest.root / s.file, dtype=np.uint8) for s in sections]
+
+    def read(self, index: int, offset: int, out: np.ndarray) -> None:
+        np.copyto(out, self.buffers[index][offset : offset + out.nbytes])
+
+    def close(self) -> None:
+        pass
+
+
+class DiskSource:
+    """Sections streamed from the package files on every read (see
+    :class:`~paddle_semoe.inference.package.PackageFile`; ``direct``: O_DIRECT)."""
+
+    def __init__(self, manifest: Manifest, direct: bool = True,
+                 sections: Sequence[Section] | None = None):
+        sections = manifest.sections if sections is None else sections
+        self.files = [PackageFile(manifest.root / s.file, direct) for s in sections]
+
+    def read(self, index: int, offset: int, out: np.ndarray) -> None:
+        self.files[index].read(offset, out)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+# ----------------------------------------------------------------------------- providers
 class RoutedExpertProvider(Protocol):
     """An expert-granular provider (:class:`paddle_semoe.inference.cache.ExpertCache`): holds
     ``num_slots`` single-expert slots in arenas ``tensors`` {w1 [S,D,F], b1 [S,F], w2 [S,F,D],
@@ -115,17 +105,13 @@ class LayerWeights:
     With an expert-granular provider (``provider.expert_granular``), only the experts with
     nonzero counts are requested (in chunks of at most ``num_slots``); their rows are permuted
     into slot order, the grouped FFN runs on the slot arenas with per-slot counts, and the
-    outputs are gathered back into expert order: the same op on the same rows and weights, so
-    bit-exact (float32 slots; int8 slots run the provider's int8 FFN, see ``run_slots``).
+    outputs are gathered back into expert order: bit-exact (float32 slots; quantized slots run
+    the provider's quantized FFN, see ``run_slots``).
 
-    A decode step runs this for every MoE layer on a handful of rows, where per-op dispatch,
-    not arithmetic, is the cost. So for float32 rows on the host (one chunk, no padding rows):
-    the index bookkeeping is NumPy, the rows are permuted by NumPy into a host buffer that a
-    Paddle tensor shares (as are the per-slot counts and the inverse index: allocated once per
-    row count, rewritten per call; CPU ops run synchronously, so no op still reads them), and
-    the only ops are the FFN and one ``gather`` back (none when the slots already ascend with
-    the expert ids). Otherwise, or while another thread is in this layer (its buffers are
-    busy), :meth:`_run_chunked` (fresh index tensors, scatter).
+    Per-op dispatch is a decode step's cost, so for float32 host rows in one chunk the index
+    bookkeeping and the row permutation are NumPy, into :class:`_SharedBuffer` s kept per row
+    count, leaving the FFN and one ``gather`` (none when the slots ascend with the expert ids).
+    Otherwise, or while another thread uses these buffers, :meth:`_run_chunked`.
     """
 
     def __init__(self, provider: ExpertProvider | RoutedExpertProvider, j: int):
@@ -187,14 +173,10 @@ class LayerWeights:
         """(the rows [n, D] in slot order, inverse index int64 [n]: slot-order row of each
         expert-major row) for active experts holding ``c`` rows each (expert order) in ``slots``:
         float32 host rows, permuted by NumPy into a shared buffer (no op)."""
-        order = np.argsort(slots, kind="stable")
         if n == c.size:  # one row per expert (decode at batch 1): slot-order row i is expert-major row order[i]
-            idx = order
+            idx = np.argsort(slots, kind="stable")
         else:
-            co = c[order]
-            starts = np.cumsum(c) - c  # first row of each active expert in the expert-major rows
-            # slot-order row i of the run of expert order[g] is expert-major row starts[order[g]] + (i - run start)
-            idx = np.repeat(starts[order] - (np.cumsum(co) - co), co) + np.arange(n)
+            idx = _slot_order_index(np.cumsum(c) - c, c, slots)
         D = int(rows_RD.shape[1])
         bufs = self._index.get((n, D))
         if bufs is None:
@@ -216,8 +198,7 @@ class LayerWeights:
             chunk = active[c0 : c0 + p.num_slots]
             slots = p.acquire_experts(self.j, chunk)
             try:
-                order = np.argsort(slots, kind="stable")
-                idx = np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in chunk[order]])
+                idx = _slot_order_index(starts[chunk], counts[chunk], slots)
                 counts_S = np.zeros(p.num_slots, np.int32)
                 counts_S[slots] = counts[chunk]
                 idx_t = paddle.to_tensor(idx)
@@ -226,6 +207,15 @@ class LayerWeights:
                 p.release_experts(self.j, slots)
             out = paddle.scatter(out, idx_t, y, overwrite=True)
         return out
+
+
+def _slot_order_index(first: np.ndarray, c: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """int64 row index that puts rows into slot order: expert ``i`` holds rows ``first[i] ..
+    first[i] + c[i] - 1`` and sits in ``slots[i]``."""
+    order = np.argsort(slots, kind="stable")
+    co = c[order]
+    # slot-order row r of the run of expert order[g] is row first[order[g]] + (r - run start)
+    return np.repeat(first[order] - (np.cumsum(co) - co), co) + np.arange(int(co.sum()))
 
 
 _MAX_INDEX_SIZES = 64  # distinct row counts whose buffers a LayerWeights keeps
@@ -250,9 +240,7 @@ class ProviderStats:
     @property
     def overlap_ratio(self) -> float:
         """Share of the load time hidden behind compute (1.0: fully hidden)."""
-        if self.load_s <= 0:
-            return 1.0
-        return max(0.0, 1.0 - self.wait_s / self.load_s)
+        return max(0.0, 1.0 - self.wait_s / self.load_s) if self.load_s > 0 else 1.0
 
 
 @dataclass
@@ -280,22 +268,91 @@ class _Traced:
                 self.trace.append((kind, layer, slot, time.perf_counter()))
 
 
-class ResidentExperts(_Traced):
+class _LoaderThreads:
+    """Loader threads running ``_load_job(*job)`` for the jobs of ``_queue`` (under ``_cv``) until
+    :meth:`_stop_loaders`; a job that fails stores its exception in ``_error`` for the compute
+    thread to raise."""
+
+    def _init_loaders(self, threads: int, name: str) -> None:
+        """Start ``threads`` loader threads on an empty queue."""
+        self._queue: deque[tuple[int, int]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        names = [name] if threads == 1 else [f"{name}-{i}" for i in range(threads)]
+        self._loaders = [threading.Thread(target=self._loop, name=n, daemon=True) for n in names]
+        for t in self._loaders:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = self._queue.popleft()
+            self._load_job(*job)
+
+    def _load_job(self, key: int, slot: int) -> None:
+        raise NotImplementedError
+
+    def _stop_loaders(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._loaders:
+            t.join(timeout=10)
+
+
+class ExpertProvider(_Traced):
+    """Hands out MoE layer ``j``'s expert tensors {w1 [E,D,F], b1 [E,F], w2 [E,F,D], b2 [E,D]}
+    (float32, sharing memory with the provider's buffer) until ``release(j)``; loads sections
+    of ``manifest`` from ``source``, counted in ``stats``."""
+
+    def __init__(self, manifest: Manifest, source: ExpertSource, trace: bool):
+        super().__init__(trace)
+        self.manifest = manifest
+        self.source = source
+        self.stats = ProviderStats()
+
+    def acquire(self, j: int) -> dict[str, paddle.Tensor]:
+        raise NotImplementedError
+
+    def release(self, j: int) -> None:
+        raise NotImplementedError
+
+    def resident_expert_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, j: int, buffer: np.ndarray, slot: int | None) -> float:
+        """Section ``j`` into ``buffer`` (uint8, 4096-aligned; traced as a load into ``slot`` unless
+        None), counted in ``stats``; returns the seconds it took."""
+        if slot is not None:
+            self._event("load_start", j, slot)
+        nbytes = self.manifest.sections[j].nbytes
+        t0 = time.perf_counter()
+        self.source.read(j, 0, buffer[:nbytes])
+        dt = time.perf_counter() - t0
+        self.stats.load_s += dt
+        self.stats.loads += 1
+        self.stats.bytes_loaded += nbytes
+        if slot is not None:
+            self._event("load_end", j, slot)
+        return dt
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class ResidentExperts(ExpertProvider):
     """Every layer's experts loaded once and kept: the all-resident baseline."""
 
     def __init__(self, manifest: Manifest, source: ExpertSource, trace: bool = False):
-        super().__init__(trace)
-        self.manifest = manifest
-        self.stats = ProviderStats()
-        self.buffers = []
-        for i, s in enumerate(manifest.sections):
-            buf = aligned_buffer(s.nbytes)
-            t0 = time.perf_counter()
-            source.load(i, buf)
-            self.stats.load_s += time.perf_counter() - t0
-            self.stats.loads += 1
-            self.stats.bytes_loaded += s.nbytes
-            self.buffers.append(buf)
+        super().__init__(manifest, source, trace)
+        self.buffers = [aligned_buffer(s.nbytes) for s in manifest.sections]
+        for i, buf in enumerate(self.buffers):
+            self._load(i, buf, None)
         self._tensors = [_tensors(b, manifest, i) for i, b in enumerate(self.buffers)]
         self.stats.load_s = 0.0  # start-up load is not part of serving
 
@@ -309,30 +366,16 @@ class ResidentExperts(_Traced):
     def resident_expert_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
-    def close(self) -> None:
-        pass
 
-
-class OnDemandExperts(_Traced):
+class OnDemandExperts(ExpertProvider):
     """One buffer; each layer is loaded synchronously right before it runs (no overlap)."""
 
     def __init__(self, manifest: Manifest, source: ExpertSource, trace: bool = False):
-        super().__init__(trace)
-        self.manifest = manifest
-        self.source = source
-        self.stats = ProviderStats()
+        super().__init__(manifest, source, trace)
         self.buffer = aligned_buffer(manifest.max_section_bytes)
 
     def acquire(self, j: int) -> dict[str, paddle.Tensor]:
-        self._event("load_start", j, 0)
-        t0 = time.perf_counter()
-        self.source.load(j, self.buffer)
-        dt = time.perf_counter() - t0
-        self._event("load_end", j, 0)
-        self.stats.loads += 1
-        self.stats.load_s += dt
-        self.stats.wait_s += dt
-        self.stats.bytes_loaded += self.manifest.sections[j].nbytes
+        self.stats.wait_s += self._load(j, self.buffer, 0)
         self._event("compute_start", j, 0)
         return _tensors(self.buffer, self.manifest, j)
 
@@ -342,11 +385,8 @@ class OnDemandExperts(_Traced):
     def resident_expert_bytes(self) -> int:
         return self.buffer.nbytes
 
-    def close(self) -> None:
-        pass
 
-
-class RingExperts(_Traced):
+class RingExperts(ExpertProvider, _LoaderThreads):
     """K fixed slots cycling through the N MoE layers, filled by a background loader thread.
 
     Args:
@@ -356,24 +396,14 @@ class RingExperts(_Traced):
     """
 
     def __init__(self, manifest: Manifest, source: ExpertSource, num_slots: int, trace: bool = False):
-        super().__init__(trace)
-        n = len(manifest.sections)
         if num_slots < 1:
             raise ValueError(f"ring needs at least one slot, got num_slots={num_slots}")
-        self.manifest = manifest
-        self.source = source
-        self.n_layers = n
-        self.k = min(num_slots, n)
-        self.stats = ProviderStats()
-        size = manifest.max_section_bytes
-        self.slots = [_Slot(aligned_buffer(size)) for _ in range(self.k)]
+        super().__init__(manifest, source, trace)
+        self.n_layers = len(manifest.sections)
+        self.k = min(num_slots, self.n_layers)
+        self.slots = [_Slot(aligned_buffer(manifest.max_section_bytes)) for _ in range(self.k)]
         self._slot_of: dict[int, int] = {}
-        self._queue: deque[tuple[int, int]] = deque()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._error: BaseException | None = None
-        self._loader = threading.Thread(target=self._run, name="expert-ring-loader", daemon=True)
-        self._loader.start()
+        self._init_loaders(1, "expert-ring-loader")
         for j in range(self.k):
             self._schedule(j, j)
 
@@ -387,28 +417,15 @@ class RingExperts(_Traced):
             self._queue.append((layer, slot))
             self._cv.notify()
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                layer, slot = self._queue.popleft()
-            s = self.slots[slot]
-            try:
-                if s.in_use:  # never happens by construction; fail loudly if it does
-                    raise RuntimeError(f"ring: slot {slot} is still in use while loading layer {layer}")
-                self._event("load_start", layer, slot)
-                t0 = time.perf_counter()
-                self.source.load(layer, s.buffer)
-                self.stats.load_s += time.perf_counter() - t0
-                self.stats.loads += 1
-                self.stats.bytes_loaded += self.manifest.sections[layer].nbytes
-                self._event("load_end", layer, slot)
-            except BaseException as exc:  # surface in the compute thread
-                self._error = exc
-            s.loaded.set()
+    def _load_job(self, layer: int, slot: int) -> None:
+        s = self.slots[slot]
+        try:
+            if s.in_use:  # never happens by construction; fail loudly if it does
+                raise RuntimeError(f"ring: slot {slot} is still in use while loading layer {layer}")
+            self._load(layer, s.buffer, slot)
+        except BaseException as exc:  # surface in the compute thread
+            self._error = exc
+        s.loaded.set()
 
     # -- compute side ---------------------------------------------------------------
     def acquire(self, j: int) -> dict[str, paddle.Tensor]:
@@ -429,9 +446,8 @@ class RingExperts(_Traced):
 
     def release(self, j: int) -> None:
         slot = self._slot_of[j]
-        s = self.slots[slot]
         self._event("compute_end", j, slot)
-        s.in_use = False
+        self.slots[slot].in_use = False
         if self.k < self.n_layers:
             del self._slot_of[j]
             self._schedule((j + self.k) % self.n_layers, slot)
@@ -440,10 +456,8 @@ class RingExperts(_Traced):
         return sum(s.buffer.nbytes for s in self.slots)
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._loader.join(timeout=10)
+        self._stop_loaders()
+        self.source.close()
 
 
 def slots_for_budget(manifest: Manifest, budget_bytes: int) -> int:

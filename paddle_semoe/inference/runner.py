@@ -1,20 +1,18 @@
 """GPT-MoE inference with dense weights resident and expert weights from a provider.
 
 Serving runs the training model's own code: the :class:`~paddle_semoe.models.gpt.GPTMoE`
-skeleton is built under ``paddle.LazyGuard``, its dense parameters are materialized and loaded
-from the package, and each MoE layer's ``GroupedExperts`` gets a weight source
-(:class:`~paddle_semoe.inference.ring.LayerWeights`) that runs the layer's grouped FFN on the
-weights the provider (:mod:`paddle_semoe.inference.ring`) holds for that layer; the layers' own
-expert parameters are never allocated. The MoE layers route dropless (``eval_dropless``), so
-cached decoding, full recomputation and any batch size give the same tokens. Generation uses
-a key/value cache (one prefill pass, then one token per step).
+skeleton is built under ``paddle.LazyGuard``, its dense parameters are loaded from the package,
+and each MoE layer's ``GroupedExperts`` gets a weight source
+(:class:`~paddle_semoe.inference.ring.LayerWeights`) running the layer's grouped FFN on the
+weights a provider holds; the layers' own expert parameters are never allocated. Routing is
+dropless, so cached decoding, full recomputation and any batch size give the same tokens.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import paddle
@@ -69,9 +67,8 @@ class ServeConfig:
         lfu_beta, lfu_decay_every: ``cache``: hit counters decay by ``lfu_beta`` every
             ``lfu_decay_every`` forward passes.
         record_routing: ``cache``: keep the routing trace (for the Belady comparison).
-        quant: ``cache``: ``float32`` sections, ``int8`` (weight-only int8 sections, a quarter
-            of the bytes to read) or ``int4`` (an eighth, a scale per 32 inputs); quantized
-            slots hold the weights as stored and the quantized expert FFN reads them.
+        quant: ``cache``: serve the ``float32``, ``int8`` or ``int4`` expert sections (weight-only
+            quantized: a quarter / an eighth of the bytes; see :mod:`paddle_semoe.inference.cache`).
         loader_threads: ``cache``: concurrent expert loads.
     """
 
@@ -97,16 +94,13 @@ class ServeConfig:
             raise ValueError(f"{self.mode} mode needs num_slots or budget_bytes")
         if not 0.0 < self.lfu_beta <= 1.0:
             raise ValueError(f"lfu_beta must be in (0, 1], got {self.lfu_beta}")
-        if self.lfu_decay_every < 1:
-            raise ValueError(f"lfu_decay_every must be >= 1, got {self.lfu_decay_every}")
-        if self.loader_threads < 1:
-            raise ValueError(f"loader_threads must be >= 1, got {self.loader_threads}")
+        for name in ("lfu_decay_every", "loader_threads", "num_slots"):
+            if (v := getattr(self, name)) is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
         if self.quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
         if self.quant != "float32" and self.mode != "cache":
             raise ValueError(f"quant={self.quant!r} is served by mode 'cache' only, got mode {self.mode!r}")
-        if self.num_slots is not None and self.num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
 
 
 def parse_mode(spec: str) -> tuple[str, int | None]:
@@ -188,7 +182,6 @@ class InferenceModel:
     manifest: Manifest
     model: GPTMoE
     experts: ExpertProvider | ExpertCache
-    moe_blocks: list[int] = field(default_factory=list)
 
     @classmethod
     def load(cls, manifest: Manifest, serve: ServeConfig, trace: bool = False) -> "InferenceModel":
@@ -203,7 +196,7 @@ class InferenceModel:
         if isinstance(provider, ExpertCache) and serve.prefetch:
             for j in range(len(layers) - 1):
                 layers[j].register_forward_pre_hook(_PreGate(provider, layers[j + 1], j + 1))
-        return cls(manifest, model, provider, moe_blocks)
+        return cls(manifest, model, provider)
 
     def close(self) -> None:
         self.experts.close()
@@ -246,12 +239,10 @@ class _PreGate:
     normed hidden state) and asks the cache to prefetch the experts it selects (top-k per
     token, selection bias included), so they load while layer j computes.
 
-    A decode step feeds it a row or a few: for a linear router (the token-choice and aux-free
-    routers) the scores are one small NumPy GEMM on host copies of the router's weight and
-    selection bias, taken when the hook is built (serving never changes them), instead of four
-    Paddle ops whose dispatch costs more than the arithmetic. The prediction only steers which
-    experts load early; the layer itself still routes with its own Paddle ops, so the served
-    tokens and logits do not depend on it. Other routers run through Paddle."""
+    For a linear router (see :func:`_host_router`) the scores are one small NumPy GEMM on host
+    copies of its weight and bias (cheaper than four Paddle op dispatches for a decode step's
+    few rows); other routers run through Paddle. The prediction only steers which experts load
+    early: the layer still routes with its own ops, so tokens and logits do not depend on it."""
 
     def __init__(self, cache: ExpertCache, next_layer: MoELayer, next_j: int):
         self.cache = cache
@@ -276,7 +267,6 @@ class _PreGate:
             ids = paddle.topk(s, min(self.k, int(s.shape[-1])), axis=-1)[1].numpy()
         # one token's top-k are distinct already; several tokens' overlap
         self.cache.prefetch(self.next_j, ids.ravel().tolist() if ids.shape[0] == 1 else np.unique(ids).tolist())
-        return None
 
 
 def _host_router(router: Router) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -296,6 +286,7 @@ def _host_router(router: Router) -> tuple[np.ndarray, np.ndarray | None] | None:
 
 
 def _pick(logits: np.ndarray, greedy: bool, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """Next tokens int64 [B] from float64 logits [B, V]: arg-max, or temperature/top-k sampling."""
     if greedy:
         return logits.argmax(axis=-1).astype(np.int64)
     z = logits / max(temperature, 1e-6)

@@ -1,18 +1,15 @@
 """Continuous batching: many sequences decoded together, joining and leaving as they finish.
 
 Each sequence keeps its own key/value caches (one :class:`~paddle_semoe.models.gpt.KVCache`
-``[1, H, S_seq, Dh]`` per block) and its own position, so sequences of different lengths never
-need padding or masks. A decode step over the active sequences runs, per block, the training
-``Block``'s own pieces: ``attend_many`` (the qkv and output projections once over the batch,
-the attention over each sequence's own cache and positions), then ``ln2`` and the FFN once
-over all of the step's tokens; for an MoE block that is one routing and one set of
-expert loads for the whole batch. A new sequence is prefilled alone (one forward of its
-prompt), then joins the next decode step; a finished one leaves at once.
+``[1, H, S_seq, Dh]`` per block) and position, so sequences of different lengths need no
+padding or masks. A decode step runs, per block, the training ``Block``'s own pieces:
+``attend_many`` (projections once over the batch, attention per sequence), then ``ln2`` and the
+FFN once over all the step's tokens (for an MoE block: one routing, one set of expert loads).
+A new sequence is prefilled alone, then joins the next decode step; a finished one leaves.
 
 :class:`BatchScheduler` is the synchronous core (``add``, ``step``); :class:`GenerationEngine`
 runs it on one thread for concurrent clients (``submit`` from any thread, tokens delivered to
-per-request sinks, ``cancel`` for a client that went away, ``shutdown`` that finishes the
-requests in flight).
+per-request sinks, ``cancel``, and a ``shutdown`` that finishes the requests in flight).
 """
 
 from __future__ import annotations
@@ -20,14 +17,13 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 import paddle
 
-from paddle_semoe.inference.runner import InferenceModel
+from paddle_semoe.inference.runner import InferenceModel, _pick
 from paddle_semoe.models.gpt import KVCache
 from paddle_semoe.moe import MoELayer
 
@@ -95,15 +91,9 @@ class Sequence:
 
 def pick_token(logits_V: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Greedy (temperature 0) or temperature/top-k sampling from float logits [V]."""
-    if params.temperature == 0.0:
-        return int(np.argmax(logits_V))
-    z = logits_V.astype(np.float64) / params.temperature
-    if 0 < params.top_k < z.shape[0]:
-        kth = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    return int(rng.choice(z.shape[0], p=p))
+    top_k = params.top_k if params.top_k < logits_V.shape[0] else 0
+    z = logits_V[None].astype(np.float64)
+    return int(_pick(z, params.temperature == 0.0, params.temperature, top_k, rng)[0])
 
 
 class BatchScheduler:
@@ -123,16 +113,17 @@ class BatchScheduler:
         self.waiting: list[Sequence] = []
         self.active: list[Sequence] = []
         self._ids = itertools.count(1)
-        self.steps = 0
-        self.step_tokens = 0  # tokens pushed through decode steps
-        self.prefill_tokens = 0
-        self.emitted = 0  # tokens handed to sequences
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise ValueError unless ``prompt`` is non-empty and leaves room below max_seq_len."""
+        if not prompt:
+            raise ValueError("prompt is empty: a sequence needs at least one token")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room below "
+                             f"max_seq_len={self.max_seq_len}")
 
     def add(self, seq: Sequence) -> Sequence:
-        if not seq.prompt:
-            raise ValueError("prompt is empty: a sequence needs at least one token")
-        if len(seq.prompt) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room below max_seq_len={self.max_seq_len}")
+        self.check_prompt(seq.prompt)
         seq.id = seq.id or next(self._ids)
         seq.rng = np.random.default_rng(seq.params.seed)
         self.waiting.append(seq)
@@ -154,9 +145,8 @@ class BatchScheduler:
             self._prefill(seq)
             if not seq.done:
                 self.active.append(seq)
-        decoding = [s for s in self.active if not s.done]
-        if decoding:
-            self._decode(decoding)
+        if self.active:  # none is done: finished ones were dropped or never added
+            self._decode(self.active)
         self.active = [s for s in self.active if not s.done]
 
     def run(self) -> None:
@@ -167,7 +157,6 @@ class BatchScheduler:
     @paddle.no_grad()
     def _prefill(self, seq: Sequence) -> None:
         logits, caches = self.model.forward(paddle.to_tensor(np.asarray([seq.prompt], dtype=np.int64)))
-        self.prefill_tokens += len(seq.prompt)
         seq.caches = caches
         self._emit(seq, logits[0, -1].numpy())
 
@@ -178,20 +167,15 @@ class BatchScheduler:
         x = paddle.concat(
             [m.embed(paddle.to_tensor([[s.generated[-1]]], dtype="int64"), s.cache_len) for s in seqs], axis=0
         )  # [B, 1, D]
+        caches = [s.caches for s in seqs if s.caches is not None]  # per sequence, per block
+        assert len(caches) == len(seqs)  # every one set by its prefill
         for i, block in enumerate(m.blocks):
-            caches = []
-            for s in seqs:
-                assert s.caches is not None  # set by the prefill
-                caches.append(s.caches[i])
-            x, new_caches = block.attend_many(x, caches)
-            for s, c in zip(seqs, new_caches):
-                assert s.caches is not None
-                s.caches[i] = c
+            x, new_caches = block.attend_many(x, [c[i] for c in caches])
+            for c, kv in zip(caches, new_caches):
+                c[i] = kv
             out = block.ffn(block.ln2(x))
             x = x + (out.y if isinstance(block.ffn, MoELayer) else out)
         logits = m.head(x)[:, -1, :].numpy()
-        self.steps += 1
-        self.step_tokens += len(seqs)
         for b, s in enumerate(seqs):
             self._emit(s, logits[b])
 
@@ -202,7 +186,6 @@ class BatchScheduler:
             self._finish(seq, "stop")
             return
         seq.generated.append(tok)
-        self.emitted += 1
         if seq.sink is not None:
             seq.sink(seq, tok)
         if len(seq.generated) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.generated) >= self.max_seq_len:
@@ -248,7 +231,6 @@ class GenerationEngine:
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
-        self.started_at = time.time()
 
     def start(self) -> "GenerationEngine":
         self._thread.start()
@@ -267,10 +249,7 @@ class GenerationEngine:
         with self._cv:
             if not self._accepting:
                 raise RuntimeError("the engine is shutting down")
-            if not seq.prompt:
-                raise ValueError("prompt is empty: a sequence needs at least one token")
-            if len(seq.prompt) >= self.scheduler.max_seq_len:
-                raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room below max_seq_len={self.scheduler.max_seq_len}")
+            self.scheduler.check_prompt(seq.prompt)
             self._incoming.append(seq)
             self._cv.notify_all()
         return seq

@@ -18,6 +18,8 @@ in flight finish (their responses are written completely), then stops.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import queue
@@ -26,9 +28,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generator, Iterator
+from typing import Any, Generator
 
 from paddle_semoe.inference.scheduler import GenerationEngine, SamplingParams, Sequence, Tokenizer
 
@@ -83,9 +84,7 @@ def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None, 
             raise APIError(400, f"missing required parameter '{name}'", param=name, code="missing_required_parameter")
         return default
     v = body[name]
-    if isinstance(v, bool) and bool not in types:
-        raise APIError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__}", param=name)
-    if not isinstance(v, types):
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
         raise APIError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__}", param=name)
     return v
 
@@ -93,7 +92,6 @@ def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None, 
 @dataclass
 class _Request:
     chat: bool
-    prompt_text: str
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
@@ -116,10 +114,8 @@ class _Server(ThreadingHTTPServer):
         with self.conns_lock:
             for h in list(self.conns):
                 if not h.busy:
-                    try:
+                    with contextlib.suppress(OSError):
                         h.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
 
 
 class CompletionServer:
@@ -165,9 +161,6 @@ class CompletionServer:
         logger.info("serving %s on %s", self.model_name, self.url)
         return self
 
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new requests (503), finish the ones in flight, then stop the server."""
         self._draining = True
@@ -193,12 +186,11 @@ class CompletionServer:
                     raise APIError(400, f"messages[{i}] must be an object with string 'role' and 'content'", param="messages")
             text = chat_prompt(messages)
         else:
-            prompt = _field(body, "prompt", (str, list), required=True)
-            if isinstance(prompt, list):
-                if len(prompt) != 1 or not isinstance(prompt[0], str):
+            text = _field(body, "prompt", (str, list), required=True)
+            if isinstance(text, list):
+                if len(text) != 1 or not isinstance(text[0], str):
                     raise APIError(400, "'prompt' must be a string or a list of exactly one string", param="prompt")
-                prompt = prompt[0]
-            text = prompt
+                text = text[0]
         n = _field(body, "n", (int,), 1)
         if n != 1:
             raise APIError(400, f"only n=1 is supported, got n={n}", param="n")
@@ -231,7 +223,7 @@ class CompletionServer:
                            param=key, code="context_length_exceeded")
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                 seed=seed if seed is not None else uuid.uuid4().int & 0xFFFFFFFF, stop_ids=self.stop_ids)
-        return _Request(chat, text, ids, params, stops, bool(stream), bool(opts.get("include_usage", False)))
+        return _Request(chat, ids, params, stops, bool(stream), bool(opts.get("include_usage")))
 
     def generate(self, req: _Request) -> Generator[tuple[str, str | None, Sequence], None, None]:
         """Yields ``(text delta, finish_reason or None, sequence)``; the last has a finish reason.
@@ -324,9 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, err: APIError) -> None:
-        self._json(err.status, err.body())
-
     def do_GET(self) -> None:  # noqa: N802 (stdlib name)
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
@@ -339,7 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == f"/v1/models/{self.app.model_name}":
             self._json(200, self._model_card())
         else:
-            self._error(APIError(404, f"no route GET {path}", code="not_found"))
+            self._json(404, APIError(404, f"no route GET {path}", code="not_found").body())
 
     def _model_card(self) -> dict:
         return {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "paddle-semoe"}
@@ -357,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._complete(req)
         except APIError as err:
-            self._error(err)
+            self._json(err.status, err.body())
         except (BrokenPipeError, ConnectionResetError):
             logger.info("client %s disconnected", self.address_string())
             self.close_connection = True
@@ -398,16 +387,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _complete(self, req: _Request) -> None:
         rid, obj = self._ids(req)
-        parts, finish, seq = [], None, None
-        for delta, finish, seq in self.app.generate(req):
-            parts.append(delta)
-        assert seq is not None
-        text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if req.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        events = list(self.app.generate(req))  # the last one carries the finish reason
+        _, finish, seq = events[-1]
+        text = "".join(delta for delta, _, _ in events)
+        body = {"message": {"role": "assistant", "content": text}} if req.chat else {"text": text}
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None, **body}
         self._json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": self.app.model_name,
                          "choices": [choice], "usage": self._usage(req, seq)})
 
@@ -441,7 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
             if req.chat:
                 send(chunk(None, None, role=True))
             seq = None
-            for delta, finish, seq in _chain(first, gen):
+            for delta, finish, seq in itertools.chain((first,), gen):
                 if delta:
                     send(chunk(delta, None))
                 if finish is not None:
@@ -455,7 +439,3 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             gen.close()  # a disconnect (BrokenPipe) cancels the sequence in generate()'s finally
 
-
-def _chain(first: tuple, rest: Iterator[tuple]) -> Iterator[tuple]:
-    yield first
-    yield from rest

@@ -150,11 +150,6 @@ def read_manifest(ckpt_dir: Path | str, verify: bool = True) -> Manifest:
     return Manifest(ckpt_dir, int(raw["step"]), int(raw["world_size"]), raw.get("meta", {}), files)
 
 
-def _saved_at(path: Path) -> tuple[int, str]:
-    """Save order of a complete checkpoint: its manifest is written last, just before publication."""
-    return (path / MANIFEST).stat().st_mtime_ns, path.name
-
-
 def complete_checkpoints(root: Path | str) -> list[Path]:
     """The published checkpoints (a manifest, no ``.tmp``/``.old`` suffix) in ``root``, oldest
     save first (save order, not step order: a run resumed from an older checkpoint saves lower
@@ -163,7 +158,8 @@ def complete_checkpoints(root: Path | str) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step_*") if p.is_dir() and p.suffix == "" and (p / MANIFEST).exists()]
-    return sorted(done, key=_saved_at)
+    # save order: a checkpoint's manifest is written last, just before publication
+    return sorted(done, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))
 
 
 def remove_partial(root: Path | str) -> list[Path]:
@@ -176,15 +172,12 @@ def remove_partial(root: Path | str) -> list[Path]:
     removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for path in sorted(root.glob("step_*.old")):
+    for path in sorted(root.glob("step_*.old")) + sorted(root.glob("step_*.tmp")):
         final = path.with_suffix("")
-        if not final.exists() and (path / MANIFEST).exists():
+        if path.suffix == ".old" and not final.exists() and (path / MANIFEST).exists():
             os.replace(path, final)
             logger.warning("restored %s from %s (a save was interrupted while replacing it)", final.name, path.name)
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    for path in sorted(root.glob("step_*.tmp")):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:
@@ -200,14 +193,13 @@ def publish(tmp_dir: Path, final_dir: Path, keep: int, protect: Path | None = No
     checked against its manifest); until then it stays, whatever ``keep`` says.
     """
     root = final_dir.parent
-    if final_dir.exists():  # re-saving the same step: keep the old one until the new is in place
-        backup = final_dir.with_name(final_dir.name + ".old")
+    backup = final_dir.with_name(final_dir.name + ".old") if final_dir.exists() else None
+    if backup is not None:  # re-saving the same step: keep the old one until the new is in place
         shutil.rmtree(backup, ignore_errors=True)
         os.replace(final_dir, backup)
-        os.replace(tmp_dir, final_dir)
+    os.replace(tmp_dir, final_dir)
+    if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
     fsync_dir(root)
     write_atomic(root / LATEST, (final_dir.name + "\n").encode())
     stale = [p for p in complete_checkpoints(root)[:-keep] if p != final_dir]
@@ -234,10 +226,9 @@ def resolve_checkpoint(spec: str | None, root: Path) -> Path | None:
         for path in reversed(done):
             try:
                 read_manifest(path)
+                return path
             except CheckpointError as exc:
                 logger.warning("train.resume=auto_verified: skipping %s: %s", path.name, exc)
-                continue
-            return path
         if done:
             raise CheckpointError(f"no verified checkpoint in {root}: all {len(done)} fail their checks (see the log)")
         return None

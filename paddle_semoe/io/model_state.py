@@ -31,7 +31,10 @@ from paddle_semoe.params import classify_parameters
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExpertLayout", "ShardedOptimizer", "collect_rank_state", "opt_state_by_param", "restore_rank_state", "shard_axis"]
+__all__ = [
+    "ExpertLayout", "ShardedOptimizer", "check_shape", "collect_rank_state", "opt_state_by_param",
+    "restore_rank_state", "shard_axis",
+]
 
 
 class ShardedOptimizer(Protocol):
@@ -107,19 +110,14 @@ def collect_rank_state(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and metadata of this rank's shard."""
     names = _param_names(model)
-    tensors: dict[str, np.ndarray] = {}
-    for n, p in names["expert"].items():
-        tensors[f"param/{n}"] = p.numpy()
+    tensors: dict[str, np.ndarray] = {f"param/{n}": p.numpy() for n, p in names["expert"].items()}
     if rank == 0:
-        for n, p in names["dense"].items():
-            tensors[f"param/{n}"] = p.numpy()
-        for n, b in _persistable_buffers(model).items():
-            tensors[f"buffer/{n}"] = b.numpy()
+        tensors.update({f"param/{n}": p.numpy() for n, p in names["dense"].items()})
+        tensors.update({f"buffer/{n}": b.numpy() for n, b in _persistable_buffers(model).items()})
     states = optimizer.state_dicts()
     for part in ("dense", "expert"):
         for n, accs in opt_state_by_param(states.get(part, {}), names[part]).items():
-            for acc, arr in accs.items():
-                tensors[f"opt/{n}/{acc}"] = arr
+            tensors.update({f"opt/{n}/{acc}": arr for acc, arr in accs.items()})
     tensors["rng/state"] = np.frombuffer(pickle.dumps(paddle.get_rng_state()), dtype=np.uint8)
     meta = {
         "rank": rank,
@@ -134,12 +132,18 @@ def collect_rank_state(
     return tensors, meta
 
 
-def _set_param(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None:
+def check_shape(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None:
+    """:class:`CheckpointError` naming ``name`` when checkpoint ``where``'s ``arr`` does not
+    have the shape of the model's ``p``."""
     if list(arr.shape) != list(p.shape):
         raise CheckpointError(
             f"checkpoint {where}: parameter {name!r} has shape {list(arr.shape)}, the model expects "
             f"{list(p.shape)} (was the model config changed?)"
         )
+
+
+def _set_param(p: paddle.Tensor, name: str, arr: np.ndarray, where: str) -> None:
+    check_shape(p, name, arr, where)
     p.set_value(arr.astype(np.dtype(str(p.dtype).replace("paddle.", ""))))
 
 
@@ -170,17 +174,14 @@ def restore_rank_state(
         return cache[r]
 
     tensors0, meta0 = shard(0)
-    # dense parameters: rank 0 holds them all
-    for n, p in names["dense"].items():
-        key = f"param/{n}"
-        if key not in tensors0:
-            raise CheckpointError(f"checkpoint {where} lacks dense parameter {n!r} (different model?)")
-        _set_param(p, n, tensors0[key], where)
-    for n, b in _persistable_buffers(model).items():
-        key = f"buffer/{n}"
-        if key not in tensors0:
-            raise CheckpointError(f"checkpoint {where} lacks the model's buffer {n!r} (different model?)")
-        _set_param(b, n, tensors0[key], where)
+    progress = meta0["progress"]
+    # dense parameters and buffers: rank 0 holds them all
+    for prefix, tensors, what in (("param", names["dense"], "dense parameter"),
+                                  ("buffer", _persistable_buffers(model), "the model's buffer")):
+        for n, p in tensors.items():
+            if f"{prefix}/{n}" not in tensors0:
+                raise CheckpointError(f"checkpoint {where} lacks {what} {n!r} (different model?)")
+            _set_param(p, n, tensors0[f"{prefix}/{n}"], where)
     extra = sorted(k[6:] for k in tensors0 if k.startswith("param/") and k[6:] not in names["dense"] and k[6:] not in names["expert"])
     if extra:
         raise CheckpointError(f"checkpoint {where} has parameters the model lacks: {extra[:5]} (different model?)")
@@ -208,22 +209,22 @@ def restore_rank_state(
                 raise CheckpointError(f"checkpoint {where} rank {old_rank} lacks owned parameter {n!r}")
             pieces.append(_take(t[key], axis, a, b))
             for k, arr in t.items():
-                if k.startswith(f"opt/{n}/"):
-                    acc = k[len(f"opt/{n}/") :]
-                    sliced = _take(arr, axis, a, b) if arr.shape == t[key].shape else arr  # moments vs scalars
-                    opt_pieces.setdefault(acc, []).append(sliced)
+                if k.startswith(f"opt/{n}/"):  # moments sliced, scalars whole
+                    sliced = _take(arr, axis, a, b) if arr.shape == t[key].shape else arr
+                    opt_pieces.setdefault(k[len(f"opt/{n}/") :], []).append(sliced)
         _set_param(p, n, np.concatenate(pieces, axis=axis), where)
         expert_opt[n] = {
             acc: (np.concatenate(v, axis=axis) if v[0].ndim == p.ndim else v[0]) for acc, v in opt_pieces.items()
         }
 
     if optimizer is None:
-        return meta0["progress"]
+        return progress
 
     # dense optimizer state: merged by name from every shard that has some
     dense_opt: dict[str, dict[str, np.ndarray]] = {}
+    sharded = bool(old_meta.get("sharded_dense_optimizer", False))  # ZeRO-1: spread over shards
     for r in range(manifest.world_size):
-        t, _ = shard(r) if (r in cache or r == 0 or _has_dense_opt(manifest, r)) else ({}, {})
+        t, _ = shard(r) if (r in cache or sharded) else ({}, {})
         for k, arr in t.items():
             if k.startswith("opt/"):
                 n, acc = k[4:].rsplit("/", 1)
@@ -233,18 +234,16 @@ def restore_rank_state(
         {"dense": _join_opt_state(dense_opt, names["dense"]), "expert": _join_opt_state(expert_opt, names["expert"])}
     )
 
-    if manifest.world_size == world_size and int(old_meta.get("ep_degree", 1)) == layout.ep_degree:
-        t, _ = shard(rank)
-        paddle.set_rng_state(pickle.loads(t["rng/state"].tobytes()))
+    if manifest.world_size == world_size and old_ep == layout.ep_degree:
+        paddle.set_rng_state(pickle.loads(shard(rank)[0]["rng/state"].tobytes()))
     else:
-        progress = meta0["progress"]
         seed = int(progress.get("seed", 0)) * 1_000_003 + int(progress.get("step", 0)) * 101 + rank
         paddle.seed(seed)
         logger.info(
             "resharded restore (world %d -> %d, EP %d -> %d): RNG reseeded with %d",
             manifest.world_size, world_size, old_ep, layout.ep_degree, seed,
         )
-    return meta0["progress"]
+    return progress
 
 
 def shard_axis(p: paddle.Tensor) -> int:
@@ -253,11 +252,5 @@ def shard_axis(p: paddle.Tensor) -> int:
 
 
 def _take(arr: np.ndarray, axis: int, a: int, b: int) -> np.ndarray:
-    index = [slice(None)] * arr.ndim
-    index[axis] = slice(a, b)
-    return arr[tuple(index)]
+    return arr[(slice(None),) * axis + (slice(a, b),)]
 
-
-def _has_dense_opt(manifest: Manifest, rank: int) -> bool:
-    """Shards other than rank 0 carry dense optimizer state only under ZeRO-1 sharding."""
-    return bool(manifest.meta.get("sharded_dense_optimizer", False))

@@ -105,18 +105,20 @@ class CausalSelfAttention(nn.Layer):
     def forward(self, x_BSD: paddle.Tensor, cache: KVCache | None = None) -> tuple[paddle.Tensor, KVCache]:
         if self.training and self.dropout > 0:
             return self._forward_with_dropout(x_BSD, cache)
-        B, S, D = x_BSD.shape
         qkv = ops.fused_linear(x_BSD, self.qkv.weight, self.qkv.bias, backend=self.backend)  # [B, S, 3D]
         past_k, past_v = (cache.k, cache.v) if cache is not None else (None, None)
         out = ops.causal_attention(qkv, self.n_heads, k_past=past_k, v_past=past_v, backend=self.backend)
         y = ops.fused_linear(out, self.proj.weight, self.proj.bias, backend=self.backend)
-        # the new cache (no gradient flows through a cache): heads-major views of k and v
-        kv = qkv.detach().reshape([B, S, 3, self.n_heads, self.d_head])
-        k, v = kv[:, :, 1].transpose([0, 2, 1, 3]), kv[:, :, 2].transpose([0, 2, 1, 3])
-        if cache is not None:
-            k = paddle.concat([cache.k, k], axis=2)
-            v = paddle.concat([cache.v, v], axis=2)
-        return y, KVCache(k, v)
+        return y, self._extend(cache, qkv)
+
+    def _extend(self, cache: KVCache | None, qkv: paddle.Tensor) -> KVCache:
+        """``cache`` (None: empty) followed by the keys and values of ``qkv [B, S, 3D]``, as
+        heads-major ``[B, H, S, Dh]`` views (no gradient flows through a cache)."""
+        kv = qkv.detach().reshape([0, 0, 3, self.n_heads, self.d_head]).transpose([2, 0, 3, 1, 4])
+        if cache is None:
+            return KVCache(kv[1], kv[2])
+        return KVCache(paddle.concat([cache.k, kv[1]], axis=2),
+                       paddle.concat([cache.v, kv[2]], axis=2))
 
     def forward_many(self, x_B1D: paddle.Tensor, caches: list[KVCache]) -> tuple[paddle.Tensor, list[KVCache]]:
         """One decode token for each of B sequences with caches of different lengths (no padding):
@@ -134,15 +136,13 @@ class CausalSelfAttention(nn.Layer):
         if len(caches) != B:
             raise ValueError(f"forward_many: {B} tokens but {len(caches)} caches")
         qkv = ops.fused_linear(x_B1D, self.qkv.weight, self.qkv.bias, backend=self.backend)  # [B, 1, 3D]
-        outs, new_caches = [], []
-        kv = qkv.detach().reshape([B, 1, 3, self.n_heads, self.d_head])
-        for b, cache in enumerate(caches):
-            outs.append(ops.causal_attention(qkv[b : b + 1], self.n_heads, k_past=cache.k, v_past=cache.v, backend=self.backend))
-            k = kv[b : b + 1, :, 1].transpose([0, 2, 1, 3])
-            v = kv[b : b + 1, :, 2].transpose([0, 2, 1, 3])
-            new_caches.append(KVCache(paddle.concat([cache.k, k], axis=2), paddle.concat([cache.v, v], axis=2)))
+        outs = [
+            ops.causal_attention(qkv[b : b + 1], self.n_heads, k_past=c.k, v_past=c.v,
+                                 backend=self.backend)
+            for b, c in enumerate(caches)
+        ]
         y = ops.fused_linear(paddle.concat(outs, axis=0), self.proj.weight, self.proj.bias, backend=self.backend)
-        return y, new_caches
+        return y, [self._extend(c, qkv[b : b + 1]) for b, c in enumerate(caches)]
 
     def _forward_with_dropout(self, x_BSD: paddle.Tensor, cache: KVCache | None) -> tuple[paddle.Tensor, KVCache]:
         """Paddle's unfused ops: dropout on the attention probabilities needs them materialized."""
@@ -291,14 +291,12 @@ class Block(nn.Layer):
     def forward_deferred(
         self, x: paddle.Tensor, delta: paddle.Tensor | None, cache: KVCache | None = None
     ) -> DeferredBlockOutput:
-        """:meth:`forward` of ``x + delta`` (``delta`` None: of ``x``) with the residual adds
-        left to the LayerNorms: the incoming add runs fused into ``ln1`` and the attention's into
-        ``ln2`` (one pass each, no separate add and no gradient accumulation on the residual
-        stream), and the FFN's add is returned pending: the block's output is ``out.x +
-        out.delta``, for the next block's ``ln1`` to fuse. The same
-        numbers as ``x = attend(x + delta); h = ln2(x); x + ffn(h)``, which serving and export
-        run (a fused add-LayerNorm computes the sum, then the LayerNorm of it, exactly as the
-        unfused ops do).
+        """:meth:`forward` of ``x + delta`` (``delta`` None: of ``x``) with the residual adds left
+        to the LayerNorms: the incoming add fused into ``ln1``, the attention's into ``ln2`` (one
+        pass each, no gradient accumulation on the residual stream), and the FFN's returned
+        pending: the block's output is ``out.x + out.delta``, for the next block's ``ln1`` to fuse.
+        The same numbers as ``x = attend(x + delta); x + ffn(ln2(x))``, which serving and export
+        run (a fused add-LayerNorm computes the sum, then the LayerNorm of it).
 
         Args:
             x: ``float32 [B, S, D]`` residual stream.

@@ -10,20 +10,16 @@ task 1, ...]`` (local expert 0 = shared, ``1 + j`` = the j-th hosted task). A to
 their order inside an expert, so the result is deterministic), the per-expert row counts
 (through the library's ``expert_count`` op) and every token's row; the MoE block then runs
 ``ops.grouped_ffn`` over the rows and ``ops.combine`` back with the straight-through weights.
-:func:`dispatch_counts` is the pure-numpy count of rows per local expert (planning, tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
 import paddle
 
 from paddle_semoe import ops
 
-__all__ = ["TaskRoute", "dispatch_counts", "local_expert_ids", "task_route"]
+__all__ = ["TaskRoute", "local_expert_ids", "task_route"]
 
 
 @dataclass(frozen=True)
@@ -64,17 +60,3 @@ def task_route(expert_T: paddle.Tensor, num_local_experts: int, backend: str | N
         t.stop_gradient = True
     return TaskRoute(order=order, positions=positions.reshape([T, 1]), counts=counts)
 
-
-def dispatch_counts(token_tasks: Sequence[int], use_task: Sequence[bool], hosted: Sequence[int]) -> np.ndarray:
-    """Rows per local expert ``[shared, hosted...]`` for tokens of the given (global) tasks.
-
-    Raises ``ValueError`` for a token whose task is not hosted here (the plan routed a sample
-    to the wrong rank).
-    """
-    index = {t: j for j, t in enumerate(hosted)}
-    counts = np.zeros(1 + len(hosted), dtype=np.int64)
-    for t, u in zip(token_tasks, use_task):
-        if t not in index:
-            raise ValueError(f"token of task {t} on a rank hosting tasks {list(hosted)}")
-        counts[1 + index[t] if u else 0] += 1
-    return counts

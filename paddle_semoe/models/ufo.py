@@ -12,10 +12,8 @@ task plus a shared expert, routed by task.
   goes to the arg-max, and its output is multiplied by ``1 + p - stop_gradient(p)`` (value 1,
   gradient of the chosen probability ``p``).
   ``expert_choice``, an :class:`ExpertChoiceMoE`: a pool of ``num_experts`` experts shared by
-  every task, with a learned router where each expert takes its top-c tokens of every image
-  (Zhou et al. 2022). Expert choice is not causal, which this encoder allows (a decoder refuses
-  it); the routing group is one image, so an image's output never depends on the other images
-  of its batch and elastic re-planning (another split of a task's batch) leaves it unchanged.
+  every task, each taking its top-c tokens of every image (Zhou et al. 2022; not causal, which
+  this encoder allows).
 * One classification head (LayerNorm + linear) per task on the CLS token.
 
 Parameters of task ``t`` (its experts, gates, token and head) are tagged with
@@ -41,7 +39,7 @@ import paddle.nn.functional as F
 
 from paddle_semoe import ops
 from paddle_semoe.ops import reference
-from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS, MoEConfig
+from paddle_semoe.moe.config import ACTIVATIONS, OPS_BACKENDS, MoEConfig, check_one_of
 from paddle_semoe.moe.routers import ExpertChoiceRouter
 from paddle_semoe.models.task_route import local_expert_ids, task_route
 from paddle_semoe.params import mark_params, mark_task_params
@@ -54,15 +52,9 @@ UFO_ROUTERS: tuple[str, ...] = ("task", "expert_choice")
 
 @dataclass(frozen=True)
 class UFOConfig:
-    """Backbone and expert sizes (YAML section ``model`` of the UFO example).
-
-    MoE blocks (``moe_router``): ``task`` routes a token to its task's expert or the shared
-    expert (:class:`TaskMoE`); ``expert_choice`` routes it through a pool of ``num_experts``
-    experts shared by all tasks where each expert takes its top-c tokens of each image,
-    ``c = min(S, ceil(capacity_factor * S * top_k / num_experts))`` for ``S = seq_len`` tokens
-    (:class:`ExpertChoiceMoE`). ``num_experts``, ``top_k`` (the average experts per token that
-    sets c) and ``capacity_factor`` apply to ``expert_choice`` only.
-    """
+    """Backbone and expert sizes (YAML section ``model`` of the UFO example). ``moe_router``
+    picks the MoE block: ``task`` (:class:`TaskMoE`) or ``expert_choice``
+    (:class:`ExpertChoiceMoE`, sized by ``num_experts``, ``top_k``, ``capacity_factor``)."""
 
     image_size: int = 8
     patch_size: int = 2
@@ -82,7 +74,8 @@ class UFOConfig:
     capacity_factor: float = 1.0  # expert_choice: c = min(S, ceil(cf * S * top_k / num_experts))
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads", "d_ff"):
+        for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads",
+                     "d_ff", "init_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
@@ -93,14 +86,9 @@ class UFOConfig:
             raise ValueError(f"moe_every must be >= 0 (0 = dense), got {self.moe_every}")
         if self.expert_d_ff is not None and self.expert_d_ff <= 0:
             raise ValueError(f"expert_d_ff must be positive, got {self.expert_d_ff}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.ops_backend not in OPS_BACKENDS:
-            raise ValueError(f"ops_backend must be one of {OPS_BACKENDS}, got {self.ops_backend!r}")
-        if self.init_std <= 0:
-            raise ValueError(f"init_std must be positive, got {self.init_std}")
-        if self.moe_router not in UFO_ROUTERS:
-            raise ValueError(f"moe_router must be one of {UFO_ROUTERS}, got {self.moe_router!r}")
+        check_one_of(self, "activation", ACTIVATIONS)
+        check_one_of(self, "ops_backend", OPS_BACKENDS)
+        check_one_of(self, "moe_router", UFO_ROUTERS)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -121,7 +109,8 @@ class UFOConfig:
 
     @property
     def expert_capacity(self) -> int:
-        """``expert_choice``: tokens c each expert takes from each image (1..seq_len)."""
+        """``expert_choice``: tokens each expert takes from each image (``S = seq_len``),
+        ``c = min(S, ceil(capacity_factor * S * top_k / num_experts))``."""
         return min(self.seq_len, ops.expert_capacity(self.seq_len, self.num_experts, self.top_k, self.capacity_factor))
 
     def flops_per_sample(self, num_classes: int = 10) -> float:
@@ -159,6 +148,15 @@ class _FFNWeights(nn.Layer):
         self.w2 = self.create_parameter([d_ff, d_model])
         self.b2 = self.create_parameter([d_model], is_bias=True)
         mark_params([self.w1, self.b1, self.w2, self.b2], "expert")
+
+
+def _grouped_ffn(
+    experts: Sequence[_FFNWeights], rows_RD: paddle.Tensor, counts_E: paddle.Tensor,
+    activation: str, backend: str | None,
+) -> paddle.Tensor:
+    """``ops.grouped_ffn`` of expert-major rows [R, D] (int32 counts [E]) over ``experts``."""
+    weights = [paddle.stack([getattr(e, w) for e in experts]) for w in ("w1", "b1", "w2", "b2")]
+    return ops.grouped_ffn(rows_RD, counts_E, *weights, activation=activation, backend=backend)
 
 
 class TaskMoE(nn.Layer):
@@ -205,16 +203,7 @@ class TaskMoE(nn.Layer):
         experts = [self.shared] + [self.experts[n] for n in self._names]
         route = task_route(local_expert_ids(task_local_T, use_task), len(experts), backend=self.backend)
         rows = paddle.gather(x_TD, route.order)
-        out = ops.grouped_ffn(
-            rows,
-            route.counts,
-            paddle.stack([e.w1 for e in experts]),
-            paddle.stack([e.b1 for e in experts]),
-            paddle.stack([e.w2 for e in experts]),
-            paddle.stack([e.b2 for e in experts]),
-            activation=self.activation,
-            backend=self.backend,
-        )
+        out = _grouped_ffn(experts, rows, route.counts, self.activation, self.backend)
         y = ops.combine(out, st.reshape([T, 1]).astype("float32"), route.positions, backend=self.backend)
         return y, use_task
 
@@ -236,11 +225,11 @@ class ExpertChoiceMoE(nn.Layer):
     :class:`~paddle_semoe.moe.routers.ExpertChoiceRouter` (its ``gate``-tagged ``weight`` [D, E],
     float32). Within each image (the routing group, S tokens), expert e takes the c tokens with
     the highest ``p[:, e]`` (ties: the lower token index), so every expert computes exactly
-    ``N * c`` rows and a token gets 0..E experts; the output of token t is
-    ``sum_e p[t, e] * FFN_e(x_t)`` over the experts that took it. The experts run through
-    ``ops.grouped_ffn`` over expert-major rows and come back through ``ops.combine``; the
-    gradient reaches the router through the combine weights ``p``. The experts are shared
-    parameters (no task tag), replicated on every rank like the shared expert of :class:`TaskMoE`.
+    ``N * c`` rows, a token gets 0..E experts and an image's output never depends on the other
+    images of its batch (elastic re-planning leaves it unchanged); the output of token t is
+    ``sum_e p[t, e] * FFN_e(x_t)`` over the experts that took it, so the gradient reaches the
+    router through the combine weights ``p``. The experts are shared parameters (no task tag),
+    replicated on every rank like the shared expert of :class:`TaskMoE`.
 
     Args:
         d_model, d_ff: sizes; ``num_experts``: E; ``capacity``: c (1..S of the images it runs on);
@@ -291,16 +280,8 @@ class ExpertChoiceMoE(nn.Layer):
         """x [N, S, D] float32 (N images of S tokens) -> y [N, S, D]."""
         N, S, D = x_NSD.shape
         r = self.route(x_NSD)
-        out_RD = ops.grouped_ffn(
-            paddle.gather(x_NSD.reshape([N * S, D]), r.tokens),
-            r.counts,
-            paddle.stack([e.w1 for e in self.experts]),
-            paddle.stack([e.b1 for e in self.experts]),
-            paddle.stack([e.w2 for e in self.experts]),
-            paddle.stack([e.b2 for e in self.experts]),
-            activation=self.activation,
-            backend=self.backend,
-        )
+        rows_RD = paddle.gather(x_NSD.reshape([N * S, D]), r.tokens)
+        out_RD = _grouped_ffn(list(self.experts), rows_RD, r.counts, self.activation, self.backend)
         y_TD = ops.combine(out_RD, r.probs, r.positions, backend=self.backend)
         return y_TD.reshape([N, S, D])
 

@@ -20,6 +20,13 @@ ROUTER_KINDS: tuple[str, ...] = ("token_choice", "aux_free", "device_limited", "
 SCORE_FNS: tuple[str, ...] = ("softmax", "sigmoid")
 
 
+def check_one_of(obj: object, name: str, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming the field unless ``obj.<name>`` is one of ``choices``."""
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MoESettings:
     """The MoE settings every MoE layer of a model shares (YAML section ``model.moe``).
@@ -98,8 +105,7 @@ class MoESettings:
             raise ValueError(f"num_experts must be positive, got {self.num_experts}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"d_ff must be positive, got {self.d_ff}")
-        if self.gate not in GATE_KINDS:
-            raise ValueError(f"gate must be one of {GATE_KINDS}, got {self.gate!r}")
+        check_one_of(self, "gate", GATE_KINDS)
         if not 1 <= self.k <= self.num_experts:
             raise ValueError(
                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.k} (gate={self.gate})"
@@ -113,10 +119,8 @@ class MoESettings:
             raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        if self.capacity_order not in CAPACITY_ORDERS:
-            raise ValueError(f"capacity_order must be one of {CAPACITY_ORDERS}, got {self.capacity_order!r}")
+        check_one_of(self, "drop_policy", DROP_POLICIES)
+        check_one_of(self, "capacity_order", CAPACITY_ORDERS)
         if self.drop_policy == "probs" and (self.batch_priority or self.capacity_order != "choice"):
             raise ValueError("batch_priority and capacity_order apply to drop_policy=position, not to drop_policy=probs")
         self._check_router()
@@ -136,10 +140,8 @@ class MoESettings:
         return self.gate == "gshard" or (self.gate == "topk" and self.k > 1)
 
     def _check_router(self) -> None:
-        if self.router not in ROUTER_KINDS:
-            raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
-        if self.score_fn not in SCORE_FNS:
-            raise ValueError(f"score_fn must be one of {SCORE_FNS}, got {self.score_fn!r}")
+        check_one_of(self, "router", ROUTER_KINDS)
+        check_one_of(self, "score_fn", SCORE_FNS)
         if self.router == "aux_free" and not self.bias_update_rate > 0:
             raise ValueError(f"bias_update_rate must be > 0 for router=aux_free, got {self.bias_update_rate}")
         if self.router == "device_limited":
@@ -209,9 +211,7 @@ class MoEConfig(MoESettings):
         if self.d_ff is None:
             raise ValueError("d_ff of one MoE layer must be an int, got None (MoESettings.layer resolves it)")
         super().__post_init__()
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        check_one_of(self, "activation", ACTIVATIONS)
         if self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
-        if self.ops_backend not in OPS_BACKENDS:
-            raise ValueError(f"ops_backend must be one of {OPS_BACKENDS}, got {self.ops_backend!r}")
+        check_one_of(self, "ops_backend", OPS_BACKENDS)

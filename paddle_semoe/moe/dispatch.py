@@ -1,7 +1,7 @@
-"""Dispatch tokens to experts and combine expert outputs back, through the fused ops.
+"""Dispatch tokens to experts through the fused op.
 
 ``dispatch`` turns tokens and router logits into expert-major rows plus the routing record
-(:class:`Dispatch`) that ``combine`` consumes; no positional tuples cross this boundary.
+(:class:`Dispatch`) that ``MoELayer.combine`` consumes; no positional tuples cross this boundary.
 """
 
 from __future__ import annotations
@@ -71,16 +71,5 @@ def dispatch(
         score_fn=score_fn,
         backend=backend,
     )
-    return Dispatch(
-        rows=r.rows,
-        counts=r.counts,
-        positions=r.positions,
-        weights=r.weights,
-        expert_ids=r.ids,
-        probs=r.probs,
-    )
+    return Dispatch(r.rows, r.counts, r.positions, r.weights, expert_ids=r.ids, probs=r.probs)
 
-
-def combine(rows_RD: paddle.Tensor, d: Dispatch, *, backend: str | None = None) -> paddle.Tensor:
-    """Weighted un-permute of expert outputs laid out like ``d.rows``. -> [T, D]."""
-    return ops.combine(rows_RD, d.weights, d.positions, backend=backend)

@@ -41,11 +41,8 @@ def deferred_expert_weights(enabled: bool = True) -> Iterator[None]:
 def _advance_rng_like_normal(numel: int) -> None:
     """Consume Paddle's CPU generator as one ``Normal`` initialization of ``numel`` values would
     (draws in even-sized chunks leave the generator in the same state as one draw)."""
-    done = 0
-    while done < numel:
-        n = min(_RNG_CHUNK, numel - done)
-        paddle.normal(0.0, 1.0, [n])
-        done += n
+    for start in range(0, numel, _RNG_CHUNK):
+        paddle.normal(0.0, 1.0, [min(_RNG_CHUNK, numel - start)])
 
 
 class ExpertWeightSource(Protocol):
@@ -104,7 +101,7 @@ class GroupedExperts(nn.Layer):
         if self.w1 is None:
             raise RuntimeError(
                 "GroupedExperts built under deferred_expert_weights() has no weights: attach a weight source "
-                "(paddle_semoe.storage.TieredExperts) before running it"
+                "(paddle_semoe.storage.tiered.TieredExperts) before running it"
             )
         return self.compute(rows_RD, counts_E, self.w1, self.b1, self.w2, self.b2)
 

@@ -117,7 +117,6 @@ class MoELayer(nn.Layer):
             )
         self.config = config
         self.exchange = exchange
-        self.ep_size = ep_size
         self.eval_dropless = eval_dropless
         self.serving = False  # GPTMoE.set_serving: outside training, no losses or statistics
         self.num_local_experts = config.num_experts // ep_size
@@ -146,8 +145,7 @@ class MoELayer(nn.Layer):
 
     def route(self, x_TD: paddle.Tensor) -> Routing:
         """Gate and dispatch ``x [T, D]`` (no communication)."""
-        d, logits = self.router.route(x_TD, capacity_factor=self.capacity_factor())
-        return Routing(d, logits)
+        return Routing(*self.router.route(x_TD, capacity_factor=self.capacity_factor()))
 
     def run_experts(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor) -> paddle.Tensor:
         """Expert-major ``rows [R, D]`` with ``counts int32 [E]`` -> expert outputs ``[R, D]``,
@@ -165,19 +163,18 @@ class MoELayer(nn.Layer):
         cfg = self.config
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer: input last dim must be d_model={cfg.d_model}, got shape {list(x.shape)}")
-        shape = x.shape
         x_TD = x.reshape([-1, cfg.d_model])
         routing = self.route(x_TD)
         d = routing.dispatch
         y_TD = self.combine(self.run_experts(d.rows, d.counts), d.weights, d.positions)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).astype(y_TD.dtype)
+        y = y_TD.reshape(x.shape).astype(x.dtype)
         if self.serving and not self.training and not paddle.is_grad_enabled():
             # serving: nothing reads the losses or the routing statistics, and their dozen small
             # ops per layer are a tenth of a decode step; zeros and no statistics instead
             zero = paddle.zeros([], dtype="float32")
-            return MoEOutput(y=y_TD.reshape(shape).astype(x.dtype), aux_loss=zero, balance_loss=zero, z_loss=zero,
-                             stats=None)
+            return MoEOutput(y, aux_loss=zero, balance_loss=zero, z_loss=zero, stats=None)
 
         K = d.expert_ids.shape[1]  # cfg.k, or E for expert choice
         demand = ops.expert_count(d.expert_ids, cfg.num_experts, backend=cfg.ops_backend)
@@ -193,10 +190,4 @@ class MoELayer(nn.Layer):
         else:
             by_choice, expertless = paddle.zeros([K], dtype="float32"), paddle.zeros([], dtype="float32")
         stats = RoutingStats(demand, d.counts, dropped, by_choice, expertless)
-        return MoEOutput(
-            y=y_TD.reshape(shape).astype(x.dtype),
-            aux_loss=aux,
-            balance_loss=balance,
-            z_loss=z,
-            stats=stats,
-        )
+        return MoEOutput(y, aux, balance, z, stats)

@@ -14,27 +14,18 @@ The op (``custom_ops/README.md``) then does score function, selection, capacity,
 the row permutation in one kernel on CPU and GPU, so every router goes through the same
 expert-parallel exchange, checkpoints (``weight`` is a gate parameter) and export.
 
-Routers (``MoESettings.router``):
-
-* ``token_choice``: each token picks its top-k experts (GShard, Switch, Mixtral, DeepSeekMoE);
-  softmax or sigmoid scores (``score_fn``), capacity rules of ``drop_policy``/``capacity_order``.
-* ``aux_free``: DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias (a non-trainable
-  buffer ``balance_bias``) is added to the scores for selection only; after each optimizer step
-  ``bias += rate * sign(mean_load - load)`` with the load summed over every data- and
-  expert-parallel rank (:func:`update_balance_biases`), so every rank holds the same bias.
-* ``device_limited``: DeepSeek-V2 device-limited routing. The experts are cut into
-  ``device_groups`` contiguous groups (the expert-parallel ranks); each token first picks the
-  ``device_limit`` groups holding its best expert scores, and its top-k experts come only from
-  those, which bounds the all-to-all fan-out of a token to ``device_limit`` ranks.
-* ``expert_choice``: Zhou et al. 2022. Each expert takes its top-c tokens by score,
-  ``c = ceil(capacity_factor * T * top_k / E)``; a token may get 0..E experts. Not causal (a
-  token's experts depend on later tokens): models with causal generation refuse it.
+Routers (``MoESettings.router``; each class states its rule): ``token_choice``
+(:class:`TokenChoiceRouter`: GShard, Switch, Mixtral, DeepSeekMoE), ``aux_free``
+(:class:`AuxFreeRouter`: DeepSeek-V3 auxiliary-loss-free balancing), ``device_limited``
+(:class:`DeviceLimitedRouter`: DeepSeek-V2, bounds a token's all-to-all fan-out) and
+``expert_choice`` (:class:`ExpertChoiceRouter`: Zhou et al. 2022; not causal, so models with
+causal generation refuse it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterable, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import paddle
@@ -200,10 +191,10 @@ class DeviceLimitedRouter(Router):
         # best expert of each group by logit is its best by score
         best_TG = logits_TE.detach().reshape([T, G, E // G]).max(axis=-1)
         groups_TM = paddle.argsort(-best_TG, axis=-1, stable=True)[:, :M]
-        allowed_TG = paddle.zeros([T, G], dtype="float32")
-        allowed_TG = paddle.put_along_axis(allowed_TG, groups_TM, paddle.ones_like(groups_TM, dtype="float32"), axis=1)
-        allowed_TE = allowed_TG.unsqueeze(-1).expand([T, G, E // G]).reshape([T, E])
-        return paddle.where(allowed_TE > 0, paddle.zeros_like(allowed_TE), paddle.full_like(allowed_TE, -math.inf))
+        blocked_TG = paddle.full([T, G], -math.inf, dtype="float32")
+        zeros_TM = paddle.zeros_like(groups_TM, dtype="float32")
+        bias_TG = paddle.put_along_axis(blocked_TG, groups_TM, zeros_TM, axis=1)
+        return bias_TG.unsqueeze(-1).expand([T, G, E // G]).reshape([T, E])
 
 
 class ExpertChoiceRouter(Router):
@@ -238,11 +229,9 @@ ROUTERS: dict[str, type[Router]] = {
 
 def make_router(config: MoEConfig) -> Router:
     """The router class named by ``config.router``."""
-    try:
-        cls = ROUTERS[config.router]
-    except KeyError:
-        raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {config.router!r}") from None
-    return cls(config)
+    if config.router not in ROUTERS:
+        raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {config.router!r}")
+    return ROUTERS[config.router](config)
 
 
 def update_balance_biases(model: nn.Layer, all_reduce_sum=None) -> list[np.ndarray]:
@@ -250,14 +239,10 @@ def update_balance_biases(model: nn.Layer, all_reduce_sum=None) -> list[np.ndarr
     (``all_reduce_sum(tensor)`` in place over the data- and expert-parallel ranks; None: one
     process) and update its bias. Returns the global loads [E] in model order (for metrics)."""
     loads = []
-    for layer in _aux_free_routers(model.sublayers(include_self=True)):
+    for layer in [m for m in model.sublayers(include_self=True) if isinstance(m, AuxFreeRouter)]:
         load = layer.take_pending_load()
         if all_reduce_sum is not None:
             all_reduce_sum(load)
         layer.apply_load(load)
         loads.append(load.numpy())
     return loads
-
-
-def _aux_free_routers(layers: Iterable[nn.Layer]) -> list[AuxFreeRouter]:
-    return [layer for layer in layers if isinstance(layer, AuxFreeRouter)]

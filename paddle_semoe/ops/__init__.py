@@ -34,22 +34,12 @@ from paddle_semoe.ops.reference import (
 )
 
 __all__ = [
-    "ACTIVATIONS",
-    "BACKENDS",
-    "CAPACITY_RULES",
-    "SCORE_FNS",
-    "GateDispatchResult",
-    "OpsBuildError",
-    "combine",
-    "cpu_gemm_backend",
-    "dispatch_rows",
-    "capacity_factor_micro",
-    "capacity_rule_code",
-    "expert_capacity",
-    "expert_count",
-    "gate_dispatch",
-    "grouped_ffn",
-    "resolve_backend",
+    "ACTIVATIONS", "BACKENDS", "CAPACITY_RULES", "CPU_GEMM_PRECISIONS", "LINEAR_ACTIVATIONS",
+    "SCORE_FNS", "GateDispatchResult", "OpsBuildError", "add_layer_norm", "adamw_step",
+    "capacity_factor_micro", "capacity_rule_code", "causal_attention", "combine",
+    "cpu_gemm_backend", "dispatch_rows", "expert_capacity", "expert_count", "fused_linear",
+    "gate_dispatch", "grouped_ffn", "grouped_ffn_int4", "grouped_ffn_int8", "layer_norm",
+    "resolve_backend", "set_cpu_gemm_precision", "softmax_cross_entropy", "squared_norms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,9 +68,7 @@ def _warn_fallback(reason: str) -> None:
         "\n%s\npaddle-semoe: compiled MoE ops unavailable, FALLING BACK to the slow pure-Paddle "
         "reference.\n  reason: %s\n  set SEMOE_OPS=custom to make this an error, or "
         "SEMOE_OPS=reference to silence it.\n%s",
-        "!" * 78,
-        reason,
-        "!" * 78,
+        "!" * 78, reason, "!" * 78,
     )
 
 
@@ -120,28 +108,34 @@ def _same_dim(a, b) -> bool:
     return a is None or b is None or a == b
 
 
-def _check_rows_dtype(op: str, arg: str, t: paddle.Tensor) -> None:
-    place = getattr(t, "place", None)
-    if place is None:  # static graph (export): the kernel checks the device dtype at run time
-        if t.dtype not in _ROW_DTYPES_GPU:
-            raise ValueError(f"{op}: '{arg}' must be float32, float16 or bfloat16, got {t.dtype}")
-        return
-    on_gpu = not place.is_cpu_place()
-    allowed = _ROW_DTYPES_GPU if on_gpu else (paddle.float32,)
-    if t.dtype not in allowed:
-        where = "GPU" if on_gpu else "CPU"
-        names = ", ".join(str(d).replace("paddle.", "") for d in allowed)
-        raise ValueError(f"{op}: '{arg}' must be {names} on {where}, got {t.dtype}")
-
-
-def _check_rank(op: str, arg: str, t: paddle.Tensor, rank: int, layout: str) -> None:
-    if len(t.shape) != rank:
-        raise ValueError(f"{op}: '{arg}' must have shape {layout}, got {_shape(t)}")
-
-
 def _check_dtype(op: str, arg: str, t: paddle.Tensor, dtype) -> None:
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: '{arg}' must be {dtype}, got {t.dtype}")
+    """``dtype``: a Paddle dtype, or ``"float"``: float32 on CPU (the compiled kernels), float32,
+    float16 or bfloat16 on a GPU, or ``"rows"``: as ``"float"``, and in a static graph (export)
+    any of the three (the kernel checks the device dtype at run time)."""
+    if dtype not in ("float", "rows"):
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: '{arg}' must be {dtype}, got {t.dtype}")
+        return
+    place = getattr(t, "place", None)
+    wide = dtype == "rows" if place is None else not place.is_cpu_place()
+    if wide and t.dtype not in _ROW_DTYPES_GPU:
+        raise ValueError(f"{op}: '{arg}' must be float32, float16 or bfloat16, got {t.dtype}")
+    if not wide and t.dtype != paddle.float32:
+        raise ValueError(f"{op}: '{arg}' must be float32 on CPU, got {t.dtype}")
+
+
+def _check(op: str, arg: str, t: paddle.Tensor, dtype, *dims) -> list:
+    """:func:`_check_dtype` (``dtype`` None: any), then the shape, one entry per dim: a name (any
+    size) or ``(name, size)`` (``size`` None: any); returns the static shape, or raises a
+    ValueError naming the op, the argument and both shapes."""
+    if dtype is not None:
+        _check_dtype(op, arg, t, dtype)
+    got = _shape(t)
+    want = [d if isinstance(d, tuple) else (d, None) for d in dims]
+    if len(got) != len(want) or not all(_same_dim(g, w) for g, (_, w) in zip(got, want)):
+        shown = ", ".join(n if w is None else f"{n}={w}" for n, w in want)
+        raise ValueError(f"{op}: '{arg}' must have shape [{shown}], got {got}")
+    return got
 
 
 # ----------------------------------------------------------------------------- ops
@@ -160,18 +154,9 @@ def expert_count(ids: paddle.Tensor, num_experts: int, *, backend: str | None = 
 
 @paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def gate_dispatch(
-    x: paddle.Tensor,
-    logits: paddle.Tensor,
-    *,
-    top_k: int,
-    capacity_factor: float,
-    normalize: bool,
-    noise: paddle.Tensor | None = None,
-    capacity_rule: str = "choice",
-    batch_priority: bool = False,
-    min_capacity: int = 0,
-    select_bias: paddle.Tensor | None = None,
-    score_fn: str = "softmax",
+    x: paddle.Tensor, logits: paddle.Tensor, *, top_k: int, capacity_factor: float, normalize: bool,
+    noise: paddle.Tensor | None = None, capacity_rule: str = "choice", batch_priority: bool = False,
+    min_capacity: int = 0, select_bias: paddle.Tensor | None = None, score_fn: str = "softmax",
     backend: str | None = None,
 ) -> GateDispatchResult:
     """Fused softmax + top-k + (random routing) + capacity + positions + row permutation.
@@ -199,13 +184,10 @@ def gate_dispatch(
             with ``normalize=True`` for DeepSeek-V3's top-k renormalization).
     """
     op = "gate_dispatch"
-    _check_rank(op, "x", x, 2, "[T, D]")
-    _check_rows_dtype(op, "x", x)
-    _check_rank(op, "logits", logits, 2, "[T, E]")
-    _check_dtype(op, "logits", logits, paddle.float32)
-    T, E = _shape(logits)
-    if not _same_dim(T, _shape(x)[0]):
-        raise ValueError(f"{op}: logits {_shape(logits)} and x {_shape(x)} disagree on tokens T")
+    xs = _check(op, "x", x, "rows", "T", "D")
+    T, E = _check(op, "logits", logits, paddle.float32, "T", "E")
+    if not _same_dim(T, xs[0]):
+        raise ValueError(f"{op}: logits {[T, E]} and x {xs} disagree on tokens T")
     if not 1 <= top_k <= E:
         raise ValueError(f"{op}: top_k must be in [1, num_experts={E}], got {top_k}")
     rule_code = capacity_rule_code(capacity_rule, batch_priority)
@@ -214,10 +196,7 @@ def gate_dispatch(
     if select_bias is not None:
         _check_dtype(op, "select_bias", select_bias, paddle.float32)
         bs = _shape(select_bias)
-        if not (
-            (len(bs) == 1 and _same_dim(bs[0], E))
-            or (len(bs) == 2 and _same_dim(bs[0], T) and _same_dim(bs[1], E))
-        ):
+        if len(bs) not in (1, 2) or not all(map(_same_dim, bs, [T, E][-len(bs):])):
             raise ValueError(f"{op}: 'select_bias' must have shape [E={E}] or [T={T}, E={E}], got {bs}")
         select_bias = select_bias.detach()
     if min_capacity < 0:
@@ -229,57 +208,28 @@ def gate_dispatch(
         noise = noise.reshape([-1])
     lib = resolve_backend(backend)
     if lib is None:
-        return _without_int_grads(
-            GateDispatchResult(
-                *reference.gate_dispatch(
-                    x,
-                    logits,
-                    noise,
-                    top_k,
-                    capacity_factor,
-                    normalize,
-                    capacity_rule,
-                    batch_priority,
-                    min_capacity,
-                    select_bias,
-                    score_fn,
-                )
-            )
+        out = reference.gate_dispatch(x, logits, noise, top_k, capacity_factor, normalize,
+                                      capacity_rule, batch_priority, min_capacity, select_bias,
+                                      score_fn)
+    else:
+        empty = paddle.zeros([0], dtype="float32")
+        out = lib.semoe_gate_dispatch(
+            x, logits, empty if noise is None else noise,
+            empty if select_bias is None else select_bias,
+            int(top_k), capacity_factor_micro(capacity_factor), bool(normalize), rule_code,
+            bool(batch_priority), int(min_capacity), SCORE_FNS.index(score_fn),
         )
-    if noise is None:
-        noise = paddle.zeros([0], dtype="float32")
-    if select_bias is None:
-        select_bias = paddle.zeros([0], dtype="float32")
-    out = lib.semoe_gate_dispatch(
-        x,
-        logits,
-        noise,
-        select_bias,
-        int(top_k),
-        capacity_factor_micro(capacity_factor),
-        bool(normalize),
-        rule_code,
-        bool(batch_priority),
-        int(min_capacity),
-        SCORE_FNS.index(score_fn),
-    )
-    return _without_int_grads(GateDispatchResult(*out))
-
-
-def _without_int_grads(r: GateDispatchResult) -> GateDispatchResult:
-    """Integer outputs carry no gradient; marking them keeps Paddle's autograd from expecting one
-    (an int tensor that looks differentiable cuts the graph where another custom op consumes it)."""
-    for t in (r.ids, r.positions, r.counts):
+    result = GateDispatchResult(*out)
+    # Integer outputs carry no gradient; marking them keeps Paddle's autograd from expecting one
+    # (an int tensor that looks differentiable cuts the graph where another custom op consumes it).
+    for t in (result.ids, result.positions, result.counts):
         t.stop_gradient = True
-    return r
+    return result
 
 
 @paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def combine(
-    rows: paddle.Tensor,
-    weights: paddle.Tensor,
-    positions: paddle.Tensor,
-    *,
+    rows: paddle.Tensor, weights: paddle.Tensor, positions: paddle.Tensor, *,
     backend: str | None = None,
 ) -> paddle.Tensor:
     """Weighted un-permute: out[t] = sum_j weights[t,j] * rows[positions[t,j]] (pos >= 0).
@@ -287,45 +237,31 @@ def combine(
     rows [R, D], weights [T, K] float32, positions [T, K] int32 (unique, or -1) -> [T, D].
     """
     op = "combine"
-    _check_rank(op, "rows", rows, 2, "[R, D]")
-    _check_rows_dtype(op, "rows", rows)
-    _check_rank(op, "weights", weights, 2, "[T, K]")
-    _check_dtype(op, "weights", weights, paddle.float32)
-    _check_rank(op, "positions", positions, 2, "[T, K]")
-    _check_dtype(op, "positions", positions, paddle.int32)
-    ws, ps = _shape(weights), _shape(positions)
-    if not all(_same_dim(a, b) for a, b in zip(ws, ps)):
-        raise ValueError(f"{op}: weights {_shape(weights)} and positions {_shape(positions)} differ")
+    _check(op, "rows", rows, "rows", "R", "D")
+    ws = _check(op, "weights", weights, paddle.float32, "T", "K")
+    ps = _check(op, "positions", positions, paddle.int32, "T", "K")
+    if not all(map(_same_dim, ws, ps)):
+        raise ValueError(f"{op}: weights {ws} and positions {ps} differ")
     lib = resolve_backend(backend)
     if lib is None:
         return reference.combine(rows, weights, positions)
     return lib.semoe_combine(rows, weights, positions)
 
 
-def _check_ffn_inputs(op: str, x: paddle.Tensor, counts: paddle.Tensor, activation: str, float32_rows: bool) -> None:
-    """The arguments every grouped FFN op shares: rows ``x`` [R, D], ``counts`` int32 [E], the activation."""
-    _check_rank(op, "x", x, 2, "[R, D]")
-    if float32_rows:
-        _check_dtype(op, "x", x, paddle.float32)
-    else:
-        _check_rows_dtype(op, "x", x)
-    _check_dtype(op, "counts", counts, paddle.int32)
-    _check_rank(op, "counts", counts, 1, "[E]")
+def _check_ffn_inputs(op: str, x: paddle.Tensor, counts: paddle.Tensor, activation: str, x_dtype):
+    """The arguments every grouped FFN op shares: rows ``x`` [R, D], ``counts`` int32 [E], the
+    activation. Returns (E, D)."""
+    D = _check(op, "x", x, x_dtype, "R", "D")[1]
+    (E,) = _check(op, "counts", counts, paddle.int32, "E")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return E, D
 
 
 @paddle.jit.not_to_static  # plain Python while tracing: no control-flow rewriting
 def grouped_ffn(
-    x: paddle.Tensor,
-    counts: paddle.Tensor,
-    w1: paddle.Tensor,
-    b1: paddle.Tensor,
-    w2: paddle.Tensor,
-    b2: paddle.Tensor,
-    *,
-    activation: str = "gelu",
-    backend: str | None = None,
+    x: paddle.Tensor, counts: paddle.Tensor, w1: paddle.Tensor, b1: paddle.Tensor,
+    w2: paddle.Tensor, b2: paddle.Tensor, *, activation: str = "gelu", backend: str | None = None,
 ) -> paddle.Tensor:
     """Expert FFN over expert-major rows: rows of expert e -> act(x W1[e] + b1[e]) W2[e] + b2[e].
 
@@ -333,17 +269,11 @@ def grouped_ffn(
     give zeros); w1 [E, D, F]; b1 [E, F]; w2 [E, F, D]; b2 [E, D] -> [R, D].
     """
     op = "grouped_ffn"
-    _check_ffn_inputs(op, x, counts, activation, float32_rows=False)
-    E = _shape(counts)[0]
-    D = _shape(x)[1]
-    w1s = _shape(w1)
-    if len(w1s) != 3 or not _same_dim(w1s[0], E) or not _same_dim(w1s[1], D):
-        raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {w1s}")
-    F_ = w1s[2]
-    for arg, t, want in (("b1", b1, [E, F_]), ("w2", w2, [E, F_, D]), ("b2", b2, [E, D])):
-        got = _shape(t)
-        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
-            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
+    E, D = _check_ffn_inputs(op, x, counts, activation, "rows")
+    F_ = _check(op, "w1", w1, None, ("E", E), ("D", D), "F")[2]
+    _check(op, "b1", b1, None, ("E", E), ("F", F_))
+    _check(op, "w2", w2, None, ("E", E), ("F", F_), ("D", D))
+    _check(op, "b2", b2, None, ("E", E), ("D", D))
     lib = resolve_backend(backend)
     if lib is None:
         return reference.grouped_ffn(x, counts, w1, b1, w2, b2, activation)
@@ -351,31 +281,10 @@ def grouped_ffn(
     return out
 
 
-__all__ += ["grouped_ffn_int8"]
-
-
-def _check_operands(op: str, specs) -> None:
-    """Each ``(name, tensor, shape, dtype)``: the dtype, then the shape (``None`` = any size),
-    or a ValueError naming the op, the argument and both shapes."""
-    for arg, t, want, dtype in specs:
-        _check_dtype(op, arg, t, dtype)
-        got = _shape(t)
-        if len(got) != len(want) or not all(_same_dim(g, w) for g, w in zip(got, want)):
-            raise ValueError(f"{op}: '{arg}' must have shape {want}, got {got}")
-
-
 def grouped_ffn_int8(
-    x: paddle.Tensor,
-    counts: paddle.Tensor,
-    w1: paddle.Tensor,
-    s1: paddle.Tensor,
-    b1: paddle.Tensor,
-    w2: paddle.Tensor,
-    s2: paddle.Tensor,
-    b2: paddle.Tensor,
-    *,
-    activation: str = "gelu",
-    backend: str | None = None,
+    x: paddle.Tensor, counts: paddle.Tensor, w1: paddle.Tensor, s1: paddle.Tensor,
+    b1: paddle.Tensor, w2: paddle.Tensor, s2: paddle.Tensor, b2: paddle.Tensor, *,
+    activation: str = "gelu", backend: str | None = None,
 ) -> paddle.Tensor:
     """Weight-only int8 expert FFN (inference, CPU, no gradient): :func:`grouped_ffn` with
     ``W1[e] = w1[e] * s1[e]`` and ``W2[e] = w2[e] * s2[e]`` (per output channel), the GEMMs
@@ -386,25 +295,19 @@ def grouped_ffn_int8(
     dequantized weights up to float32 rounding; each row's result depends on that row only.
     """
     op = "grouped_ffn_int8"
-    _check_ffn_inputs(op, x, counts, activation, float32_rows=True)
-    E, D = _shape(counts)[0], _shape(x)[1]
-    _check_dtype(op, "w1", w1, paddle.int8)
-    w1s = _shape(w1)
-    if len(w1s) != 3 or not _same_dim(w1s[0], E) or not _same_dim(w1s[1], D):
-        raise ValueError(f"{op}: 'w1' must have shape [E={E}, D={D}, F], got {w1s}")
-    F_ = w1s[2]
-    _check_operands(op, (("s1", s1, [E, F_], paddle.float32), ("b1", b1, [E, F_], paddle.float32),
-                         ("w2", w2, [E, F_, D], paddle.int8), ("s2", s2, [E, D], paddle.float32),
-                         ("b2", b2, [E, D], paddle.float32)))
+    E, D = _check_ffn_inputs(op, x, counts, activation, paddle.float32)
+    F_ = _check(op, "w1", w1, paddle.int8, ("E", E), ("D", D), "F")[2]
+    _check(op, "s1", s1, paddle.float32, ("E", E), ("F", F_))
+    _check(op, "b1", b1, paddle.float32, ("E", E), ("F", F_))
+    _check(op, "w2", w2, paddle.int8, ("E", E), ("F", F_), ("D", D))
+    _check(op, "s2", s2, paddle.float32, ("E", E), ("D", D))
+    _check(op, "b2", b2, paddle.float32, ("E", E), ("D", D))
     lib = resolve_backend(backend)
     if lib is None:
         dq1 = w1.astype(paddle.float32) * s1.unsqueeze(1)
         dq2 = w2.astype(paddle.float32) * s2.unsqueeze(1)
         return reference.grouped_ffn(x, counts, dq1, b1, dq2, b2, activation)
     return lib.semoe_grouped_ffn_int8(x, counts, w1, s1, b1, w2, s2, b2, activation)
-
-
-__all__ += ["grouped_ffn_int4"]
 
 
 def _unpack_int4(w: paddle.Tensor) -> paddle.Tensor:
@@ -416,18 +319,9 @@ def _unpack_int4(w: paddle.Tensor) -> paddle.Tensor:
 
 
 def grouped_ffn_int4(
-    x: paddle.Tensor,
-    counts: paddle.Tensor,
-    w1: paddle.Tensor,
-    s1: paddle.Tensor,
-    b1: paddle.Tensor,
-    w2: paddle.Tensor,
-    s2: paddle.Tensor,
-    b2: paddle.Tensor,
-    *,
-    group_size: int,
-    activation: str = "gelu",
-    backend: str | None = None,
+    x: paddle.Tensor, counts: paddle.Tensor, w1: paddle.Tensor, s1: paddle.Tensor,
+    b1: paddle.Tensor, w2: paddle.Tensor, s2: paddle.Tensor, b2: paddle.Tensor, *, group_size: int,
+    activation: str = "gelu", backend: str | None = None,
 ) -> paddle.Tensor:
     """Weight-only int4 expert FFN (inference, CPU, no gradient): :func:`grouped_ffn` with
     ``W[e, k, n] = q[e, k, n] * s[e, k // G, n]`` (G = ``group_size``), the GEMMs reading the
@@ -437,20 +331,19 @@ def grouped_ffn_int4(
     b1 [E, F]; w2 uint8 [E, F, D/2]; s2 [E, ceil(F/G), D]; b2 [E, D] -> float32 [R, D].
     """
     op = "grouped_ffn_int4"
-    _check_ffn_inputs(op, x, counts, activation, float32_rows=True)
+    E, D = _check_ffn_inputs(op, x, counts, activation, paddle.float32)
     if group_size < 1:
         raise ValueError(f"{op}: group_size must be >= 1, got {group_size}")
-    E, D = _shape(counts)[0], _shape(x)[1]
-    if len(b1.shape) != 2:
-        raise ValueError(f"{op}: 'b1' must have shape [E, F], got {_shape(b1)}")
-    F_ = _shape(b1)[1]
+    F_ = _check(op, "b1", b1, paddle.float32, ("E", E), "F")[1]
     if D is not None and D % 2 or F_ is not None and F_ % 2:
         raise ValueError(f"{op}: int4 packs two columns per byte: D={D} and F={F_} must be even")
     cdiv = lambda a: None if a is None else -(-a // group_size)  # noqa: E731
     half = lambda a: None if a is None else a // 2  # noqa: E731
-    _check_operands(op, (("w1", w1, [E, D, half(F_)], paddle.uint8), ("s1", s1, [E, cdiv(D), F_], paddle.float32),
-                         ("b1", b1, [E, F_], paddle.float32), ("w2", w2, [E, F_, half(D)], paddle.uint8),
-                         ("s2", s2, [E, cdiv(F_), D], paddle.float32), ("b2", b2, [E, D], paddle.float32)))
+    _check(op, "w1", w1, paddle.uint8, ("E", E), ("D", D), ("F/2", half(F_)))
+    _check(op, "s1", s1, paddle.float32, ("E", E), ("ceil(D/G)", cdiv(D)), ("F", F_))
+    _check(op, "w2", w2, paddle.uint8, ("E", E), ("F", F_), ("D/2", half(D)))
+    _check(op, "s2", s2, paddle.float32, ("E", E), ("ceil(F/G)", cdiv(F_)), ("D", D))
+    _check(op, "b2", b2, paddle.float32, ("E", E), ("D", D))
     lib = resolve_backend(backend)
     if lib is None:
         dq1 = _unpack_int4(w1) * paddle.repeat_interleave(s1, group_size, axis=1)[:, : w1.shape[1]]
@@ -464,7 +357,6 @@ def grouped_ffn_int4(
 # CPU float32 runs the compiled kernels; tensors on a GPU go to Paddle's own ops (the
 # reference functions, which Paddle runs with its fused GPU kernels), said once, loudly.
 LINEAR_ACTIVATIONS = ("none",) + tuple(ACTIVATIONS)
-__all__ += ["LINEAR_ACTIVATIONS", "add_layer_norm", "causal_attention", "fused_linear", "layer_norm", "softmax_cross_entropy"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -480,33 +372,19 @@ def _on_gpu(t: paddle.Tensor) -> bool:
     return place is not None and not place.is_cpu_place()
 
 
-def _dense_lib(op: str, first: paddle.Tensor, backend: str | None) -> ModuleType | None:
+def _cpu_lib(op: str, tensors: list[paddle.Tensor], backend: str | None) -> ModuleType | None:
     """The compiled module for a CPU call, or None: reference backend, or a GPU tensor."""
     lib = resolve_backend(backend)
-    if lib is not None and _on_gpu(first):
+    if lib is not None and any(_on_gpu(t) for t in tensors):
         _warn_gpu_fallback(op)
         return None
     return lib
 
 
-def _check_float(op: str, arg: str, t: paddle.Tensor) -> None:
-    """float32 on CPU (the compiled kernels); any float dtype on a GPU (Paddle's ops)."""
-    if _on_gpu(t):
-        if t.dtype not in _ROW_DTYPES_GPU:
-            raise ValueError(f"{op}: '{arg}' must be float32, float16 or bfloat16, got {t.dtype}")
-    elif t.dtype != paddle.float32:
-        raise ValueError(f"{op}: '{arg}' must be float32 on CPU, got {t.dtype}")
-
-
 @paddle.jit.not_to_static
 def fused_linear(
-    x: paddle.Tensor,
-    w: paddle.Tensor,
-    b: paddle.Tensor | None = None,
-    *,
-    activation: str = "none",
-    trans_w: bool = False,
-    backend: str | None = None,
+    x: paddle.Tensor, w: paddle.Tensor, b: paddle.Tensor | None = None, *, activation: str = "none",
+    trans_w: bool = False, backend: str | None = None,
 ) -> paddle.Tensor:
     """``act(x @ W + b)`` with the bias and activation in the GEMM epilogue (oneDNN sgemm).
 
@@ -514,22 +392,17 @@ def fused_linear(
     None; activation one of :data:`LINEAR_ACTIVATIONS`. Returns [..., N]. Gradients for x, W, b.
     """
     op = "fused_linear"
-    _check_float(op, "x", x)
-    _check_float(op, "w", w)
+    _check_dtype(op, "x", x, "float")
     if len(x.shape) < 2:
         raise ValueError(f"{op}: 'x' must have shape [..., K], got {_shape(x)}")
-    _check_rank(op, "w", w, 2, "[N, K]" if trans_w else "[K, N]")
-    K = _shape(x)[-1]
-    wk, N = (_shape(w)[1], _shape(w)[0]) if trans_w else _shape(w)
-    if not _same_dim(K, wk):
-        raise ValueError(f"{op}: 'w' {_shape(w)} does not match the K={K} features of 'x' (trans_w={trans_w})")
+    w_dims = [("K", _shape(x)[-1]), "N"]  # the K features of 'x'
+    ws = _check(op, "w", w, "float", *(w_dims[::-1] if trans_w else w_dims))
+    N = ws[0] if trans_w else ws[1]
     if b is not None:
-        _check_float(op, "b", b)
-        if len(b.shape) != 1 or not _same_dim(_shape(b)[0], N):
-            raise ValueError(f"{op}: 'b' must have shape [N={N}], got {_shape(b)}")
+        _check(op, "b", b, "float", ("N", N))
     if activation not in LINEAR_ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {LINEAR_ACTIVATIONS}")
-    lib = _dense_lib(op, x, backend)
+    lib = _cpu_lib(op, [x], backend)
     if lib is None:
         return reference.linear(x, w, b, activation, trans_w)
     if b is None:
@@ -539,12 +412,10 @@ def fused_linear(
 
 
 def _check_norm_args(op: str, x: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Tensor) -> None:
-    _check_float(op, "x", x)
+    _check_dtype(op, "x", x, "float")
     D = _shape(x)[-1] if len(x.shape) else None
-    for arg, t in (("gamma", gamma), ("beta", beta)):
-        _check_float(op, arg, t)
-        if len(t.shape) != 1 or not _same_dim(_shape(t)[0], D):
-            raise ValueError(f"{op}: '{arg}' must have shape [D={D}], got {_shape(t)}")
+    _check(op, "gamma", gamma, "float", ("D", D))
+    _check(op, "beta", beta, "float", ("D", D))
 
 
 @paddle.jit.not_to_static
@@ -554,7 +425,7 @@ def layer_norm(
     """LayerNorm over the last dim: x [..., D] float32, gamma/beta [D] -> [..., D]."""
     op = "layer_norm"
     _check_norm_args(op, x, gamma, beta)
-    lib = _dense_lib(op, x, backend)
+    lib = _cpu_lib(op, [x], backend)
     if lib is None:
         return reference.layernorm(x, gamma, beta, epsilon)
     return lib.semoe_layernorm(x, gamma, beta, float(epsilon))[0]
@@ -562,22 +433,18 @@ def layer_norm(
 
 @paddle.jit.not_to_static
 def add_layer_norm(
-    x: paddle.Tensor,
-    residual: paddle.Tensor,
-    gamma: paddle.Tensor,
-    beta: paddle.Tensor,
-    *,
-    epsilon: float = 1e-5,
-    backend: str | None = None,
+    x: paddle.Tensor, residual: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Tensor, *,
+    epsilon: float = 1e-5, backend: str | None = None,
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Residual add fused with the LayerNorm after it: returns ``(layer_norm(x + residual),
     x + residual)``; both [..., D] float32 and both differentiable."""
     op = "add_layer_norm"
     _check_norm_args(op, x, gamma, beta)
-    _check_float(op, "residual", residual)
-    if len(residual.shape) != len(x.shape) or not all(_same_dim(a, c) for a, c in zip(_shape(residual), _shape(x))):
-        raise ValueError(f"{op}: 'residual' {_shape(residual)} must have the shape of 'x' {_shape(x)}")
-    lib = _dense_lib(op, x, backend)
+    _check_dtype(op, "residual", residual, "float")
+    rs, xs = _shape(residual), _shape(x)
+    if len(rs) != len(xs) or not all(map(_same_dim, rs, xs)):
+        raise ValueError(f"{op}: 'residual' {rs} must have the shape of 'x' {xs}")
+    lib = _cpu_lib(op, [x], backend)
     if lib is None:
         return reference.add_layernorm(x, residual, gamma, beta, epsilon)
     out, s, _mean, _rstd = lib.semoe_add_layernorm(x, residual, gamma, beta, float(epsilon))
@@ -594,13 +461,12 @@ def softmax_cross_entropy(
     log-sum-exp [T] is kept for the backward (no probability tensor).
     """
     op = "softmax_cross_entropy"
-    _check_float(op, "logits", logits)
-    _check_rank(op, "logits", logits, 2, "[T, V]")
+    ls = _check(op, "logits", logits, "float", "T", "V")
     _check_dtype(op, "labels", labels, paddle.int64)
     labels = labels.reshape([-1])
-    if not _same_dim(_shape(labels)[0], _shape(logits)[0]):
-        raise ValueError(f"{op}: labels has {_shape(labels)[0]} entries, logits {_shape(logits)} rows")
-    lib = _dense_lib(op, logits, backend)
+    if not _same_dim(_shape(labels)[0], ls[0]):
+        raise ValueError(f"{op}: labels has {_shape(labels)[0]} entries, logits {ls} rows")
+    lib = _cpu_lib(op, [logits], backend)
     if lib is None:
         return reference.softmax_cross_entropy(logits, labels, int(ignore_index))
     loss, _lse, _count = lib.semoe_softmax_ce(logits, labels, int(ignore_index))
@@ -609,12 +475,8 @@ def softmax_cross_entropy(
 
 @paddle.jit.not_to_static
 def causal_attention(
-    qkv: paddle.Tensor,
-    num_heads: int,
-    *,
-    k_past: paddle.Tensor | None = None,
-    v_past: paddle.Tensor | None = None,
-    backend: str | None = None,
+    qkv: paddle.Tensor, num_heads: int, *, k_past: paddle.Tensor | None = None,
+    v_past: paddle.Tensor | None = None, backend: str | None = None,
 ) -> paddle.Tensor:
     """Fused causal self-attention straight from the qkv projection.
 
@@ -624,26 +486,20 @@ def causal_attention(
     keeps only a per-query log-sum-exp for the backward (no [S, S] buffer).
     """
     op = "causal_attention"
-    _check_float(op, "qkv", qkv)
-    _check_rank(op, "qkv", qkv, 3, "[B, S, 3*H*Dh]")
+    B, S, D3 = _check(op, "qkv", qkv, "float", "B", "S", "3*H*Dh")
     if num_heads <= 0:
         raise ValueError(f"{op}: num_heads must be positive, got {num_heads}")
-    B, S, D3 = _shape(qkv)
     if D3 is not None and D3 % (3 * num_heads):
         raise ValueError(f"{op}: the last dim of 'qkv' ({D3}) must be 3 * num_heads ({num_heads}) * head_dim")
     if (k_past is None) != (v_past is None):
         raise ValueError(f"{op}: give both k_past and v_past or neither")
     Dh = D3 // (3 * num_heads) if D3 is not None else None
     if k_past is not None:
-        for arg, t in (("k_past", k_past), ("v_past", v_past)):
-            _check_float(op, arg, t)
-            _check_rank(op, arg, t, 4, "[B, H, P, Dh]")
-            got = _shape(t)
-            if not (_same_dim(got[0], B) and _same_dim(got[1], num_heads) and _same_dim(got[3], Dh)):
-                raise ValueError(f"{op}: '{arg}' must have shape [B={B}, H={num_heads}, P, Dh={Dh}], got {got}")
-        if _shape(k_past) != _shape(v_past):
+        dims = (("B", B), ("H", num_heads), "P", ("Dh", Dh))
+        ks = _check(op, "k_past", k_past, "float", *dims)
+        if ks != _check(op, "v_past", v_past, "float", *dims):
             raise ValueError(f"{op}: k_past {_shape(k_past)} and v_past {_shape(v_past)} differ")
-    lib = _dense_lib(op, qkv, backend)
+    lib = _cpu_lib(op, [qkv], backend)
     if k_past is None:
         batch = B if B is not None else paddle.shape(qkv)[0]  # symbolic while tracing for export
         k_past = v_past = paddle.zeros([batch, num_heads, 0, Dh], dtype=qkv.dtype)
@@ -654,39 +510,23 @@ def causal_attention(
 
 
 # ----------------------------------------------------------------------------- optimizer ops
-__all__ += ["adamw_step", "squared_norms"]
 
 
 def _tensor_list_lib(op: str, tensors: list[paddle.Tensor], backend: str | None) -> ModuleType | None:
     """The compiled module when every tensor is a float32 CPU tensor, else None (Paddle's ops)."""
-    lib = resolve_backend(backend)
-    if lib is None:
-        return None
-    if any(_on_gpu(t) for t in tensors):
-        _warn_gpu_fallback(op)
-        return None
-    for i, t in enumerate(tensors):
-        if t.dtype != paddle.float32:
-            raise ValueError(f"{op}: tensor {i} must be float32 on CPU, got {t.dtype}")
+    lib = _cpu_lib(op, tensors, backend)
+    if lib is not None:
+        for i, t in enumerate(tensors):
+            if t.dtype != paddle.float32:
+                raise ValueError(f"{op}: tensor {i} must be float32 on CPU, got {t.dtype}")
     return lib
 
 
 def adamw_step(
-    params: list[paddle.Tensor],
-    grads: list[paddle.Tensor],
-    moment1: list[paddle.Tensor],
-    moment2: list[paddle.Tensor],
-    beta1_pow: list[paddle.Tensor],
-    beta2_pow: list[paddle.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    epsilon: float,
-    weight_decay: float,
-    decay_mask: list[bool],
-    grad_scale: float = 1.0,
-    backend: str | None = None,
+    params: list[paddle.Tensor], grads: list[paddle.Tensor], moment1: list[paddle.Tensor],
+    moment2: list[paddle.Tensor], beta1_pow: list[paddle.Tensor], beta2_pow: list[paddle.Tensor], *,
+    lr: float, beta1: float, beta2: float, epsilon: float, weight_decay: float,
+    decay_mask: list[bool], grad_scale: float = 1.0, backend: str | None = None,
 ) -> None:
     """One AdamW step over every tensor of the lists, in place, in one kernel call.
 
@@ -696,31 +536,31 @@ def adamw_step(
     All float32; the lists are parallel (moments shaped like their parameter).
     """
     op = "adamw_step"
+    lists = (params, grads, moment1, moment2, beta1_pow, beta2_pow)
     n = len(params)
-    for name, lst in (("grads", grads), ("moment1", moment1), ("moment2", moment2), ("beta1_pow", beta1_pow),
-                      ("beta2_pow", beta2_pow), ("decay_mask", decay_mask)):
+    names = ("grads", "moment1", "moment2", "beta1_pow", "beta2_pow", "decay_mask")
+    for name, lst in zip(names, (*lists[1:], decay_mask)):
         if len(lst) != n:
             raise ValueError(f"{op}: '{name}' holds {len(lst)} entries for {n} parameters")
     if n == 0:
         return
-    lib = _tensor_list_lib(op, list(params) + list(grads) + list(moment1) + list(moment2), backend)
-    if lib is None:  # the kernel checks sizes itself (naming the list and the index)
-        for i, (p, g, m1, m2) in enumerate(zip(params, grads, moment1, moment2)):
-            if not (g.size == m1.size == m2.size == p.size):
-                raise ValueError(f"{op}: parameter {i} {_shape(p)}: grad/moment sizes {g.size}/{m1.size}/{m2.size} differ")
-    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), epsilon=float(epsilon),
-                 weight_decay=float(weight_decay), grad_scale=float(grad_scale))
-    if lib is None:
-        reference.adamw_step(params, grads, moment1, moment2, beta1_pow, beta2_pow, decay_mask=list(decay_mask), **hyper)
+    lib = _tensor_list_lib(op, [t for lst in lists[:4] for t in lst], backend)
+    lr, beta1, beta2, epsilon, weight_decay, grad_scale = map(
+        float, (lr, beta1, beta2, epsilon, weight_decay, grad_scale))
+    if lib is not None:  # the kernel checks the sizes itself (naming the list and the index)
+        # detached views share the storage: the kernel updates the tensors themselves
+        with paddle.no_grad():
+            lib.semoe_adamw_step(*([t.detach() for t in lst] for lst in lists), lr, beta1, beta2,
+                                 epsilon, weight_decay, [int(bool(d)) for d in decay_mask],
+                                 grad_scale)
         return
-    # detached views share the storage: the kernel updates the tensors themselves
-    with paddle.no_grad():
-        lib.semoe_adamw_step(
-            [p.detach() for p in params], [g.detach() for g in grads], [m.detach() for m in moment1],
-            [m.detach() for m in moment2], [b.detach() for b in beta1_pow], [b.detach() for b in beta2_pow],
-            hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["epsilon"], hyper["weight_decay"],
-            [1 if d else 0 for d in decay_mask], hyper["grad_scale"],
-        )
+    for i, (p, g, m1, m2) in enumerate(zip(*lists[:4])):
+        if not (g.size == m1.size == m2.size == p.size):
+            raise ValueError(f"{op}: parameter {i} {_shape(p)}: grad/moment sizes "
+                             f"{g.size}/{m1.size}/{m2.size} differ")
+    reference.adamw_step(*lists, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                         weight_decay=weight_decay, decay_mask=list(decay_mask),
+                         grad_scale=grad_scale)
 
 
 def squared_norms(tensors: list[paddle.Tensor], *, backend: str | None = None) -> paddle.Tensor:
@@ -735,7 +575,6 @@ def squared_norms(tensors: list[paddle.Tensor], *, backend: str | None = None) -
 
 # ----------------------------------------------------------------------------- GEMM precision
 CPU_GEMM_PRECISIONS = ("float32", "bfloat16", "bfloat16_ffn")  # index = the kernel's code
-__all__ += ["CPU_GEMM_PRECISIONS", "set_cpu_gemm_precision"]
 
 
 def set_cpu_gemm_precision(precision: str, *, backend: str | None = None) -> str:

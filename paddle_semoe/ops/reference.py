@@ -7,11 +7,17 @@ compiled ops are unavailable and as the oracle in tests. Slow but obviously corr
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import paddle
 import paddle.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
+_ACTIVATION_FNS: dict[str, Callable[..., paddle.Tensor]] = {
+    "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate=True),
+    "relu": F.relu, "silu": F.silu,
+}
+ACTIVATIONS = tuple(_ACTIVATION_FNS)
 
 CAPACITY_SCALE = 1_000_000
 
@@ -89,40 +95,20 @@ def expert_count(ids: paddle.Tensor, num_experts: int) -> paddle.Tensor:
 
 
 def activation(h: paddle.Tensor, name: str) -> paddle.Tensor:
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate=True)
-    if name == "relu":
-        return F.relu(h)
-    if name == "silu":
-        return F.silu(h)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    if name not in _ACTIVATION_FNS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    return _ACTIVATION_FNS[name](h)
 
 
 def gate_dispatch(
-    x: paddle.Tensor,
-    logits: paddle.Tensor,
-    noise: paddle.Tensor | None,
-    top_k: int,
-    capacity_factor: float,
-    normalize: bool,
-    capacity_rule: str = "choice",
-    batch_priority: bool = False,
-    min_capacity: int = 0,
-    select_bias: paddle.Tensor | None = None,
+    x: paddle.Tensor, logits: paddle.Tensor, noise: paddle.Tensor | None, top_k: int,
+    capacity_factor: float, normalize: bool, capacity_rule: str = "choice",
+    batch_priority: bool = False, min_capacity: int = 0, select_bias: paddle.Tensor | None = None,
     score_fn: str = "softmax",
 ):
-    """Reference fused gate-dispatch.
+    """Reference fused gate-dispatch: the arguments of :func:`paddle_semoe.ops.gate_dispatch`
+    (``noise``: [T] or None); the capacity rule orders assignments by ``capacity_visit_order``.
 
-    Args:
-        x: [T, D] token rows. logits: [T, E] float32 router logits.
-        noise: [T] float32 uniform draws for GShard random routing, or None.
-        capacity_rule, batch_priority: which assignments keep a slot (``capacity_visit_order``).
-        min_capacity: floor on a limited capacity.
-        select_bias: None, [E] or [T, E] float32 added to the scores for the top-k selection
-            only (the weights use the scores without it).
-        score_fn: ``softmax`` over a token's experts or ``sigmoid`` per expert.
     Returns:
         (rows [R, D], weights [T, K] f32, ids [T, K] i32, pos [T, K] i32, counts [E] i32,
         probs [T, E] f32) with R = dispatch_rows(T, E, K, capacity).
@@ -139,14 +125,8 @@ def gate_dispatch(
     probs = F.sigmoid(z) if score_fn == "sigmoid" else F.softmax(z, axis=-1)
     if T == 0:
         empty_i = paddle.zeros([0, K], dtype="int32")
-        return (
-            paddle.zeros([0, D], dtype=x.dtype),
-            paddle.zeros([0, K], dtype="float32"),
-            empty_i,
-            empty_i,
-            paddle.zeros([E], dtype="int32"),
-            probs,
-        )
+        return (paddle.zeros([0, D], dtype=x.dtype), paddle.zeros([0, K], dtype="float32"), empty_i,
+                empty_i, paddle.zeros([E], dtype="int32"), probs)
     key = probs.detach() if select_bias is None else probs.detach() + select_bias.astype("float32")
     order = paddle.argsort(-key, axis=-1, stable=True)[:, :K]  # ties: lower index first
     top_p = paddle.take_along_axis(probs, order, axis=1)
@@ -164,13 +144,11 @@ def gate_dispatch(
     onehot = F.one_hot(v_ids, E).astype("int64") * paddle.gather(flat_keep, visit).unsqueeze(1)
     v_rank = ((paddle.cumsum(onehot, axis=0) - onehot) * onehot).sum(axis=1)  # rank in expert
     rank = paddle.scatter(paddle.zeros_like(v_rank), visit, v_rank)  # back to a = t*K + j
-    demand = onehot.sum(axis=0)
+    counts = onehot.sum(axis=0)  # demand per expert
+    kept = flat_keep > 0
     if cap > 0:
-        kept = (flat_keep > 0) & (rank < cap)
-        counts = paddle.minimum(demand, paddle.full_like(demand, cap))
-    else:
-        kept = flat_keep > 0
-        counts = demand
+        kept = kept & (rank < cap)
+        counts = paddle.minimum(counts, paddle.full_like(counts, cap))
     offsets = paddle.cumsum(counts) - counts
     pos = paddle.where(kept, paddle.gather(offsets, flat_ids) + rank, paddle.full_like(rank, -1))
 
@@ -185,14 +163,8 @@ def gate_dispatch(
     rows = paddle.gather(x, src_token) if n_kept > 0 else paddle.zeros([0, D], dtype=x.dtype)
     if n_rows > n_kept:
         rows = paddle.concat([rows, paddle.zeros([n_rows - n_kept, D], dtype=x.dtype)], axis=0)
-    return (
-        rows,
-        weights,
-        order.astype("int32"),
-        pos.reshape([T, K]).astype("int32"),
-        counts.astype("int32"),
-        probs,
-    )
+    ids, pos = order.astype("int32"), pos.reshape([T, K]).astype("int32")
+    return rows, weights, ids, pos, counts.astype("int32"), probs
 
 
 def combine(rows: paddle.Tensor, weights: paddle.Tensor, pos: paddle.Tensor) -> paddle.Tensor:
@@ -201,40 +173,29 @@ def combine(rows: paddle.Tensor, weights: paddle.Tensor, pos: paddle.Tensor) -> 
     D = rows.shape[1]
     if T == 0:
         return paddle.zeros([0, D], dtype=rows.dtype)
-    valid = pos >= 0
-    idx = paddle.where(valid, pos, paddle.zeros_like(pos)).reshape([-1]).astype("int64")
     if rows.shape[0] == 0:
         return paddle.zeros([T, D], dtype=rows.dtype)
+    valid = pos >= 0
+    idx = paddle.where(valid, pos, paddle.zeros_like(pos)).reshape([-1]).astype("int64")
     picked = paddle.gather(rows, idx).reshape([T, K, D])
     w = (weights * valid.astype(weights.dtype)).astype(rows.dtype)
     return (picked * w.unsqueeze(-1)).sum(axis=1)
 
 
 def grouped_ffn(
-    x: paddle.Tensor,
-    counts: paddle.Tensor,
-    w1: paddle.Tensor,
-    b1: paddle.Tensor,
-    w2: paddle.Tensor,
-    b2: paddle.Tensor,
-    activation_name: str,
+    x: paddle.Tensor, counts: paddle.Tensor, w1: paddle.Tensor, b1: paddle.Tensor,
+    w2: paddle.Tensor, b2: paddle.Tensor, activation_name: str,
 ) -> paddle.Tensor:
     """Sequential reference of the expert FFN: one matmul pair per expert. [R, D]."""
     R, D = x.shape
-    c = [int(v) for v in counts.numpy().tolist()]
-    outs = []
-    off = 0
-    for e, n in enumerate(c):
-        if n == 0:
-            continue
-        xe = x[off : off + n]
-        h = paddle.matmul(xe, w1[e]) + b1[e]
-        outs.append(paddle.matmul(activation(h, activation_name), w2[e]) + b2[e])
-        off += n
-    if off < R:
+    outs, off = [], 0
+    for e, n in enumerate(int(v) for v in counts.numpy().tolist()):
+        if n > 0:
+            h = paddle.matmul(x[off : off + n], w1[e]) + b1[e]
+            outs.append(paddle.matmul(activation(h, activation_name), w2[e]) + b2[e])
+            off += n
+    if off < R or not outs:
         outs.append(paddle.zeros([R - off, D], dtype=x.dtype))
-    if not outs:
-        return paddle.zeros([0, D], dtype=x.dtype)
     return paddle.concat(outs, axis=0) if len(outs) > 1 else outs[0]
 
 
@@ -289,20 +250,10 @@ def causal_attention(qkv: paddle.Tensor, k_past: paddle.Tensor, v_past: paddle.T
 
 
 def adamw_step(
-    params: list[paddle.Tensor],
-    grads: list[paddle.Tensor],
-    moment1: list[paddle.Tensor],
-    moment2: list[paddle.Tensor],
-    beta1_pow: list[paddle.Tensor],
-    beta2_pow: list[paddle.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    epsilon: float,
-    weight_decay: float,
-    decay_mask: list[bool],
-    grad_scale: float,
+    params: list[paddle.Tensor], grads: list[paddle.Tensor], moment1: list[paddle.Tensor],
+    moment2: list[paddle.Tensor], beta1_pow: list[paddle.Tensor], beta2_pow: list[paddle.Tensor], *,
+    lr: float, beta1: float, beta2: float, epsilon: float, weight_decay: float,
+    decay_mask: list[bool], grad_scale: float,
 ) -> None:
     """AdamW as Paddle's kernel computes it, one tensor at a time, in place (see
     custom_ops/include/semoe/adamw_cpu.h for the formula)."""

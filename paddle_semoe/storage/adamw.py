@@ -1,12 +1,9 @@
 """The lazy expert AdamW: one numpy implementation shared by resident and tiered experts.
 
-Semantics (``optim.expert_update: lazy``): in an optimizer step, an expert that received no
-tokens (summed over the micro-batches of the step, over every rank that routes to it) is not
-updated at all: its weights, first and second moments stay as they are. An expert that received
-tokens gets the AdamW update below with the *global* step count ``t`` (the number of optimizer
-steps taken, as Paddle's ``lazy_mode`` does for sparse rows: bias correction does not restart
-per expert). With ``optim.expert_update: dense`` (the default) every expert is updated every
-step by Paddle's AdamW, including moment decay and weight decay of experts that got no tokens.
+Semantics (``optim.expert_update: lazy``; ``storage/README.md``): an expert that received no
+tokens in a step (over its micro-batches and every rank routing to it) is not updated at all;
+one that did gets the AdamW update below with the *global* step count ``t`` (bias correction
+does not restart per expert, as in Paddle's ``lazy_mode`` for sparse rows).
 
 For one expert tensor ``p`` with gradient ``g`` (already averaged like any gradient), clip
 coefficient ``c`` (1 when no clipping happens), learning rate ``lr``, all float32::
@@ -17,10 +14,9 @@ coefficient ``c`` (1 when no clipping happens), learning rate ``lr``, all float3
     v  = b2 * v + (1 - b2) * g' * g'
     p  = p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t))
 
-which is Paddle's AdamW formula. Both paths run exactly this function on the same float32
-values (resident: views of the parameter and gradient stacks; tiered: the host-cache slot and
-the gradient of the working set), so their results are bit-identical. The update walks the
-arrays in chunks that stay in the CPU cache (~0.5 G parameters/s on one core here).
+which is Paddle's AdamW formula. The resident and tiered paths run exactly this function on the
+same float32 values, so their results are bit-identical. The update walks the arrays in chunks
+that stay in the CPU cache (~0.5 G parameters/s on one core here).
 """
 
 from __future__ import annotations

@@ -12,14 +12,11 @@ Entry states::
     EVICTING  being written back before its slot is reused: gone for the caller
 
 One background thread (``semoe-storage-io``) serves a priority queue of loads (``URGENT``: the
-main thread waits for it; ``OPTIM``: the optimizer will need it next; ``PREFETCH``: predicted)
-and flushes. When the queue is empty it (1) evicts least-hit entries while the cache is above
-the policy's watermark, so a later load finds a free slot, and (2) writes back ("cleans") the
-dirty entries among the least-hit ``clean_ahead`` fraction of the cache, so that the entries a
-miss will most likely evict are clean and the miss waits for a read only. A prefetch is dropped
-when it would displace an entry with more hits (or anything the owner protected), or when it
-has expired (the owner bumps the epoch at every MoE layer; a prefetch for the layer ``k``
-layers ahead lives ``k`` epochs).
+main thread waits for it; ``OPTIM``: the optimizer's next; ``PREFETCH``: predicted) and flushes.
+When idle it evicts least-hit entries above the policy's watermark and writes back ("cleans")
+dirty entries among the least-hit ``clean_ahead`` fraction, so a miss waits for a read only. A
+prefetch is dropped when it would displace a hotter (or protected) entry, or once expired (the
+owner bumps the epoch at every MoE layer; a prefetch ``k`` layers ahead lives ``k`` epochs).
 
 The main thread pins one entry at a time (:meth:`HostCache.acquire` ... :meth:`release`), so
 the worker always finds a victim when the pool has at least two slots. Errors raised in the
@@ -106,7 +103,6 @@ class HostCache:
                 f"the host cache must hold at least 2 expert states ({2 * layout.slot_bytes / 2**20:.1f} MiB); "
                 f"got room for {num_slots}: raise storage.host_cache_mb"
             )
-        self.layout = layout
         self.slot_bytes = layout.slot_bytes
         self.num_slots = num_slots
         self.ssd = ssd
@@ -172,13 +168,11 @@ class HostCache:
         valid for ``ahead`` more epochs."""
         with self._cond:
             self._raise_worker_error()
-            pushed = False
-            for k in keys:
-                if k in self._entries and self._entries[k].state != EntryState.EVICTING:
-                    continue
+            entries = self._entries
+            new = [k for k in keys if k not in entries or entries[k].state == EntryState.EVICTING]
+            for k in new:
                 heapq.heappush(self._queue, _Request(prio, next(self._seq), k, self.epoch + ahead))
-                pushed = True
-            if pushed:
+            if new:
                 self._cond.notify_all()
 
     def record_hits(self, keys: Iterable[int]) -> None:
@@ -218,8 +212,7 @@ class HostCache:
                     if e.prefetched:
                         e.prefetched = False
                         self.stats.add(prefetch_used=1)
-                    waited = time.perf_counter() - t0 if not hit else 0.0
-                    return e, hit, waited
+                    return e, hit, 0.0 if hit else time.perf_counter() - t0
                 hit = False
                 if e is None or e.state == EntryState.EVICTING:
                     if not any(r.key == key and r.prio == URGENT for r in self._queue):
@@ -230,8 +223,7 @@ class HostCache:
     def release(self, entry: Entry, *, dirty: bool = False) -> None:
         with self._cond:
             entry.pins -= 1
-            if dirty:
-                entry.dirty = True
+            entry.dirty = entry.dirty or dirty
             self._cond.notify_all()
 
     def flush(self) -> None:
@@ -282,9 +274,7 @@ class HostCache:
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
-                if self._closed:
-                    if clean is not None:
-                        clean.state = EntryState.READY
+                if self._closed:  # (a clean candidate is only taken while open)
                     self._busy = False
                     self._cond.notify_all()
                     return
@@ -318,7 +308,7 @@ class HostCache:
         if not self.clean_count:
             return None
         ready = [k for k, e in self._entries.items() if e.state == EntryState.READY]
-        ready.sort(key=lambda k: (self.policy.hits[k], self.policy.last_use[k], k))
+        ready.sort(key=self.policy.eviction_order)
         for k in ready[: self.clean_count]:
             e = self._entries[k]
             if e.dirty and e.pins == 0 and k not in self._protected:
@@ -326,9 +316,8 @@ class HostCache:
         return None
 
     def _want_evict_ahead(self) -> bool:
-        if not self.policy.over_watermark(len(self._entries), self.num_slots):
-            return False
-        return any(e.state == EntryState.READY and e.pins == 0 and k not in self._protected for k, e in self._entries.items())
+        over = self.policy.over_watermark(len(self._entries), self.num_slots)
+        return over and bool(self._candidates(False))
 
     def _candidates(self, allow_protected: bool) -> list[int]:
         return [
@@ -371,10 +360,7 @@ class HostCache:
         """Write back one dirty entry; re-queue the flush while dirty entries remain, so loads
         queued meanwhile (with a higher priority) are not held up by a long flush."""
         with self._cond:
-            dirty = sorted(
-                (e for e in self._entries.values() if e.dirty and e.state == EntryState.READY and e.pins == 0),
-                key=lambda e: e.key,
-            )
+            dirty = [k for k in self._candidates(True) if self._entries[k].dirty]
             if not dirty:
                 if any(e.dirty for e in self._entries.values()):  # pinned: retry after the owner releases it
                     self._cond.wait(timeout=0.01)
@@ -382,7 +368,7 @@ class HostCache:
                 elif req.done is not None:
                     req.done.set()
                 return
-            e = dirty[0]
+            e = self._entries[min(dirty)]
             e.state = EntryState.WRITING
         try:
             self._write_back(e)
@@ -409,13 +395,8 @@ class HostCache:
                     return
                 with self._cond:  # everything pinned for a moment: wait for a release
                     self._cond.wait(timeout=0.05)
-                    if key in self._entries:
-                        return
                     slot = self._free.pop() if self._free else None
-        with self._cond:
-            if key in self._entries:  # loaded meanwhile (cannot happen with one worker; defensive)
-                self._free.append(slot)
-                return
+        with self._cond:  # only this worker adds entries: the key is still absent
             entry = Entry(key, slot, EntryState.LOADING)
             self._entries[key] = entry
         layer, expert = self.locate(key)

@@ -13,13 +13,8 @@ With ``D`` dense and ``S`` sparse (expert) parameters, ``L`` MoE layers, ``N`` m
 
 This module evaluates the three inequalities (bytes per machine = left side / N), reports what
 does not fit and the largest ``alpha`` that would, and compares with keeping everything on
-the device (``16 (D + S)``). The model can be given by parameter counts or by a training config
-(counts from a lazily built model, ``alpha`` by default ``top_k / num_experts``).
-
-It also sizes this implementation's CPU knobs for a training config: the working set holds the
-activated experts of *all* MoE layers of a micro-batch (autograd keeps them until the backward),
-i.e. ``4 alpha S_local`` bytes, and the host cache should hold the activated states
-``12 alpha S_local``.
+the device (``16 (D + S)``). The model is given by parameter counts or by a training config.
+:func:`cpu_knobs` sizes this implementation's ``storage`` settings.
 """
 
 from __future__ import annotations
@@ -27,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from paddle_semoe.config.schema import suggest_key
 
 GIB = 1 << 30
 
@@ -174,17 +171,17 @@ def format_plan(p: CapacityPlan) -> str:
         f"all-resident (16 B x (D+S) on devices): {_gib(p.resident_bytes_per_machine)} per machine -> "
         f"{'fits' if p.resident_fits else 'does NOT fit'} in {_gib(c.machine.device_memory_bytes)} of device memory"
     )
+    ssd_machines = int(-(-BYTES_SPARSE_SSD * md.sparse_params // c.machine.ssd_bytes))
+    hints = {
+        "device": f"; device fits up to alpha={p.max_alpha_device:.3g}" if p.max_alpha_device > 0
+        else "; the dense states alone do not fit",
+        "host": f"; host fits up to alpha={p.max_alpha_host:.3g}",
+        "ssd": f"; needs >= {ssd_machines} machines' SSDs",
+    }
     for t in p.tiers:
         if not t.fits:
-            short = t.bytes_per_machine - t.capacity_per_machine
-            hint = ""
-            if t.tier == "host":
-                hint = f"; host fits up to alpha={p.max_alpha_host:.3g}"
-            elif t.tier == "device":
-                hint = f"; device fits up to alpha={p.max_alpha_device:.3g}" if p.max_alpha_device > 0 else "; the dense states alone do not fit"
-            elif t.tier == "ssd":
-                hint = f"; needs >= {int(-(-BYTES_SPARSE_SSD * md.sparse_params // c.machine.ssd_bytes))} machines' SSDs"
-            lines.append(f"DOES NOT FIT: {t.tier} short by {_gib(short)} per machine{hint}")
+            short = _gib(t.bytes_per_machine - t.capacity_per_machine)
+            lines.append(f"DOES NOT FIT: {t.tier} short by {short} per machine{hints[t.tier]}")
     if p.fits:
         lines.append(
             f"verdict: fits (host allows alpha <= {p.max_alpha_host:.3g}, device allows alpha <= {p.max_alpha_device:.3g})"
@@ -210,10 +207,8 @@ _MODEL_KEYS = {"name", "dense_params", "sparse_params", "moe_layers", "alpha", "
 def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
     extra = sorted(set(d) - allowed)
     if extra:
-        import difflib
-
-        near = difflib.get_close_matches(extra[0], sorted(allowed), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        near = suggest_key(extra[0], sorted(allowed))
+        hint = f" (did you mean '{near}'?)" if near else ""
         raise ValueError(f"{where}: unknown key '{extra[0]}'{hint}; valid keys: {sorted(allowed)}")
 
 

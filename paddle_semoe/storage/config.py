@@ -1,16 +1,6 @@
 """The ``storage:`` section of the training config: hierarchical storage of expert states.
 
-Off by default. When ``enabled``, every local expert's fp32 master weights and AdamW moments
-live in per-expert files on SSD (``dir``); a host-memory cache of ``host_cache_mb`` holds the
-frequently used ones (LFU with decay: hits are multiplied by ``lfu_beta`` every
-``lfu_decay_every`` optimizer steps, and the least-hit unpinned entry is evicted, written back
-first when dirty); a bounded working set of ``working_set_mb`` holds the compute copies of the
-experts the MoE layers activate. A background worker prefetches what the next layer will use
-and writes back evicted entries. Dense parameters stay resident.
-
-Tiered storage needs the lazy expert update (``optim.expert_update: lazy``): an expert that got
-no tokens in a step is not touched that step, so a step only reads and writes the activated
-experts' states. See :mod:`paddle_semoe.storage`.
+Off by default; it needs ``optim.expert_update: lazy``. See :mod:`paddle_semoe.storage`.
 """
 
 from __future__ import annotations
@@ -30,12 +20,10 @@ class StorageConfig:
             experts of the MoE layers of one micro-batch, from forward until backward).
         lfu_beta: hit-count decay factor in (0, 1].
         lfu_decay_every: K, optimizer steps between two decays.
-        evict_threshold: occupancy watermark in (0, 1]; when the cache is fuller than
-            ``evict_threshold * capacity`` the worker evicts least-hit entries (writing dirty
-            ones back) while it is idle, so prefetches find a free slot without waiting on a write.
-        clean_ahead: fraction of the cache, least-hit entries first, that the worker keeps clean
-            by writing dirty entries back while idle (0: off): the entries a miss will evict then
-            need no write, so the miss waits for a read only.
+        evict_threshold: occupancy watermark in (0, 1] above which the idle worker evicts
+            least-hit entries (writing dirty ones back), so a prefetch finds a free slot.
+        clean_ahead: fraction of the cache, least-hit first, that the idle worker keeps clean
+            (0: off), so a miss evicts a clean entry and waits for a read only.
         writeback_every: optimizer steps between write-backs of all dirty entries (0: only on
             eviction and at checkpoints).
         prefetch: background vertical prefetch (off: every load happens on demand).
@@ -66,19 +54,15 @@ class StorageConfig:
     shard_dense: bool = False
 
     def __post_init__(self) -> None:
-        if self.host_cache_mb <= 0:
-            raise ValueError(f"host_cache_mb must be positive, got {self.host_cache_mb}")
-        if self.working_set_mb < 0:
-            raise ValueError(f"working_set_mb must be >= 0, got {self.working_set_mb}")
-        if not 0.0 < self.lfu_beta <= 1.0:
-            raise ValueError(f"lfu_beta must be in (0, 1], got {self.lfu_beta}")
-        if self.lfu_decay_every < 1:
-            raise ValueError(f"lfu_decay_every must be >= 1, got {self.lfu_decay_every}")
-        if not 0.0 < self.evict_threshold <= 1.0:
-            raise ValueError(f"evict_threshold must be in (0, 1], got {self.evict_threshold}")
-        if not 0.0 <= self.clean_ahead <= 1.0:
-            raise ValueError(f"clean_ahead must be in [0, 1], got {self.clean_ahead}")
-        if self.writeback_every < 0:
-            raise ValueError(f"writeback_every must be >= 0, got {self.writeback_every}")
-        if not 0.0 <= self.prefetch_min_score <= 1.0:
-            raise ValueError(f"prefetch_min_score must be in [0, 1], got {self.prefetch_min_score}")
+        for key, ok, rule in (
+            ("host_cache_mb", self.host_cache_mb > 0, "positive"),
+            ("working_set_mb", self.working_set_mb >= 0, ">= 0"),
+            ("lfu_beta", 0.0 < self.lfu_beta <= 1.0, "in (0, 1]"),
+            ("lfu_decay_every", self.lfu_decay_every >= 1, ">= 1"),
+            ("evict_threshold", 0.0 < self.evict_threshold <= 1.0, "in (0, 1]"),
+            ("clean_ahead", 0.0 <= self.clean_ahead <= 1.0, "in [0, 1]"),
+            ("writeback_every", self.writeback_every >= 0, ">= 0"),
+            ("prefetch_min_score", 0.0 <= self.prefetch_min_score <= 1.0, "in [0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"{key} must be {rule}, got {getattr(self, key)}")

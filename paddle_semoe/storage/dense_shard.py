@@ -1,28 +1,22 @@
 """Horizontal prefetch: dense parameters sharded over the sharding group, gathered ahead of use.
 
-The horizontal axis of SE-MoE's 2D prefetch (``storage.shard_dense: true``). The dense (and
-gate) parameters of the model are cut into *units*, one per transformer block plus one for
-everything outside the blocks (embeddings, final norm); each unit's parameters are flattened and
-split into ``S`` equal shards over the sharding group (``S = parallel.sharding_degree``). Rank
-``r`` owns shard ``r``: it keeps the AdamW moments of that shard only and updates only that
-shard (stage-3 data flow: optimizer states and updates sharded; gradients arrive already
-reduced over the data-parallel group). After an optimizer step every unit is stale; a
-background thread all-gathers the units in forward order on a dedicated process group, through a
-communicator of its own (so its watchdog bounds these gathers independently of the main
-thread's collectives), and a forward pre-hook on each block waits only for its own
-unit. While block ``i`` computes, the gathers of ``i + 1``, ``i + 2`` ... are under way.
+The horizontal axis of SE-MoE's 2D prefetch (``storage.shard_dense: true``, ``storage/README.md``).
+The dense (and gate) parameters are cut into *units*, one per transformer block plus one for
+everything outside the blocks; each unit is flattened and split into ``S`` equal shards over the
+sharding group. Rank ``r`` keeps the AdamW moments of shard ``r`` and updates only it (gradients
+arrive already reduced). After a step a background thread all-gathers the units in forward order
+on a dedicated group and communicator (its own watchdog), and a forward pre-hook on each block
+waits only for its own unit.
 
 The update is the numpy AdamW of :mod:`paddle_semoe.storage.adamw` (decay on tensors with
 ``ndim >= 2``, like the engine's dense AdamW), so results match the all-resident dense AdamW to
 float32 rounding, not bit for bit; every rank ends each gather with bit-identical parameters.
-
-On CPU the gathered full parameters stay allocated between uses (they are the gather buffers);
-releasing them after use, the memory half of ZeRO-3, is left to a GPU implementation.
+On CPU the gathered full parameters stay allocated between uses.
 """
 
 from __future__ import annotations
 
-import logging
+import itertools
 import math
 import threading
 import time
@@ -31,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
 from paddle_semoe.comm.topology import CommGroup
 from paddle_semoe.comm.transport import make_communicator
@@ -38,8 +33,6 @@ from paddle_semoe.params import param_class
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, step_scalars
 from paddle_semoe.storage.lazy import tensor_view
 from paddle_semoe.storage.stats import StorageStats
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,34 +48,31 @@ class _Unit:
 
     def __init__(self, name: str, params: Sequence[paddle.Tensor], world: int, rank: int):
         self.name = name
-        self.segments: list[_Segment] = []
-        off = 0
-        for p in params:
-            n = int(math.prod(p.shape))
-            self.segments.append(_Segment(p, off, n, len(p.shape) >= 2))
-            off += n
-        self.numel = off
-        self.shard = -(-off // world) if off else 0
-        self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, off)
+        sizes = [int(math.prod(p.shape)) for p in params]
+        starts = [0, *itertools.accumulate(sizes)]
+        self.segments = [_Segment(p, a, n, p.ndim >= 2) for p, a, n in zip(params, starts, sizes)]
+        self.numel = starts[-1]
+        self.shard = -(-self.numel // world) if self.numel else 0
+        self.lo, self.hi = rank * self.shard, min((rank + 1) * self.shard, self.numel)
         self.m = np.zeros(max(self.hi - self.lo, 0), dtype=np.float32)
         self.v = np.zeros_like(self.m)
         self.ready = threading.Event()
         self.ready.set()
 
     def pieces(self, lo: int, hi: int):
-        """(segment, a, b): the part [a, b) of the segment's flat tensor inside [lo, hi)."""
+        """(segment, part, at): the slice ``part`` of the segment's flat tensor that lies inside
+        [lo, hi) of the unit, and the slice ``at`` where it lies in a buffer of [lo, hi)."""
         for s in self.segments:
             a, b = max(lo, s.start), min(hi, s.start + s.numel)
             if a < b:
-                yield s, a - s.start, b - s.start
+                yield s, slice(a - s.start, b - s.start), slice(a - lo, b - lo)
 
 
 class ShardedDenseParams:
     """Owner of the dense parameters under ``storage.shard_dense``.
 
     Args:
-        units: (name, parameters) in forward order; ``blocks[i]`` of ``hooks`` gets unit ``i + 1``
-            when the first unit is the non-block remainder.
+        units: (name, parameters) in forward order.
         hook_layers: the layer that uses each unit (None: no hook, gathered before the model).
         group_ranks: global ranks of this rank's sharding group (ascending).
         rank: this process's global rank.
@@ -106,19 +96,15 @@ class ShardedDenseParams:
         self.stats = stats or StorageStats()
         self.units = [_Unit(n, ps, self.world, self.rank_in_group) for n, ps in units]
         self.t = 0
-        handle = None
-        if self.world > 1:  # collective: every rank of the world creates the same groups in order
-            import paddle.distributed as dist
-
-            handle = dist.new_group(list(group_ranks))
+        # collective: every rank of the world creates the same groups in order
+        handle = dist.new_group(list(group_ranks)) if self.world > 1 else None
         self._group = CommGroup("dense_shard", tuple(group_ranks), self.rank_in_group, handle)
         self._comm = make_communicator("gloo" if self.world == 1 else "auto", rank=rank, timeout_s=timeout_s)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.gather_wait_s = 0.0
-        self._hooks = [
-            layer.register_forward_pre_hook(self._pre_hook(i)) if layer is not None else None
-            for i, layer in enumerate(hook_layers)
+        self._hooks = [  # each block waits for its own unit only
+            None if h is None else h.register_forward_pre_hook(lambda _layer, _x, i=i: self.wait(i))
+            for i, h in enumerate(hook_layers)
         ]
 
     def interval_scalars(self) -> dict[str, float]:
@@ -137,13 +123,6 @@ class ShardedDenseParams:
         return {id(p) for p in self.params}
 
     # ------------------------------------------------------------------ gathers
-    def _pre_hook(self, i: int):
-        def hook(layer, inputs):
-            self.wait(i)
-            return None
-
-        return hook
-
     def wait(self, i: int) -> None:
         """Block until unit ``i`` holds every rank's latest shard."""
         u = self.units[i]
@@ -151,9 +130,7 @@ class ShardedDenseParams:
             t0 = time.perf_counter()
             while not u.ready.wait(timeout=1.0):
                 self._check_error()
-            dt = time.perf_counter() - t0
-            self.gather_wait_s += dt
-            self.stats.add(wait_s=dt)
+            self.stats.add(wait_s=time.perf_counter() - t0)
         self._check_error()
 
     def wait_all(self) -> None:
@@ -170,15 +147,15 @@ class ShardedDenseParams:
 
     def _gather(self, u: _Unit) -> None:
         send = np.zeros(u.shard, dtype=np.float32)
-        for s, a, b in u.pieces(u.lo, u.hi):
-            send[s.start + a - u.lo : s.start + b - u.lo] = tensor_view(s.param).reshape(-1)[a:b]
+        for s, part, at in u.pieces(u.lo, u.hi):
+            send[at] = tensor_view(s.param).reshape(-1)[part]
         gathered = self._comm.all_gather(send, self._group, what=f"dense unit {u.name}")
         for r, buf in enumerate(gathered):
             if r == self.rank_in_group:
                 continue
             lo, hi = r * u.shard, min((r + 1) * u.shard, u.numel)
-            for s, a, b in u.pieces(lo, hi):
-                tensor_view(s.param).reshape(-1)[a:b] = buf[s.start + a - lo : s.start + b - lo]
+            for s, part, at in u.pieces(lo, hi):
+                tensor_view(s.param).reshape(-1)[part] = buf[at]
         self.stats.add(h2d_bytes=u.shard * 4 * (self.world - 1))
 
     def _run_gathers(self) -> None:
@@ -211,13 +188,11 @@ class ShardedDenseParams:
         self.stats.add(steps=1)
         s = step_scalars(self.hyper, lr, self.t)
         for u in self.units:
-            for seg, a, b in u.pieces(u.lo, u.hi):
-                if seg.param.grad is None:
-                    continue
-                p = tensor_view(seg.param).reshape(-1)[a:b]
-                g = tensor_view(seg.param.grad).reshape(-1)[a:b]
-                o = seg.start + a - u.lo
-                adamw_update_(p, u.m[o : o + b - a], u.v[o : o + b - a], g, s, decay=seg.decay)
+            for seg, part, at in u.pieces(u.lo, u.hi):
+                if seg.param.grad is not None:
+                    p = tensor_view(seg.param).reshape(-1)[part]
+                    g = tensor_view(seg.param.grad).reshape(-1)[part]
+                    adamw_update_(p, u.m[at], u.v[at], g, s, decay=seg.decay)
         self.start_gathers()
 
     def clear_grad(self) -> None:
@@ -228,30 +203,28 @@ class ShardedDenseParams:
     def state_dict(self) -> dict[str, paddle.Tensor]:
         """Full moments keyed like Paddle's (collective: gathers every rank's shard)."""
         self.wait_all()
-        full = []
+        state: dict[str, paddle.Tensor] = {}
         for u in self.units:
             mv = np.zeros((2, u.shard), dtype=np.float32)
             mv[0, : u.m.size], mv[1, : u.v.size] = u.m, u.v
             parts = self._comm.all_gather(mv, self._group, what=f"dense unit {u.name} moments")
-            full.append(np.concatenate(list(parts), axis=1)[:, : u.numel])
-        state: dict[str, paddle.Tensor] = {}
-        for u, whole in zip(self.units, full):
+            whole = np.concatenate(list(parts), axis=1)
             for seg in u.segments:
-                shape = list(seg.param.shape)
-                state[f"{seg.param.name}_moment1_0"] = paddle.to_tensor(whole[0, seg.start : seg.start + seg.numel].reshape(shape))
-                state[f"{seg.param.name}_moment2_0"] = paddle.to_tensor(whole[1, seg.start : seg.start + seg.numel].reshape(shape))
-                state[f"{seg.param.name}_lazy_step_0"] = paddle.to_tensor(np.array([self.t], dtype=np.int64))
+                name, shape = seg.param.name, list(seg.param.shape)
+                sl = slice(seg.start, seg.start + seg.numel)
+                state[f"{name}_moment1_0"] = paddle.to_tensor(whole[0, sl].reshape(shape))
+                state[f"{name}_moment2_0"] = paddle.to_tensor(whole[1, sl].reshape(shape))
+                state[f"{name}_lazy_step_0"] = paddle.to_tensor(np.array([self.t], dtype=np.int64))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         steps = set()
         for u in self.units:
-            for seg, a, b in u.pieces(u.lo, u.hi):
-                o = seg.start + a - u.lo
+            for seg, part, at in u.pieces(u.lo, u.hi):
                 for acc, dst in (("moment1_0", u.m), ("moment2_0", u.v)):
                     key = f"{seg.param.name}_{acc}"
                     if key in state:
-                        dst[o : o + b - a] = np.asarray(state[key].numpy(), dtype=np.float32).reshape(-1)[a:b]
+                        dst[at] = np.asarray(state[key].numpy(), dtype=np.float32).reshape(-1)[part]
             for seg in u.segments:
                 key = f"{seg.param.name}_lazy_step_0"
                 if key in state:

@@ -22,10 +22,6 @@ PARAM_NAMES: tuple[str, ...] = ("w1", "b1", "w2", "b2")
 SECTIONS: tuple[str, ...] = ("master", "m", "v")
 
 
-def round_up(n: int, block: int = BLOCK) -> int:
-    return (n + block - 1) // block * block
-
-
 @dataclass(frozen=True)
 class ExpertStateLayout:
     """Shapes and offsets of one expert's state (d_model ``D``, expert hidden ``F``)."""
@@ -60,7 +56,7 @@ class ExpertStateLayout:
     @property
     def slot_bytes(self) -> int:
         """Bytes of one padded payload (host slot / SSD payload)."""
-        return round_up(self.state_bytes)
+        return -(-self.state_bytes // BLOCK) * BLOCK
 
     @cached_property
     def _spans(self) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:

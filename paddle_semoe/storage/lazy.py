@@ -1,28 +1,18 @@
 """Lazy expert update for resident experts, and the gradient clipping both paths share.
 
-``optim.expert_update: lazy`` (see :mod:`paddle_semoe.storage.adamw` for the semantics) with
-experts kept as ordinary resident parameter stacks: :class:`ResidentLazyExperts` keeps the
-moments as numpy arrays next to the parameters and updates, in place, only the experts that
-received tokens. The tiered store (:class:`~paddle_semoe.storage.tiered.TieredExperts`)
-implements the same interface on expert states that live in the host cache / on SSD.
-
-Both run the same float32 arithmetic in the same order:
-
-* gradient norm: dense and gate gradients as before; expert gradients as a float64 sum of
-  per-tensor sums of squares over the activated experts, in the canonical order
-  (MoE layer, local expert ascending, tensor w1/b1/w2/b2); inactive experts have zero
-  gradients, so the norm is the norm of all gradients;
-* clipping of expert gradients happens inside the update (``g * c``), the same expression on
-  both paths;
-* the update is :func:`~paddle_semoe.storage.adamw.adamw_update_`.
-
-so an all-resident run and a tiered run with the same config and seed give bit-identical
+``optim.expert_update: lazy`` (semantics in :mod:`paddle_semoe.storage.adamw`) with experts kept
+as resident parameter stacks: :class:`ResidentLazyExperts` keeps the moments as numpy arrays
+and updates, in place, only the experts that received tokens. The tiered store
+(:class:`~paddle_semoe.storage.tiered.TieredExperts`) implements the same interface on states in
+the host cache / on SSD. Both compute the gradient norm the same way (dense and gate gradients
+as before; expert gradients as a float64 sum of per-tensor sums of squares over the activated
+experts, in the order MoE layer, local expert, w1/b1/w2/b2) and clip expert gradients inside the
+update, so an all-resident and a tiered run with the same config and seed give bit-identical
 losses.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Iterable, Protocol, Sequence
 
@@ -35,8 +25,6 @@ from paddle_semoe.comm.transport import Communicator
 from paddle_semoe.params import param_class
 from paddle_semoe.storage.adamw import AdamWHyper, adamw_update_, sq_sum, step_scalars
 from paddle_semoe.storage.stats import StorageStats
-
-logger = logging.getLogger(__name__)
 
 _ACCS = ("moment1_0", "moment2_0")
 _STEP_ACC = "lazy_step_0"
@@ -53,29 +41,16 @@ def tensor_view(t: paddle.Tensor) -> np.ndarray:
     return np.from_dlpack(t.detach())
 
 
-def _zeros_touched(shape) -> np.ndarray:
-    a = np.empty(shape, dtype=np.float32)
-    a.fill(0.0)
-    return a
-
-
 class LazyExpertUpdater(Protocol):
     """What the trainer and :class:`~paddle_semoe.engine.optim.MoEOptimizer` call in lazy mode."""
 
     def param_ids(self) -> set[int]: ...
-
     def after_backward(self) -> None: ...
-
     def set_active(self, kept_local: Sequence[np.ndarray]) -> None: ...
-
     def sq_norm(self) -> float: ...
-
     def step(self, lr: float, grad_scale: float) -> None: ...
-
     def discard(self) -> None: ...
-
     def clear_grad(self) -> None: ...
-
     def interval_scalars(self) -> dict[str, float]: ...
 
 
@@ -91,10 +66,10 @@ class ResidentLazyExperts:
         self.hyper = hyper
         self.layers = [[ge.w1, ge.b1, ge.w2, ge.b2] for ge in experts]
         self.num_local = experts[0].num_experts if experts else 0
-        # touched now (not lazily zero-mapped): every moment is resident from the start, as it
-        # is once training has visited every expert, and no step pays first-touch page faults
-        self.m = [[_zeros_touched(p.shape) for p in ps] for ps in self.layers]
-        self.v = [[_zeros_touched(p.shape) for p in ps] for ps in self.layers]
+        # np.full writes every zero (np.zeros maps zero pages lazily): every moment is resident from
+        # the start, as once training has visited every expert, and no step pays first-touch faults
+        self.m = [[np.full(p.shape, 0.0, dtype=np.float32) for p in ps] for ps in self.layers]
+        self.v = [[np.full(p.shape, 0.0, dtype=np.float32) for p in ps] for ps in self.layers]
         self.t = 0
         self._active: list[np.ndarray] | None = None
         self.stats = StorageStats()
@@ -132,28 +107,24 @@ class ResidentLazyExperts:
             raise RuntimeError("set_active() must be called before step() in a lazy expert step")
         self.t += 1
         s = step_scalars(self.hyper, lr, self.t, grad_scale)
-        touched = 0
         for li, (ps, act) in enumerate(zip(self.layers, self._active)):
             gs = self._grads(ps)
             views = [tensor_view(p) for p in ps]
             for e in act:
                 for k, g in enumerate(gs):
                     adamw_update_(views[k][e], self.m[li][k][e], self.v[li][k][e], None if g is None else g[e], s, decay=True)
-            touched += len(act)
-        self.stats.add(steps=1, touched_experts=touched)
+        self.stats.add(steps=1, touched_experts=sum(len(act) for act in self._active))
         self._active = None
 
     def discard(self) -> None:
         self._active = None
 
     def clear_grad(self) -> None:
-        for ps in self.layers:
-            for p in ps:
-                p.clear_gradient(False)
+        for p in (p for ps in self.layers for p in ps):
+            p.clear_gradient(False)
 
     def interval_scalars(self) -> dict[str, float]:
-        out = self.stats.interval(len(self.layers) * self.num_local)
-        return {"alpha": out["alpha"]}
+        return {"alpha": self.stats.interval(len(self.layers) * self.num_local)["alpha"]}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, paddle.Tensor]:

@@ -1,16 +1,11 @@
 """The host cache's replacement policy: LFU with decay (SE-MoE section 3.2).
 
-A hit table holds one counter per local expert (every MoE layer's local experts, indexed
-``layer * num_local + expert``). Every use of an expert by a forward adds one hit, whether or
-not the expert was cached. Every ``decay_every`` optimizer steps all counters are multiplied by
-``beta``, so old popularity fades and a task that stopped being trained loses its place.
-
-Eviction takes the least-hit entry among the candidates the cache offers (unpinned, not in
-flight); ties go to the entry used longest ago, then to the lower index, so the choice is
-deterministic. A speculative load (a prefetch) may only displace an entry that has no more hits
-than the expert it brings in; a load somebody waits for displaces the least-hit entry
-regardless. The occupancy watermark ``threshold`` says when the worker should evict ahead of
-need (while idle).
+A hit table holds one counter per local expert (key ``layer * num_local + expert``). Every use
+of an expert by a forward adds one hit, cached or not; every ``decay_every`` optimizer steps all
+counters are multiplied by ``beta``, so a task that stopped being trained loses its place.
+Eviction takes the least-hit candidate the cache offers (deterministic ties, :meth:`victim`); a
+prefetch may only displace an entry with no more hits than the expert it brings in
+(:meth:`may_displace`); a load somebody waits for displaces the least-hit entry regardless.
 
 Pure bookkeeping: no I/O, no threads; the cache calls it under its lock.
 """
@@ -65,14 +60,13 @@ class LFUDecayPolicy:
             return True
         return False
 
+    def eviction_order(self, key: int) -> tuple:
+        """Sort key of the eviction order: least hits, then least recently used, then lowest key."""
+        return (self.hits[key], self.last_use[key], key)
+
     def victim(self, candidates: Iterable[int]) -> int | None:
-        """The least-hit candidate (ties: least recently used, then lowest key); None if empty."""
-        best, best_key = None, None
-        for k in candidates:
-            key = (self.hits[k], self.last_use[k], k)
-            if best is None or key < best:
-                best, best_key = key, k
-        return best_key
+        """The first candidate in :meth:`eviction_order`; None if there is none."""
+        return min(candidates, key=self.eviction_order, default=None)
 
     def may_displace(self, incoming: int, victim: int) -> bool:
         """Whether a speculative load of ``incoming`` may evict ``victim``."""
@@ -81,18 +75,3 @@ class LFUDecayPolicy:
     def over_watermark(self, used: int, capacity: int) -> bool:
         """True when more than ``threshold * capacity`` slots are in use."""
         return used > math.floor(self.threshold * capacity)
-
-    def hottest(self, keys: Iterable[int], n: int) -> list[int]:
-        """Up to ``n`` keys with the most hits (descending; ties by key)."""
-        ks = sorted(keys, key=lambda k: (-self.hits[k], k))
-        return [k for k in ks[:n] if self.hits[k] > 0]
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {"hits": self.hits.copy(), "last_use": self.last_use.copy(), "ticks": np.array([self.ticks, self._clock], dtype=np.int64)}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        if state["hits"].shape != self.hits.shape:
-            raise ValueError(f"hit table has {state['hits'].shape[0]} entries, this store has {self.hits.shape[0]}")
-        self.hits[:] = state["hits"]
-        self.last_use[:] = state["last_use"]
-        self.ticks, self._clock = (int(x) for x in state["ticks"])

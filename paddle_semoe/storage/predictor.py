@@ -1,10 +1,7 @@
 """Which experts will the next MoE layers use? Co-activation statistics over recent steps.
 
-SE-MoE prefetches from routing that is already known, without extra traffic. When layer ``l``
-has routed (its counts are known on this rank after the exchange), the experts of the later
-layers that tend to be active together with layer ``l``'s active experts are likely next:
-tokens of one task or topic go to related experts layer after layer. The predictor keeps, per
-pair of MoE layers ``l < l'``, decayed counts::
+SE-MoE prefetches from routing that is already known, without extra traffic: tokens of one
+task go to related experts layer after layer. Per pair of MoE layers ``l < l'``, decayed counts::
 
     n[l][e]            steps in which local expert e of layer l was active
     co[l, l'][e, f]    ... in which, in addition, local expert f of layer l' was active
@@ -49,18 +46,15 @@ class CoActivationPredictor:
         if a.shape != (self.L, self.E):
             raise ValueError(f"active must be [{self.L}, {self.E}], got {list(a.shape)}")
         af = a.astype(np.float64)
-        self.n *= self.decay
+        self.n = self.n * self.decay + af
         self.co *= self.decay
-        self.n += af
         for l in range(self.L):
             for l2 in range(l + 1, self.L):
                 self.co[l, l2] += np.outer(af[l], af[l2])
         if self.last is not None:
-            lf = self.last.astype(np.float64)
-            self.n_time *= self.decay
-            self.co_time *= self.decay
-            self.n_time += lf[0]
-            self.co_time += np.outer(lf[0], af[0])
+            prev = self.last[0].astype(np.float64)
+            self.n_time = self.n_time * self.decay + prev
+            self.co_time = self.co_time * self.decay + np.outer(prev, af[0])
         self.last = a.copy()
 
     @staticmethod
@@ -76,19 +70,11 @@ class CoActivationPredictor:
         if not layer < target < self.L:
             raise ValueError(f"target layer {target} must be in ({layer}, {self.L})")
         s = self._scores(self.n[layer], self.co[layer, target], np.asarray(active, dtype=bool))
-        if not s.any() and self.last is not None:
-            s = self.last[target].astype(np.float64)
-        return s
-
-    def next_layer(self, layer: int, active: np.ndarray) -> np.ndarray | None:
-        """Scores for layer ``layer + 1`` (None for the last layer)."""
-        return None if layer + 1 >= self.L else self.later_layer(layer, active, layer + 1)
+        return s if s.any() or self.last is None else self.last[target].astype(np.float64)
 
     def first_layer(self) -> np.ndarray:
         """Scores for the first MoE layer of the next step, from this step's first layer."""
         if self.last is None:
             return np.zeros(self.E)
         s = self._scores(self.n_time, self.co_time, self.last[0])
-        if not s.any():
-            s = self.last[0].astype(np.float64)
-        return s
+        return s if s.any() else self.last[0].astype(np.float64)

@@ -1,23 +1,13 @@
 """The SSD tier: one file per expert state, replaced atomically, checksummed.
 
-File ``l<layer>_e<global expert>.bin`` = a 4096-byte header + the padded state payload of
-:mod:`paddle_semoe.storage.layout`. The header holds a magic, the layer and global expert index,
-the section size, the payload's CRC-32, a write sequence number and a CRC-32 of the header
-itself.
-
-Crash safety: a file is never written in place. A write goes to ``<name>.tmp``, is fsync'd
-(``fsync=True``), then renamed over ``<name>`` and the directory fsync'd. A crash at any
-moment leaves either the old complete file or the new complete file under ``<name>``, plus
-perhaps a partial ``.tmp`` that :meth:`SSDTier.recover` deletes. Every read checks both CRCs
-(``verify=True``) and names the file when they do not match.
-
-Because files are only ever replaced, never modified, a checkpoint of this tier is a set of
-hard links (:meth:`SSDTier.snapshot`): O(1) per file, and later write-backs do not touch
-the linked inodes.
-
-I/O uses O_DIRECT (buffers and sizes are 4096-aligned), so reads really come from the disk; if
-the filesystem refuses O_DIRECT the tier logs one loud warning and uses buffered I/O followed by
-``posix_fadvise(DONTNEED)``.
+File ``l<layer>_e<global expert>.bin`` = a 4096-byte header (magic, layer, global expert,
+section size, payload CRC-32, write sequence number, header CRC-32) + the padded state payload
+of :mod:`paddle_semoe.storage.layout`. A file is never written in place: ``<name>.tmp``,
+fsync, rename, fsync the directory, so a crash leaves the old or the new complete file (plus
+perhaps a partial ``.tmp`` that :meth:`SSDTier.recover` deletes); files only ever replaced make
+a checkpoint a set of hard links (:meth:`SSDTier.snapshot`). Every read checks both CRCs and
+names the file when they do not match. I/O uses O_DIRECT (4096-aligned buffers and sizes);
+where the filesystem refuses it, one loud warning, then buffered I/O + ``posix_fadvise``.
 
 Fault injection for tests: ``SEMOE_STORAGE_FAULT=kill_in_writeback:N`` SIGKILLs the process
 halfway through its N-th write-back (after half the bytes reached the ``.tmp`` file).
@@ -71,10 +61,6 @@ def state_file_name(layer: int, expert: int) -> str:
     return f"l{layer:03d}_e{expert:06d}.bin"
 
 
-def _aligned(nbytes: int) -> mmap.mmap:
-    return mmap.mmap(-1, max(nbytes, BLOCK))
-
-
 def _parse_fault(spec: str | None) -> int:
     """Write-back number at which to SIGKILL (0: never)."""
     if not spec:
@@ -105,11 +91,10 @@ class SSDTier:
         self.fsync = fsync
         self.verify = verify
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
-        self._header = _aligned(BLOCK)  # I/O-thread header buffer
+        self._header = mmap.mmap(-1, BLOCK)  # I/O header buffer (mmap: page-aligned for O_DIRECT)
         self._scratch: mmap.mmap | None = None
         self._writebacks = 0
         self._kill_at = _parse_fault(os.environ.get(FAULT_ENV))
-        self._fallback_logged = False
         self._copy_logged = False
         self._lock = threading.Lock()  # one I/O at a time: the header/scratch buffers are shared
 
@@ -134,13 +119,12 @@ class SSDTier:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self.o_direct = False
-                if not self._fallback_logged:
-                    self._fallback_logged = True
-                    logger.warning(
-                        "\n%s\nexpert store %s: the filesystem refuses O_DIRECT; FALLING BACK to buffered I/O "
-                        "+ posix_fadvise(DONTNEED) (reads may come from the page cache)\n%s", "!" * 78, self.root, "!" * 78,
-                    )
+                self.o_direct = False  # never tried again: the warning below is logged once
+                logger.warning(
+                    "\n%s\nexpert store %s: the filesystem refuses O_DIRECT; FALLING BACK to "
+                    "buffered I/O + posix_fadvise(DONTNEED) (reads may come from the page "
+                    "cache)\n%s", "!" * 78, self.root, "!" * 78,
+                )
         return os.open(path, flags, 0o644)
 
     def _drop_cache(self, fd: int) -> None:
@@ -251,7 +235,7 @@ class SSDTier:
         """Read a whole state file and check both checksums (into a private scratch buffer)."""
         with self._lock:
             if self._scratch is None:
-                self._scratch = _aligned(self.payload_bytes)
+                self._scratch = mmap.mmap(-1, self.payload_bytes)
             return self._read_into(Path(path), memoryview(self._scratch)[: self.payload_bytes], layer, expert, verify=True)
 
     def release_scratch(self) -> None:
@@ -278,11 +262,8 @@ class SSDTier:
             src = self.path(layer, expert)
             target = dst / src.name
             self._link_or_copy(src, target)
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                head = os.pread(fd, _HEADER.size + 4, 0)
-            finally:
-                os.close(fd)
+            with open(target, "rb") as f:
+                head = f.read(_HEADER.size + 4)
             _, _, crc, seq = self._check_header(head, target, layer, expert)
             infos.append(FileInfo(src.name, layer, expert, crc, target.stat().st_size, seq))
         return infos
@@ -330,11 +311,8 @@ class SSDTier:
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
     """Drop the first ``n`` bytes of a buffer list (after a short read/write)."""
-    out = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:])
-        n = 0
-    return out
+    for i, b in enumerate(bufs):
+        if n < len(b):
+            return [b[n:], *bufs[i + 1 :]]
+        n -= len(b)
+    return []

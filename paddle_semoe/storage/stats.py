@@ -34,7 +34,6 @@ _COUNTERS = (
     "h2d_s",
     "update_s",  # expert AdamW time
     "touched_experts",  # activated (layer, local expert) pairs, summed over steps
-    "ws_overflow_bytes",
 )
 
 
@@ -74,26 +73,24 @@ class StorageStats:
             self.last = cur
             gauges = dict(self.gauges)
         steps = max(d["steps"], 1.0)
-        out = {
-            "hit_rate": d["hits"] / d["accesses"] if d["accesses"] else float("nan"),
-            "optim_hit_rate": d["optim_hits"] / d["optim_accesses"] if d["optim_accesses"] else float("nan"),
+
+        def ratio(num: str, den: str) -> float:
+            return d[num] / d[den] if d[den] else float("nan")
+
+        def per_step(*names: str) -> dict[str, float]:
+            return {f"{k}_per_step": d[k] / steps for k in names}
+
+        return {
+            "hit_rate": ratio("hits", "accesses"),
+            "optim_hit_rate": ratio("optim_hits", "optim_accesses"),
             "alpha": d["touched_experts"] / (steps * num_local_experts_total) if num_local_experts_total else float("nan"),
-            "ssd_read_bytes_per_step": d["ssd_read_bytes"] / steps,
-            "ssd_write_bytes_per_step": d["ssd_write_bytes"] / steps,
-            "h2d_bytes_per_step": d["h2d_bytes"] / steps,
+            **per_step("ssd_read_bytes", "ssd_write_bytes", "h2d_bytes"),
             "prefetch_wait_s_per_step": d["wait_s"] / steps,
-            "forward_wait_s_per_step": d["forward_wait_s"] / steps,
-            "optim_wait_s_per_step": d["optim_wait_s"] / steps,
-            "update_s_per_step": d["update_s"] / steps,
-            "loads_per_step": d["loads"] / steps,
-            "prefetch_loads_per_step": d["prefetch_loads"] / steps,
-            "prefetch_accuracy": d["prefetch_used"] / d["prefetch_loads"] if d["prefetch_loads"] else float("nan"),
-            "evictions_per_step": d["evictions"] / steps,
-            "writebacks_per_step": d["writebacks"] / steps,
-            "cleaned_per_step": d["cleaned"] / steps,
+            **per_step("forward_wait_s", "optim_wait_s", "update_s", "loads", "prefetch_loads"),
+            "prefetch_accuracy": ratio("prefetch_used", "prefetch_loads"),
+            **per_step("evictions", "writebacks", "cleaned"),
+            **gauges,
         }
-        out.update(gauges)
-        return out
 
 
 __all__ = ["StorageStats"]

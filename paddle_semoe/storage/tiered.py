@@ -3,36 +3,29 @@
 :class:`TieredExperts` owns every local expert of every MoE layer of one rank and is attached
 to each :class:`~paddle_semoe.moe.experts.GroupedExperts` as its weight source (the model is
 built inside :func:`~paddle_semoe.moe.experts.deferred_expert_weights`, so no expert stack is
-ever allocated). One training step:
+ever allocated). One training step (told in full in ``storage/README.md``): each MoE layer's
+forward copies its active experts' fp32 master weights from the host cache (misses loaded from
+SSD) into compact working-set stacks, dropping zero-count experts, while the worker prefetches
+what later layers will probably need (:mod:`~paddle_semoe.storage.predictor`); the backward's
+working-set gradients are harvested per expert; the lazy AdamW
+(:mod:`~paddle_semoe.storage.adamw`) updates each activated expert's host-cache slot, which is
+written back when evicted, every ``writeback_every`` steps and at checkpoints.
 
-1. **Forward of MoE layer l.** The layer's local counts (after the expert-parallel exchange)
-   say which experts are active. Their fp32 master weights are copied from the host cache into
-   compact stacks in the working-set arena (missing ones are loaded from SSD first: the only
-   wait a layer can have), and the grouped FFN runs on the compact stacks with the zero-count
-   experts dropped (rows are expert-major, so the layout stays valid). Before waiting, the
-   layer asks the worker for what layer l+1 will probably need (co-activation statistics over
-   recent steps, :mod:`paddle_semoe.storage.predictor`): the **vertical prefetch** runs while
-   layer l computes.
-2. **Backward.** Gradients land on the working-set stacks; after each micro-batch they are
-   harvested per expert (summed over micro-batches) and the arena is reset.
-3. **Optimizer.** The lazy AdamW (:mod:`paddle_semoe.storage.adamw`) updates each activated
-   expert's master weights and moments in its host-cache slot (cached ones first while the
-   worker loads the others), marking it dirty. Dirty entries reach SSD when evicted, every
-   ``writeback_every`` steps, and at checkpoints; each write replaces its file atomically.
-
-Counters (hit rate, bytes per tier, waits, resident bytes) are in :attr:`TieredExperts.stats`.
-Restrictions: every expert is owned by exactly one rank (``ep_degree`` = world size), and
-the model's expert stacks never exist as parameters (checkpoints hold the SSD tier instead).
+Counters are in :attr:`TieredExperts.stats`. Restrictions: every expert is owned by exactly one
+rank (``ep_degree`` = world size), and the model's expert stacks never exist as parameters
+(checkpoints hold the SSD tier instead).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import mmap
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -62,12 +55,12 @@ def index_name(rank: int) -> str:
     return f"{EXPERTS_DIR}/rank_{rank:05d}.json"
 
 
+@dataclasses.dataclass(frozen=True)
 class _LayerSource:
     """The weight source attached to one GroupedExperts (see ``GroupedExperts.weight_source``)."""
 
-    def __init__(self, owner: "TieredExperts", layer: int):
-        self.owner = owner
-        self.layer = layer
+    owner: "TieredExperts"
+    layer: int
 
     def run(self, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable) -> paddle.Tensor:
         return self.owner.run_layer(self.layer, rows_RD, counts_E, compute)
@@ -155,8 +148,7 @@ class TieredExperts:
         buf = mmap.mmap(-1, self.layout.slot_bytes)
         floats = np.frombuffer(buf, dtype=np.float32)
         sections = self.layout.views(floats)
-        for key in range(self.L * self.E):
-            layer, g = self.locate(key)
+        for layer, g in self.all_files():
             floats.fill(0.0)
             for name, shape in self.layout.shapes.items():
                 sections["master"][name][...] = init(layer, g, name, shape)
@@ -178,11 +170,22 @@ class TieredExperts:
         if not self.cfg.prefetch or scores is None or limit <= 0:
             return []
         cand = [e for e in range(self.E) if scores[e] >= self.cfg.prefetch_min_score]
-        hits = self.policy.hits
-        cand.sort(key=lambda e: (-scores[e], -hits[self.key(layer, e)], e))
+        cand.sort(key=lambda e: (-scores[e], -self.policy.hits[self.key(layer, e)], e))
         keys = [self.key(layer, e) for e in cand[:limit]]
         self.cache.request(keys, PREFETCH, ahead=ahead)
         return keys
+
+    @contextlib.contextmanager
+    def _pinned(self, key: int, tally: list, write: bool = False) -> Iterator[dict]:
+        """Pin ``key``'s cache slot and yield its section views; adds (wait s, work s, hit) to
+        ``tally``. ``write=True`` marks the slot dirty on release."""
+        entry, hit, waited = self.cache.acquire(key, write=write)
+        t0 = time.perf_counter()
+        try:
+            yield self.layout.views(self.cache.slot_floats(entry))
+        finally:
+            self.cache.release(entry, dirty=write)
+        tally[:] = [tally[0] + waited, tally[1] + time.perf_counter() - t0, tally[2] + int(hit)]
 
     def run_layer(self, layer: int, rows_RD: paddle.Tensor, counts_E: paddle.Tensor, compute: Callable) -> paddle.Tensor:
         """Run one MoE layer's grouped FFN on the working-set copies of its active experts."""
@@ -191,7 +194,8 @@ class TieredExperts:
         if counts.size != self.E:
             raise ValueError(f"MoE layer {layer}: {counts.size} expert counts, the store has {self.E} local experts")
         grad = paddle.is_grad_enabled()
-        active = np.flatnonzero(counts > 0)
+        mask = counts > 0
+        active = np.flatnonzero(mask)
         D, F = self.layout.d_model, self.layout.d_ff
         mark = self.arena.mark()
         self.cache.next_epoch()
@@ -209,8 +213,6 @@ class TieredExperts:
             self._step_active[layer, active] = True
         cached = [self.cache.cached(k) for k in keys]
         self.cache.request([k for k, c in zip(keys, cached) if not c], URGENT)
-        mask = np.zeros(self.E, dtype=bool)
-        mask[active] = True
         predicted = []  # every later layer, nearest first: the worker runs several layers ahead
         for target in range(layer + 1, self.L):
             predicted += self._request_prefetch(
@@ -220,21 +222,12 @@ class TieredExperts:
         self.cache.protect(self._protect | set(predicted))
         A = active.size
         stacks = self.arena.alloc([(A, D, F), (A, F), (A, F, D), (A, D)], what=f"MoE layer {layer} ({A} experts)")
-        wait = h2d = 0.0
-        hits = 0
-        order = [j for j in range(A) if cached[j]] + [j for j in range(A) if not cached[j]]
-        for j in order:
-            entry, hit, waited = self.cache.acquire(keys[j])
-            t0 = time.perf_counter()
-            try:
-                master = self.layout.views(self.cache.slot_floats(entry))["master"]
+        tally = [0.0, 0.0, 0]
+        for j in [j for j in range(A) if cached[j]] + [j for j in range(A) if not cached[j]]:
+            with self._pinned(keys[j], tally) as sec:
                 for k, name in enumerate(PARAM_NAMES):
-                    np.copyto(stacks[k][j], master[name])
-            finally:
-                self.cache.release(entry)
-            h2d += time.perf_counter() - t0
-            wait += waited
-            hits += int(hit)
+                    np.copyto(stacks[k][j], sec["master"][name])
+        wait, h2d, hits = tally
         self._arena_high = max(self._arena_high, self.arena.used + self.arena.overflow_bytes)
         self.stats.add(
             accesses=A, hits=hits, wait_s=wait, forward_wait_s=wait, h2d_s=h2d,
@@ -257,19 +250,11 @@ class TieredExperts:
         for layer, active, tensors in self._retained:
             views = [None if t.grad is None else np.from_dlpack(t.grad.detach()) for t in tensors]
             for j, e in enumerate(active):
-                key = self.key(layer, int(e))
-                new = [None if v is None else v[j] for v in views]
-                acc = self._grads.get(key)
-                if acc is None:
-                    self._grads[key] = new
-                    continue
-                for k, (a, b) in enumerate(zip(acc, new)):  # a later micro-batch: acc + new, like Paddle's accumulation
-                    if b is None:
-                        continue
-                    if a is None:
-                        acc[k] = b
-                    else:
-                        np.add(a, b, out=a)
+                acc = self._grads.setdefault(self.key(layer, int(e)), [None] * len(views))
+                for k, v in enumerate(views):  # micro-batches add up, like Paddle's accumulation
+                    a = acc[k]
+                    if v is not None:
+                        acc[k] = v[j] if a is None else np.add(a, v[j], out=a)
         self._retained.clear()
         self.arena.reset()
 
@@ -279,10 +264,8 @@ class TieredExperts:
         if self._grads_final:
             return
         if self.grad_scale is not None:  # the 1/world scaling the gradient reducer applies to every class
-            for gs in self._grads.values():
-                for g in gs:
-                    if g is not None:
-                        np.multiply(g, self.grad_scale, out=g)
+            for g in (g for gs in self._grads.values() for g in gs if g is not None):
+                np.multiply(g, self.grad_scale, out=g)
         self._grads_final = True
 
     # ------------------------------------------------------------------ optimizer
@@ -302,11 +285,7 @@ class TieredExperts:
 
     def sq_norm(self) -> float:
         self._finish_grads()
-        total = 0.0
-        for key in sorted(self._grads):
-            for g in self._grads[key]:
-                total += sq_sum(g)
-        return total
+        return sum((sq_sum(g) for key in sorted(self._grads) for g in self._grads[key]), 0.0)
 
     @paddle.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
@@ -325,25 +304,18 @@ class TieredExperts:
         # update is not evicted again before its turn when the step touches more than fits
         window = max(self.cache.num_slots // 2, 1)
         self.cache.request(missing[:window], OPTIM)
-        wait = upd = 0.0
-        hits = 0
+        tally = [0.0, 0.0, 0]
         for i, key in enumerate(cached + missing):
             j = i - len(cached) + window
             if 0 <= j < len(missing):
                 self.cache.request([missing[j]], OPTIM)
-            entry, hit, waited = self.cache.acquire(key, write=True)
-            t0 = time.perf_counter()
-            try:
-                sec = self.layout.views(self.cache.slot_floats(entry))
-                for k, name in enumerate(PARAM_NAMES):
-                    adamw_update_(sec["master"][name], sec["m"][name], sec["v"][name], self._grads[key][k], s, decay=True)
-            finally:
-                self.cache.release(entry, dirty=True)
+            with self._pinned(key, tally, write=True) as sec:
+                w, m, v = sec["master"], sec["m"], sec["v"]
+                for name, g in zip(PARAM_NAMES, self._grads[key]):
+                    adamw_update_(w[name], m[name], v[name], g, s, decay=True)
             pending.discard(key)
             self.cache.protect(pending)
-            upd += time.perf_counter() - t0
-            wait += waited
-            hits += int(hit)
+        wait, upd, hits = tally
         self.stats.add(
             optim_accesses=len(keys), optim_hits=hits, wait_s=wait, optim_wait_s=wait, update_s=upd,
             steps=1, touched_experts=len(keys),
@@ -404,10 +376,7 @@ class TieredExperts:
             "expert_offset": self.offset,
             "d_model": self.layout.d_model,
             "d_ff": self.layout.d_ff,
-            "files": [
-                {"name": i.name, "layer": i.layer, "expert": i.expert, "crc32": i.crc32, "bytes": i.bytes, "seq": i.seq}
-                for i in infos
-            ],
+            "files": [dataclasses.asdict(i) for i in infos],
         }
         data = json.dumps(index, indent=1, sort_keys=True).encode()
         name = index_name(rank)
@@ -434,8 +403,7 @@ class TieredExperts:
                     f"the model has {self.L} of d_model={self.layout.d_model} d_ff={self.layout.d_ff}"
                 )
             steps.add(int(index["step_count"]))
-            for f in index["files"]:
-                expected[f["name"]] = int(f["crc32"])
+            expected.update({f["name"]: int(f["crc32"]) for f in index["files"]})
         if len(steps) != 1:
             raise StorageError(f"checkpoint {ckpt_dir}: expert store indexes disagree on the step count: {sorted(steps)}")
         self.cache.drop_all()

@@ -13,6 +13,7 @@ fit is served from ordinary memory with one loud warning and counted as overflow
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 from typing import Sequence
@@ -38,7 +39,6 @@ class WorkingSetArena:
         self._map = mmap.mmap(-1, max(self.capacity, mmap.PAGESIZE))
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.used = 0
-        self.high_water = 0
         self.overflow_bytes = 0  # live overflow allocations (dropped at reset)
         self._overflow: list[np.ndarray] = []
         self._warned = False
@@ -61,12 +61,9 @@ class WorkingSetArena:
             self.overflow_bytes += sum(sizes)
             return out
         out = []
-        off = self.used
-        for shape, n, p in zip(shapes, sizes, padded):
-            out.append(self._bytes[off : off + n].view(np.float32).reshape(tuple(shape)))
-            off += p
-        self.used = off
-        self.high_water = max(self.high_water, self.used)
+        for shape, n, start in zip(shapes, sizes, itertools.accumulate(padded, initial=self.used)):
+            out.append(self._bytes[start : start + n].view(np.float32).reshape(tuple(shape)))
+        self.used += need
         return out
 
     def mark(self) -> tuple[int, int]:
@@ -74,8 +71,6 @@ class WorkingSetArena:
 
     def reset(self, mark: tuple[int, int] = (0, 0)) -> None:
         """Free everything allocated after ``mark`` (default: everything)."""
-        used, n_over = mark
-        self.used = used
-        dropped = self._overflow[n_over:]
-        self.overflow_bytes -= sum(a.nbytes for a in dropped)
+        self.used, n_over = mark
+        self.overflow_bytes -= sum(a.nbytes for a in self._overflow[n_over:])
         del self._overflow[n_over:]

@@ -59,7 +59,7 @@ def test_validation_names_the_problem(kwargs: dict, match: str) -> None:
 def test_single() -> None:
     t = Topology.single()
     assert t.world_size == 1 and t.ep_degree == 1 and t.expert_dp_degree == 1
-    assert t.ep_rank == 0 and t.is_single
+    assert t.ep_rank == 0
     assert t.gate_group.size == 1 and t.sharding_group is None
 
 

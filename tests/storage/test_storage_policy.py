@@ -44,23 +44,12 @@ def test_prefetch_may_only_displace_an_entry_with_no_more_hits():
     assert p.may_displace(0, 1) and not p.may_displace(1, 0) and p.may_displace(2, 2)
 
 
-def test_watermark_and_hottest():
+def test_watermark():
     p = LFUDecayPolicy(6, beta=1.0, decay_every=1, threshold=0.75)
     assert not p.over_watermark(3, 4) and p.over_watermark(4, 4)
-    p.record([5, 5, 3, 1, 1, 1])
-    assert p.hottest(range(6), 2) == [1, 5]
-    assert p.hottest([0, 2], 2) == []  # no hits: nothing worth prefetching
 
 
-def test_state_dict_round_trip_and_bad_arguments():
-    p = LFUDecayPolicy(3, beta=0.5, decay_every=2)
-    p.record([1, 2, 2])
-    p.tick()
-    q = LFUDecayPolicy(3, beta=0.5, decay_every=2)
-    q.load_state_dict(p.state_dict())
-    assert q.hits.tolist() == p.hits.tolist() and q.ticks == 1
-    with pytest.raises(ValueError, match="hit table has 3 entries, this store has 4"):
-        LFUDecayPolicy(4, 0.5, 2).load_state_dict(p.state_dict())
+def test_bad_arguments():
     for kwargs, msg in (({"beta": 0.0}, "beta"), ({"decay_every": 0}, "decay_every"), ({"threshold": 1.5}, "threshold")):
         args = {"beta": 0.5, "decay_every": 2, **kwargs}
         with pytest.raises(ValueError, match=msg):

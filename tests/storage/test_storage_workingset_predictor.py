@@ -16,7 +16,7 @@ def test_arena_allocates_aligned_views_and_resets():
     assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0
     mark = arena.mark()
     (c,) = arena.alloc([(10,)])
-    assert arena.used == 64 + 64 + 64 and arena.high_water == arena.used
+    assert arena.used == 64 + 64 + 64
     arena.reset(mark)
     (d,) = arena.alloc([(10,)])
     assert d.ctypes.data == c.ctypes.data  # the region was reused
@@ -38,13 +38,14 @@ def test_arena_overflow_falls_back_loudly_once(caplog):
 
 def test_predictor_learns_which_experts_follow():
     pr = CoActivationPredictor(num_layers=2, num_local=4, decay=1.0)
-    assert pr.next_layer(0, np.array([1, 0, 0, 0], bool)).tolist() == [0, 0, 0, 0]  # no history
+    assert pr.later_layer(0, np.array([1, 0, 0, 0], bool), 1).tolist() == [0, 0, 0, 0]  # no history
     for _ in range(3):  # task A: experts 0 -> 2; task B: 1 -> 3
         pr.observe(np.array([[1, 0, 0, 0], [0, 0, 1, 0]], bool))
         pr.observe(np.array([[0, 1, 0, 0], [0, 0, 0, 1]], bool))
-    assert pr.next_layer(0, np.array([1, 0, 0, 0], bool)).tolist() == [0, 0, 1, 0]
-    assert pr.next_layer(0, np.array([0, 1, 0, 0], bool)).tolist() == [0, 0, 0, 1]
-    assert pr.next_layer(1, np.array([0, 0, 1, 0], bool)) is None  # last layer
+    assert pr.later_layer(0, np.array([1, 0, 0, 0], bool), 1).tolist() == [0, 0, 1, 0]
+    assert pr.later_layer(0, np.array([0, 1, 0, 0], bool), 1).tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"target layer 2 must be in \(1, 2\)"):  # after the last
+        pr.later_layer(1, np.array([0, 0, 1, 0], bool), 2)
     # across steps: A and B alternate, so after B (the last step) comes A
     assert pr.first_layer().tolist() == [1, 0, 0, 0]
     with pytest.raises(ValueError, match=r"active must be \[2, 4\]"):
