@@ -39,8 +39,9 @@ inline float fast_exp(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-// erf(x), |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), sign handled without branches.
-inline float fast_erf(float x) {
+// erf(x), |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), sign handled without branches;
+// *gauss (if not null) receives the exp(-x^2) the formula computes on the way.
+inline float fast_erf(float x, float* gauss = nullptr) {
   const float ax = x < 0.0f ? -x : x;
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   float p = 1.061405429f;
@@ -49,7 +50,9 @@ inline float fast_erf(float x) {
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
   p = p * t;
-  const float y = 1.0f - p * fast_exp(-ax * ax);
+  const float e = fast_exp(-ax * ax);
+  if (gauss != nullptr) *gauss = e;
+  const float y = 1.0f - p * e;
   return x < 0.0f ? -y : y;
 }
 
@@ -102,8 +105,9 @@ struct ActPair {
 template <Activation A>
 inline ActPair act_fwd_grad(float h) {
   if constexpr (A == Activation::kGelu) {
-    const float cdf = 0.5f * (1.0f + fast_erf(h * kInvSqrt2));
-    const float pdf = kInvSqrt2Pi * fast_exp(-0.5f * h * h);
+    float gauss;  // exp(-h^2 / 2), shared by the cdf's erf and the pdf
+    const float cdf = 0.5f * (1.0f + fast_erf(h * kInvSqrt2, &gauss));
+    const float pdf = kInvSqrt2Pi * gauss;
     return {h * cdf, cdf + h * pdf};
   } else if constexpr (A == Activation::kGeluTanh) {
     const float u = kSqrt2OverPi * (h + kGeluTanhC * h * h * h);
