@@ -283,9 +283,17 @@ class Block(nn.Layer):
         a, new_caches = self.attn.forward_many(self.ln1(x_B1D), caches)
         return x_B1D + a, new_caches
 
-    def forward(self, x: paddle.Tensor, cache: KVCache | None = None) -> BlockOutput:
-        """``x + attn(ln1(x))`` then ``+ ffn(ln2(.))`` for ``x [B, S, D]``."""
-        out = self.forward_deferred(x, None, cache)
+    def forward(
+        self, x: paddle.Tensor, cache: KVCache | None = None, delta: paddle.Tensor | None = None,
+        deferred: bool = False,
+    ) -> BlockOutput | DeferredBlockOutput:
+        """``x + attn(ln1(x))`` then ``+ ffn(ln2(.))`` for ``x [B, S, D]`` (of ``x + delta`` when
+        ``delta`` is given). ``deferred=True`` returns :meth:`forward_deferred`'s output instead:
+        the training forward calls its blocks this way, through the layer, so that forward
+        pre-hooks on a block run (``storage.shard_dense`` waits there for the block's gather)."""
+        out = self.forward_deferred(x, delta, cache)
+        if deferred:
+            return out
         return BlockOutput(out.x + out.delta, out.cache, out.aux_loss, out.stats)
 
     def forward_deferred(
@@ -424,7 +432,8 @@ class GPTMoE(nn.Layer):
         new_caches: list[KVCache] = []
         # each block's last residual add is fused into the next block's ln1 (Block.forward_deferred)
         for i, block in enumerate(self.blocks):
-            out = block.forward_deferred(x, delta, caches[i] if caches else None)
+            out = block(x, caches[i] if caches else None, delta=delta, deferred=True)
+            assert isinstance(out, DeferredBlockOutput)
             x, delta = out.x, out.delta
             new_caches.append(out.cache)
             if out.aux_loss is not None and out.stats is not None:

@@ -112,3 +112,17 @@ def test_fused_residual_forward_equals_the_unfused_blocks(moe_every):
     assert g_fused.keys() == g_plain.keys()
     for n in g_fused:
         np.testing.assert_allclose(g_fused[n], g_plain[n], rtol=1e-5, atol=1e-7, err_msg=n)
+
+
+def test_training_forward_runs_each_blocks_forward_pre_hooks_in_order():
+    """The model calls its blocks through the layer (``block(..., deferred=True)``), so a forward
+    pre-hook on a block runs before that block computes: ``storage.shard_dense`` waits there for
+    the block's all-gather (a direct ``forward_deferred`` call skipped the hooks, and blocks read
+    parameters that a background gather was still writing)."""
+    m = _model()
+    seen = []
+    for i, block in enumerate(m.blocks):
+        block.register_forward_pre_hook(lambda _layer, _inputs, i=i: seen.append(i))
+    x = paddle.to_tensor(np.random.default_rng(3).integers(0, 256, (2, 8)))
+    m(x, x)
+    assert seen == list(range(len(m.blocks)))
