@@ -22,7 +22,9 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-std=c++17", "-Wno-unused-function"]
+# -fno-math-errno: no kernel reads errno, and with it GCC vectorizes std::sqrt (the multi-tensor
+# AdamW loop ran 3x slower without it: a scalar sqrtf call per element)
+_CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-std=c++17", "-Wno-unused-function"]
 _CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 _SOURCE_SUFFIXES = (".cc", ".cu", ".h", ".cuh")
 
