@@ -200,7 +200,7 @@ class DenseFFN(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shape = x.shape
         x_TD = x.reshape([-1, shape[-1]])
-        counts = paddle.to_tensor([x_TD.shape[0]], dtype="int32")
+        counts = paddle.full([1], x_TD.shape[0], dtype="int32")
         y = ops.grouped_ffn(x_TD, counts, self.w1, self.b1, self.w2, self.b2, activation=self.activation, backend=self.backend)
         return y.reshape(shape)
 
