@@ -42,6 +42,7 @@ inline void softmax_ce_fwd_cpu(const float* logits, const int64_t* labels, int64
       for (int64_t t = blk * kBlock; t < t_end; ++t) {
         const float* z = logits + t * V;
         float m = -INFINITY;
+#pragma omp simd reduction(max : m)
         for (int64_t v = 0; v < V; ++v) m = z[v] > m ? z[v] : m;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
