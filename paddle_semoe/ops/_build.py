@@ -23,8 +23,14 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 # -fno-math-errno: no kernel reads errno, and with it GCC vectorizes std::sqrt (the multi-tensor
-# AdamW loop ran 3x slower without it: a scalar sqrtf call per element)
-_CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-std=c++17", "-Wno-unused-function"]
+# AdamW loop ran 3x slower without it: a scalar sqrtf call per element).
+# -mprefer-vector-width=512: on AVX-512 CPUs GCC otherwise auto-vectorizes with 256-bit vectors;
+# the forward ops of the tiny GPT step took ~3.5% less time with 512 (bias broadcasts, row
+# copies, column sums; no effect where there is no AVX-512)
+_CXX_FLAGS = [
+    "-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-mprefer-vector-width=512", "-std=c++17",
+    "-Wno-unused-function",
+]
 _CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 _SOURCE_SUFFIXES = (".cc", ".cu", ".h", ".cuh")
 
