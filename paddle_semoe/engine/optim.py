@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import paddle
@@ -52,6 +53,17 @@ def scale_grads_(params: Iterable[paddle.Tensor], scale: float) -> None:
                 paddle.assign(p.grad * scale, output=p.grad)
 
 
+@dataclass(frozen=True)
+class _FusedPlan:
+    """Per parameter (same order): Paddle's AdamW accumulators and the weight-decay flag."""
+
+    moment1: list[paddle.Tensor]
+    moment2: list[paddle.Tensor]
+    beta1_pow: list[paddle.Tensor]
+    beta2_pow: list[paddle.Tensor]
+    decay_mask: list[bool]
+
+
 class FusedAdamW(paddle.optimizer.AdamW):
     """``paddle.optimizer.AdamW`` whose :meth:`step` updates every parameter in ONE
     multi-tensor kernel call (:func:`paddle_semoe.ops.adamw_step`) instead of one ``adamw_``
@@ -71,6 +83,32 @@ class FusedAdamW(paddle.optimizer.AdamW):
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self._ops_backend = backend
+        # (key of the parameter set and settings, its _FusedPlan or None when not fusable)
+        self._plan: tuple[tuple, _FusedPlan | None] | None = None
+
+    def set_state_dict(self, state_dict) -> None:
+        self._plan = None  # the accumulators are looked up again
+        super().set_state_dict(state_dict)
+
+    def _plan_for(self, params: list) -> _FusedPlan | None:
+        """The accumulators and decay flags of ``params`` (None: not fusable), looked up on the
+        first step of a parameter set and reused while the set and the settings stay the same.
+        The kernel checks every tensor's dtype, device and size on each call."""
+        key = (tuple(id(p) for p in params), self._multi_precision, self._lr_ratio is None,
+               self._grad_clip is None, getattr(self, "_amsgrad", False))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        plan = None
+        if self._fusable(params):
+            self._create_accumulators(paddle.static.default_main_program().global_block(), params)
+            acc = lambda name: [self._get_accumulator_master(name, p) for p in params]  # noqa: E731
+            decay = self._apply_decay_param_fun
+            plan = _FusedPlan(
+                acc(self._moment1_acc_str), acc(self._moment2_acc_str), acc(self._beta1_pow_acc_str),
+                acc(self._beta2_pow_acc_str), [decay is None or bool(decay(p.name)) for p in params],
+            )
+        self._plan = (key, plan)
+        return plan
 
     def _fusable(self, params: list) -> bool:
         return (
@@ -85,21 +123,23 @@ class FusedAdamW(paddle.optimizer.AdamW):
     @paddle.no_grad()
     def step(self, grad_scale: float = 1.0) -> None:
         """One update of every parameter that has a gradient; gradients count ``grad_scale`` times."""
-        params = [p for p in self._parameter_list if not p.stop_gradient and p.grad is not None]
+        params, grads = [], []
+        for p in self._parameter_list:
+            g = None if p.stop_gradient else p.grad
+            if g is not None:
+                params.append(p)
+                grads.append(g)
         if not params:
             return
-        if not self._fusable(params):
+        plan = self._plan_for(params)
+        if plan is None:
             scale_grads_(params, grad_scale)
             super().step()
             return
-        self._create_accumulators(paddle.static.default_main_program().global_block(), params)
-        acc = lambda name: [self._get_accumulator_master(name, p) for p in params]  # noqa: E731
-        decay = self._apply_decay_param_fun
         ops.adamw_step(
-            params, [p.grad for p in params], acc(self._moment1_acc_str), acc(self._moment2_acc_str),
-            acc(self._beta1_pow_acc_str), acc(self._beta2_pow_acc_str),
+            params, grads, plan.moment1, plan.moment2, plan.beta1_pow, plan.beta2_pow,
             lr=self.get_lr(), beta1=float(self._beta1), beta2=float(self._beta2), epsilon=float(self._epsilon),
-            weight_decay=float(self._weight_decay), decay_mask=[decay is None or bool(decay(p.name)) for p in params],
+            weight_decay=float(self._weight_decay), decay_mask=plan.decay_mask,
             grad_scale=grad_scale, backend=self._ops_backend,
         )
 
@@ -206,7 +246,8 @@ class MoEOptimizer:
         for p in self.dense_params + self.expert_params:
             p.clear_gradient(set_to_zero=False)
         for opt in self.optimizers():
-            opt.clear_grad(set_to_zero=False)
+            if not isinstance(opt, FusedAdamW):  # its parameters are among those just cleared
+                opt.clear_grad(set_to_zero=False)
         if self.lazy is not None:
             self.lazy.clear_grad()
         if self.sharded_dense is not None:

@@ -544,7 +544,8 @@ def adamw_step(
             raise ValueError(f"{op}: '{name}' holds {len(lst)} entries for {n} parameters")
     if n == 0:
         return
-    lib = _tensor_list_lib(op, [t for lst in lists[:4] for t in lst], backend)
+    # the parameters choose the path; the kernel checks every tensor of every list itself
+    lib = _tensor_list_lib(op, params, backend)
     lr, beta1, beta2, epsilon, weight_decay, grad_scale = map(
         float, (lr, beta1, beta2, epsilon, weight_decay, grad_scale))
     if lib is not None:  # the kernel checks the sizes itself (naming the list and the index)

@@ -101,6 +101,14 @@ def test_squared_norms_match_paddle():
         ops.squared_norms([paddle.randn([3]).astype("float64")], backend="custom")
 
 
+def test_adamw_step_names_a_wrong_dtype_in_any_list():
+    p, g = paddle.randn([4]), paddle.randn([4]).astype("float64")
+    m, b = paddle.zeros([4]), paddle.ones([1])
+    with pytest.raises(Exception, match=r"'grads'\[0\] must be a float32 CPU tensor, got float64"):
+        ops.adamw_step([p], [g], [m], [m.clone()], [b], [b.clone()], lr=0.1, beta1=0.9, beta2=0.99,
+                       epsilon=1e-8, weight_decay=0.0, decay_mask=[True], backend="custom")
+
+
 def test_adamw_step_rejects_mismatched_lists():
     p = paddle.randn([4])
     with pytest.raises(ValueError, match="'moment1' holds 0 entries"):
