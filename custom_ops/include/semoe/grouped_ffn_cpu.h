@@ -278,10 +278,12 @@ inline void ffn_fwd_rows(SgemmFn gemm, const float* x, const float* w1, const fl
   add_bias_rows(y, b2, n, D);
 }
 
-// Where dW2 = a^T @ gy goes: with F > D it is computed as its transpose gy^T @ a [D, F] (oneDNN
-// runs the tall-thin [F, D] transposed-A product ~1.3x slower, measured single-threaded at
-// D 512, F 2048, n 1024; at F <= D the direct form is as fast).
-inline bool dw2_transposed(int64_t D, int64_t F) { return F > D; }
+// Where dW2 = a^T @ gy goes: with F > D and D <= 512 it is computed as its transpose gy^T @ a
+// [D, F], then transposed (oneDNN runs the tall-thin [F, D] transposed-A product ~1.3x slower,
+// measured single-threaded at D 512, F 2048, n 1024; at F <= D the direct form is as fast). From
+// D 768 on the direct form wins, transpose included: 0.68-0.80x the time at D 768 / 1024 / 2048
+// with F = 4D, n 512 / 1024.
+inline bool dw2_transposed(int64_t D, int64_t F) { return F > D && D <= 512; }
 
 // One thread's backward over n rows of one expert, all GEMMs single-threaded:
 // dA = gy @ w2^T; a = act(h), dH = dA * act'(h) and db1 = colsum(dH) in one pass;
