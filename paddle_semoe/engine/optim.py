@@ -104,8 +104,9 @@ class FusedAdamW(paddle.optimizer.AdamW):
             acc = lambda name: [self._get_accumulator_master(name, p) for p in params]  # noqa: E731
             decay = self._apply_decay_param_fun
             plan = _FusedPlan(
-                acc(self._moment1_acc_str), acc(self._moment2_acc_str), acc(self._beta1_pow_acc_str),
-                acc(self._beta2_pow_acc_str), [decay is None or bool(decay(p.name)) for p in params],
+                acc(self._moment1_acc_str), acc(self._moment2_acc_str),
+                acc(self._beta1_pow_acc_str), acc(self._beta2_pow_acc_str),
+                [decay is None or bool(decay(p.name)) for p in params],
             )
         self._plan = (key, plan)
         return plan
