@@ -94,8 +94,8 @@ inline void copy_row(float* dst, const float* src, int64_t n, float scale = 1.0f
 }
 
 // sum_c a[c] * b[c] over a short row (a head's Dh floats), in vector lanes: a scalar loop
-// is one dependent multiply-add chain (~4 cycles per element; the compiler may not reorder a
-// float sum), a quarter of the backward's time at Dh 32.
+// is one dependent multiply-add chain (the compiler may not reorder a float sum); replacing it
+// made the backward 6-8% faster at Dh 32.
 inline float dot_row(const float* a, const float* b, int64_t n) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
