@@ -42,6 +42,11 @@ def _run(qkv0, past0, H, g, backend):
         (1, 67, 1, 8, 5),  # two backward blocks with a cache
         (1, 33, 1, 48, 0),  # head dim of three 16-float chunks (a 32-wide tile and a 16-wide tail)
         (1, 0, 2, 4, 0),  # no tokens
+        # no cache, head dim a multiple of 16, length a multiple of 8: q, k, dO read and out,
+        # dQ, dK, dV written in place (the others take the padded-copy path)
+        (2, 16, 2, 16, 0),
+        (1, 136, 2, 32, 0),  # three backward query blocks: dK/dV written, then added to
+        (1, 64, 1, 48, 0),  # head dim of three 16-float chunks in place
     ],
 )
 def test_matches_reference(B, S, H, Dh, P):
