@@ -103,13 +103,6 @@ inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t c = 0; c < n; c += kV) __builtin_prefetch(p + c);
 }
 
-// Row j of the pair's keys (slot 1) or values (slot 2): from the cache for j < P.
-inline const float* kv_row(const AttnDims& d, const float* qkv, const float* past, int slot,
-                           int64_t b, int64_t h, int64_t j) {
-  if (j < d.P) return past + ((b * d.H + h) * d.P + j) * d.Dh;
-  return qkv + (b * d.S + (j - d.P)) * 3 * d.D() + slot * d.D() + h * d.Dh;
-}
-
 #if defined(__AVX512F__)
 // In-register transpose of a 16 x 16 block: x[i] holds row i on entry, column i on exit.
 inline void transpose16(__m512 x[16]) {
@@ -138,36 +131,39 @@ inline void transpose16(__m512 x[16]) {
 #endif
 
 // Fill the transposed tile t [Dh, Lp] (scaled by t_scale) and/or the row tile r [Lp, Dhp] of
-// slot 1 (k) or 2 (v).
+// slot 1 (k) or 2 (v). Rows are prefetched kAhead (rows) or one 16-row group (t alone) ahead.
 inline void gather(const AttnDims& d, const float* qkv, const float* past, int slot, int64_t b,
                    int64_t h, int64_t Lp, int64_t Dhp, float* t, float* r, float t_scale = 1.0f) {
-  const int64_t L = d.L(), Dh = d.Dh;
-  for (int64_t j = 0; j < L; ++j) {
-    if (j + kAhead < L) prefetch_row(kv_row(d, qkv, past, slot, b, h, j + kAhead), Dh);
-    const float* src = kv_row(d, qkv, past, slot, b, h, j);
-#if !defined(__AVX512F__)
-    if (t != nullptr)
-      for (int64_t c = 0; c < Dh; ++c) t[c * Lp + j] = src[c] * t_scale;
-#endif
-    if (r != nullptr) copy_row(r + j * Dhp, src, Dh);
-  }
-#if defined(__AVX512F__)
-  // 16 keys x 16 features at a time (missing keys load as zeros: t's padding columns)
-  if (t != nullptr) {
-    for (int64_t j0 = 0; j0 < L; j0 += kV) {
-      for (int64_t c0 = 0; c0 < Dh; c0 += kV) {
-        const __mmask16 cols = lanes_below(c0, Dh);
-        __m512 x[16];
-        for (int64_t i = 0; i < kV; ++i)
-          x[i] = j0 + i < L ? _mm512_maskz_loadu_ps(cols, kv_row(d, qkv, past, slot, b, h, j0 + i) + c0)
-                            : _mm512_setzero_ps();
-        transpose16(x);
-        const __m512 sc = _mm512_set1_ps(t_scale);
-        for (int64_t c = c0; c < std::min(c0 + kV, Dh); ++c)
-          _mm512_storeu_ps(t + c * Lp + j0, _mm512_mul_ps(x[c - c0], sc));
-      }
+  const int64_t L = d.L(), Dh = d.Dh, P = d.P, D3 = 3 * d.D();
+  const float* from_cache = P > 0 ? past + (b * d.H + h) * P * Dh : nullptr;
+  const float* from_qkv = qkv + b * d.S * D3 + slot * d.D() + h * Dh;
+  auto row = [&](int64_t j) { return j < P ? from_cache + j * Dh : from_qkv + (j - P) * D3; };
+  if (r != nullptr) {
+    for (int64_t j = 0; j < L; ++j) {
+      if (j + kAhead < L) prefetch_row(row(j + kAhead), Dh);
+      copy_row(r + j * Dhp, row(j), Dh);
     }
   }
+  if (t == nullptr) return;
+#if defined(__AVX512F__)
+  // 16 keys x 16 features at a time (missing keys load as zeros: t's padding columns)
+  const __m512 sc = _mm512_set1_ps(t_scale);
+  for (int64_t j0 = 0; j0 < L; j0 += kV) {
+    if (r == nullptr)
+      for (int64_t j = j0 + kV; j < std::min(j0 + 2 * kV, L); ++j) prefetch_row(row(j), Dh);
+    for (int64_t c0 = 0; c0 < Dh; c0 += kV) {
+      const __mmask16 cols = lanes_below(c0, Dh);
+      __m512 x[16];
+      for (int64_t i = 0; i < kV; ++i)
+        x[i] = j0 + i < L ? _mm512_maskz_loadu_ps(cols, row(j0 + i) + c0) : _mm512_setzero_ps();
+      transpose16(x);
+      for (int64_t c = c0; c < std::min(c0 + kV, Dh); ++c)
+        _mm512_storeu_ps(t + c * Lp + j0, _mm512_mul_ps(x[c - c0], sc));
+    }
+  }
+#else
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < Dh; ++c) t[c * Lp + j] = row(j)[c] * t_scale;
 #endif
 }
 
@@ -289,8 +285,9 @@ inline void tile_pv(const float* p, int64_t ks, int64_t js, const float* rows, i
   }
 }
 
-// Row softmax of scores s[0 .. nr) in place (zeros on [nr, n16)); returns the log-sum-exp.
-inline float softmax_row(float* s, int64_t nr, int64_t n16) {
+// Row softmax of scores s[0 .. nr) in place (zeros on [nr, n16)); returns the row max and
+// writes the sum of exp(s - max) to *sum (the log-sum-exp is max + log(sum)).
+inline float softmax_row(float* s, int64_t nr, int64_t n16, float* sum_out) {
 #if defined(__AVX512F__)
   __m512 mv = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < nr; j += kV)
@@ -307,7 +304,6 @@ inline float softmax_row(float* s, int64_t nr, int64_t n16) {
   const float sum = _mm512_reduce_add_ps(sv);
   const __m512 inv = _mm512_set1_ps(1.0f / sum);
   for (int64_t j = 0; j < nr; j += kV) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
-  return m + std::log(sum);
 #else
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -323,7 +319,28 @@ inline float softmax_row(float* s, int64_t nr, int64_t n16) {
 #pragma omp simd
   for (int64_t j = 0; j < nr; ++j) s[j] *= inv;
   for (int64_t j = nr; j < n16; ++j) s[j] = 0.f;
-  return m + std::log(sum);
+#endif
+  *sum_out = sum;
+  return m;
+}
+
+// softmax_row over the `rows` (<= kR) rows of a block of scores (row stride ld; row r sees
+// nr0 + r keys), writing each row's log-sum-exp to lse[r]: the logs of the block in one
+// vector (log16) instead of a libm call per row.
+inline void softmax_rows(float* s, int64_t ld, int64_t rows, int64_t nr0, int64_t n16, float* lse) {
+#if defined(__AVX512F__)
+  static_assert(kR <= kV, "one vector holds a block's row sums");
+  alignas(64) float m[kV], sum[kV];
+  for (int64_t r = 0; r < kV; ++r) m[r] = 0.f, sum[r] = 1.f;
+  for (int64_t r = 0; r < rows; ++r) m[r] = softmax_row(s + r * ld, nr0 + r, n16, &sum[r]);
+  const __m512 v = _mm512_add_ps(_mm512_load_ps(m), log16(_mm512_load_ps(sum)));
+  _mm512_mask_storeu_ps(lse, lanes_below(0, rows), v);
+#else
+  for (int64_t r = 0; r < rows; ++r) {
+    float sum;
+    const float m = softmax_row(s + r * ld, nr0 + r, n16, &sum);
+    lse[r] = m + std::log(sum);
+  }
 #endif
 }
 
@@ -392,8 +409,7 @@ inline void causal_attention_fwd_cpu(const AttnDims& d, const float* qkv, const 
           load_rows(qbase, D3, rows, Dh, Dhp, q.data(), ahead);
           tile_abt(q.data(), Dhp, kt.data(), Lp, Dh, n16, s.data(), Lp);
         }
-        for (int64_t r = 0; r < rows; ++r)
-          lse[bh * d.S + i0 + r] = softmax_row(s.data() + r * Lp, d.P + i0 + r + 1, n16);
+        softmax_rows(s.data(), Lp, rows, d.P + i0 + 1, n16, lse + bh * d.S + i0);
         for (int64_t r = rows; r < kR; ++r) std::fill(s.data() + r * Lp, s.data() + r * Lp + n16, 0.f);
         if (in_place) {
           tile_pv<false>(s.data(), Lp, 1, v_rows, ldv, Dhp, n, obase, D);
