@@ -157,7 +157,8 @@ inline ActPair act_fwd_grad(float h) {
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 big = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, log2e, big), big);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
   __m512 p = _mm512_set1_ps(1.0f / 720.0f);
@@ -277,7 +278,8 @@ inline void act_bwd_rows_colsum(const float* h, float* a, float* g, int64_t rows
         const __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(on, gr + c), dv);
         _mm512_mask_storeu_ps(ar + c, on, av);
         _mm512_mask_storeu_ps(gr + c, on, gv);
-        _mm512_mask_storeu_ps(colsum + c, on, _mm512_add_ps(_mm512_maskz_loadu_ps(on, colsum + c), gv));
+        const __m512 cs = _mm512_maskz_loadu_ps(on, colsum + c);
+        _mm512_mask_storeu_ps(colsum + c, on, _mm512_add_ps(cs, gv));
       }
     }
     return;

@@ -509,7 +509,8 @@ inline void causal_attention_bwd_cpu(const AttnDims& d, const float* qkv, const 
             tile_pv<false>(dsr, Lp, 1, q_all + D, D3, Dhp, n, gq_all + i0 * D3, D3);
           } else {
             tile_pv<false>(dsr, Lp, 1, krow.data(), Dhp, Dhp, n, acc.data(), Dhp);
-            for (int64_t r = 0; r < rows; ++r) copy_row(gq_all + (i0 + r) * D3, acc.data() + r * Dhp, Dh);
+            for (int64_t r = 0; r < rows; ++r)
+              copy_row(gq_all + (i0 + r) * D3, acc.data() + r * Dhp, Dh);
           }
         }
         // dK[j] += sum_i dS[i, j] q_i ; dV[j] += sum_i P[i, j] dO_i over the block's rows i
@@ -520,15 +521,22 @@ inline void causal_attention_bwd_cpu(const AttnDims& d, const float* qkv, const 
           const int64_t o = ib - qb0;
           const float* ds_t = dsb.data() + o * Lp + j0;
           const float* p_t = pb.data() + o * Lp + j0;
+          const int64_t m = qb1 - ib;  // query rows of the block that see the key tile
           if (!direct) {
-            tile_pv<true>(ds_t, 1, Lp, qraw.data() + o * Dhp, Dhp, Dhp, qb1 - ib, dk.data() + j0 * Dhp, Dhp);
-            tile_pv<true>(p_t, 1, Lp, go.data() + o * Dhp, Dhp, Dhp, qb1 - ib, dv.data() + j0 * Dhp, Dhp);
-          } else if (j0 < qb0) {  // an earlier query block wrote this key tile
-            tile_pv<true>(ds_t, 1, Lp, q_all + ib * D3, D3, Dhp, qb1 - ib, gq_all + j0 * D3 + D, D3);
-            tile_pv<true>(p_t, 1, Lp, go_all + ib * D, D, Dhp, qb1 - ib, gq_all + j0 * D3 + 2 * D, D3);
+            const float* q_o = qraw.data() + o * Dhp;
+            tile_pv<true>(ds_t, 1, Lp, q_o, Dhp, Dhp, m, dk.data() + j0 * Dhp, Dhp);
+            tile_pv<true>(p_t, 1, Lp, go.data() + o * Dhp, Dhp, Dhp, m, dv.data() + j0 * Dhp, Dhp);
+            continue;
+          }
+          const float* q_i = q_all + ib * D3;
+          const float* go_i = go_all + ib * D;
+          float* gk = gq_all + j0 * D3 + D;
+          if (j0 < qb0) {  // an earlier query block wrote this key tile
+            tile_pv<true>(ds_t, 1, Lp, q_i, D3, Dhp, m, gk, D3);
+            tile_pv<true>(p_t, 1, Lp, go_i, D, Dhp, m, gk + D, D3);
           } else {
-            tile_pv<false>(ds_t, 1, Lp, q_all + ib * D3, D3, Dhp, qb1 - ib, gq_all + j0 * D3 + D, D3);
-            tile_pv<false>(p_t, 1, Lp, go_all + ib * D, D, Dhp, qb1 - ib, gq_all + j0 * D3 + 2 * D, D3);
+            tile_pv<false>(ds_t, 1, Lp, q_i, D3, Dhp, m, gk, D3);
+            tile_pv<false>(p_t, 1, Lp, go_i, D, Dhp, m, gk + D, D3);
           }
         }
       }
