@@ -20,12 +20,11 @@
 // there is no cache (training, prefill): ~10-20% faster than through padded copies at Dh 32,
 // S 64 (measured in the training step: attention backward 1.5 -> 1.2 ms per layer). Otherwise
 // (odd head dims, a KV cache, a partial block) they go through padded copies [kR or Lp, Dhp].
-// The backward keeps the probabilities and
-// score gradients of a block of kQB query rows ([kQB, Lp] each, per-thread scratch, never
-// returned) so that dK = dS^T Q and dV = P^T dO run as register-blocked products over the
-// block's rows. Deterministic: every sum has a fixed order independent of the thread count
-// and of the batch size, and a query row's numbers do not depend on which rows share its
-// block. Paddle-free.
+// The backward keeps the probabilities and score gradients of a block of kQB query rows
+// ([kQB, Lp] each, per-thread scratch, never returned) so that dK = dS^T Q and dV = P^T dO run
+// as register-blocked products over the block's rows. Deterministic: every sum has a fixed
+// order independent of the thread count and of the batch size, and a query row's numbers do
+// not depend on which rows share its block. Paddle-free.
 #pragma once
 
 #include <algorithm>
