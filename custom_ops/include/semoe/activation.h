@@ -229,9 +229,11 @@ inline void gelu_grad16(__m512 h, __m512* a, __m512* d) {
   *d = _mm512_fmadd_ps(h, pdf, cdf);
 }
 
-// lanes [0, n) of 16 on, for a row's tail
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+// Lane u of 16 is on when j + u < end (a row's tail: lanes_below(c, cols)).
+inline __mmask16 lanes_below(int64_t j, int64_t end) {
+  const int64_t k = end - j;
+  return k >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : (k <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << k) - 1u));
 }
 #endif
 
@@ -242,7 +244,7 @@ inline void act_bwd_rows(const float* h, float* a, float* g, int64_t n) {
 #if defined(__AVX512F__)
   if constexpr (A == Activation::kGelu) {
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 on = first_lanes(n - i);
+      const __mmask16 on = lanes_below(i, n);
       __m512 av, dv;
       gelu_grad16(_mm512_maskz_loadu_ps(on, h + i), &av, &dv);
       _mm512_mask_storeu_ps(a + i, on, av);
@@ -272,7 +274,7 @@ inline void act_bwd_rows_colsum(const float* h, float* a, float* g, int64_t rows
       float* ar = a + r * cols;
       float* gr = g + r * cols;
       for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 on = first_lanes(cols - c);
+        const __mmask16 on = lanes_below(c, cols);
         __m512 av, dv;
         gelu_grad16(_mm512_maskz_loadu_ps(on, hr + c), &av, &dv);
         const __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(on, gr + c), dv);

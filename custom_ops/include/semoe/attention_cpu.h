@@ -56,14 +56,6 @@ constexpr int64_t kParallelWork = 1 << 15;  // multiply-adds below which one thr
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-#if defined(__AVX512F__)
-inline __mmask16 lanes_below(int64_t j, int64_t end) {  // lane u is on when j + u < end
-  const int64_t k = end - j;
-  return k >= kV ? static_cast<__mmask16>(0xFFFF)
-                 : (k <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << k) - 1u));
-}
-#endif
-
 // dst[0 .. n) = src[0 .. n) for a short row (a head's Dh floats): inline vector code (a libc
 // memcpy call per row costs more than the copy at these sizes).
 inline void copy_row(float* dst, const float* src, int64_t n) {
