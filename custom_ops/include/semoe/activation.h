@@ -10,6 +10,9 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
+
+#include "semoe/bf16.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -111,17 +114,23 @@ inline float act_fwd(float h) {
   }
 }
 
-// h[i] += bias[i % cols]; a[i] = act(h[i]) over a [rows, cols] row-major block.
-template <Activation A>
-inline void bias_act_rows(float* h, float* a, const float* bias, int64_t rows, int64_t cols) {
+// Writing an activation output as float32 or as bfloat16 bits (the bf16 GEMM operand mode):
+// the same value, rounded by to_bf16 in the second case.
+inline void put(float* p, float v) { *p = v; }
+inline void put(uint16_t* p, float v) { *p = to_bf16(v); }
+
+// h[i] += bias[i % cols]; a[i] = act(h[i]) over a [rows, cols] row-major block; a is float or
+// uint16_t (bf16 bits).
+template <Activation A, typename T>
+inline void bias_act_rows(float* h, T* a, const float* bias, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     float* hr = h + r * cols;
-    float* ar = a + r * cols;
+    T* ar = a + r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
       const float v = hr[c] + bias[c];
       hr[c] = v;
-      ar[c] = act_fwd<A>(v);
+      put(ar + c, act_fwd<A>(v));
     }
   }
 }
@@ -235,6 +244,23 @@ inline __mmask16 lanes_below(int64_t j, int64_t end) {
   return k >= 16 ? static_cast<__mmask16>(0xFFFF)
                  : (k <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << k) - 1u));
 }
+
+// put() of the lanes in `on`.
+inline void put16(float* p, __mmask16 on, __m512 v) { _mm512_mask_storeu_ps(p, on, v); }
+#if SEMOE_BF16X16
+inline void put16(uint16_t* p, __mmask16 on, __m512 v) {
+  _mm256_mask_storeu_epi16(p, on, to_bf16x16(v));
+}
+#endif
+#endif
+
+// Whether the AVX-512 GELU backward pass can write outputs of type T.
+template <typename T>
+constexpr bool kGeluGrad16Out =
+#if defined(__AVX512F__)
+    std::is_same_v<T, float> || SEMOE_BF16X16;
+#else
+    false;
 #endif
 
 // Backward fused pass: given pre-activation h and upstream grad g (= dL/da), write
@@ -263,23 +289,25 @@ inline void act_bwd_rows(const float* h, float* a, float* g, int64_t n) {
 
 // act_bwd_rows over a [rows, cols] block that also adds each column of the new g (= dL/dh)
 // into colsum[cols] (a bias gradient), rows in order: the same sums, in the same order, as a
-// separate column_sum pass over g, without reading g again.
-template <Activation A>
-inline void act_bwd_rows_colsum(const float* h, float* a, float* g, int64_t rows, int64_t cols,
-                                float* colsum) {
+// separate column_sum pass over g, without reading g again. The new g goes to gout (g itself
+// when T is float; bf16 bits, with a, when T is uint16_t); colsum sums the float32 values.
+template <Activation A, typename T>
+inline void act_bwd_rows_colsum(const float* h, T* a, const float* g, T* gout, int64_t rows,
+                                int64_t cols, float* colsum) {
 #if defined(__AVX512F__)
-  if constexpr (A == Activation::kGelu) {
+  if constexpr (A == Activation::kGelu && kGeluGrad16Out<T>) {
     for (int64_t r = 0; r < rows; ++r) {
       const float* hr = h + r * cols;
-      float* ar = a + r * cols;
-      float* gr = g + r * cols;
+      T* ar = a + r * cols;
+      const float* gr = g + r * cols;
+      T* gor = gout + r * cols;
       for (int64_t c = 0; c < cols; c += 16) {
         const __mmask16 on = lanes_below(c, cols);
         __m512 av, dv;
         gelu_grad16(_mm512_maskz_loadu_ps(on, hr + c), &av, &dv);
         const __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(on, gr + c), dv);
-        _mm512_mask_storeu_ps(ar + c, on, av);
-        _mm512_mask_storeu_ps(gr + c, on, gv);
+        put16(ar + c, on, av);
+        put16(gor + c, on, gv);
         const __m512 cs = _mm512_maskz_loadu_ps(on, colsum + c);
         _mm512_mask_storeu_ps(colsum + c, on, _mm512_add_ps(cs, gv));
       }
@@ -289,14 +317,16 @@ inline void act_bwd_rows_colsum(const float* h, float* a, float* g, int64_t rows
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     const float* hr = h + r * cols;
-    float* ar = a + r * cols;
-    float* gr = g + r * cols;
+    T* ar = a + r * cols;
+    const float* gr = g + r * cols;
+    T* gor = gout + r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
       const ActPair p = act_fwd_grad<A>(hr[c]);
-      ar[c] = p.a;
-      gr[c] = gr[c] * p.d;
-      colsum[c] += gr[c];
+      const float gv = gr[c] * p.d;
+      put(ar + c, p.a);
+      put(gor + c, gv);
+      colsum[c] += gv;
     }
   }
 }

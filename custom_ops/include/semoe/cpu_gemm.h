@@ -20,6 +20,8 @@
 #include <mutex>
 #include <vector>
 
+#include "semoe/bf16.h"
+
 namespace semoe {
 
 // C[M,N] = alpha * op(A) @ op(B) + beta * C, all row-major; lda/ldb/ldc are row strides.
@@ -39,27 +41,13 @@ inline DnnlSgemm& dnnl_fn() { static DnnlSgemm f = nullptr; return f; }
 inline DnnlGemmBf16& dnnl_bf16_fn() { static DnnlGemmBf16 f = nullptr; return f; }
 inline std::atomic<int>& precision_flag() { static std::atomic<int> p{0}; return p; }
 
-// float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN).
-inline uint16_t to_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// rows x cols block with row stride ld (ld >= cols) -> dense bf16 copy with row stride cols.
+// rows_to_bf16 into dst (resized), rows split over the threads for large blocks.
 inline void block_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld,
                           std::vector<uint16_t>& dst) {
   dst.resize(static_cast<size_t>(rows * cols));
   uint16_t* d = dst.data();
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = src + r * ld;
-    uint16_t* o = d + r * cols;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) o[c] = to_bf16(s[c]);
-  }
+  for (int64_t r = 0; r < rows; ++r) rows_to_bf16(src + r * ld, 1, cols, ld, d + r * cols);
 }
 inline CblasSgemm& cblas_fn() { static CblasSgemm f = nullptr; return f; }
 
@@ -168,6 +156,16 @@ inline bool set_gemm_precision(int precision) {
   detail::precision_flag().store(precision == 0 ? 0 : 1);
   detail::linear_bf16_flag().store(precision == 1 ? 1 : 0);
   return true;
+}
+
+// oneDNN's bf16 GEMM when `gemm` is cpu_gemm()'s oneDNN entry and every GEMM through it runs
+// in bf16 (precision 1 or 2), else nullptr. Kernels that convert operands once and reuse
+// them (the grouped FFN) call it with bf16 operands directly; the result is the same as
+// `gemm` with the same float32 operands, which converts them inside every call.
+inline detail::DnnlGemmBf16 bf16_operand_gemm(SgemmFn gemm) {
+  if (gemm != &detail::call_dnnl || detail::precision_flag().load(std::memory_order_relaxed) != 1)
+    return nullptr;
+  return detail::dnnl_bf16_fn();
 }
 
 inline int gemm_precision() {
