@@ -105,11 +105,51 @@ inline void column_sum(const float* g, int64_t rows, int64_t cols, float* out) {
   });
 }
 
+#ifdef __AVX512F__
+// out[c, r] = a[r, c] for one 16 x 16 tile in registers: 32-bit and 64-bit interleaves build
+// each 4 x 4 sub-block, two 128-bit lane shuffles put the sub-blocks in place. Every store is
+// a whole 64-byte row of the output (the 8 x 8 form stores half lines).
+inline void transpose16x16(const float* a, int64_t lda, float* out, int64_t ldo) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + i * lda);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + j]: column 4L + j of rows i..i+3 in 128-bit lane L
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]),
+                  t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_ps(out + j * ldo, _mm512_shuffle_f32x4(v0, v2, 0x88));
+    _mm512_storeu_ps(out + (4 + j) * ldo, _mm512_shuffle_f32x4(v1, v3, 0x88));
+    _mm512_storeu_ps(out + (8 + j) * ldo, _mm512_shuffle_f32x4(v0, v2, 0xDD));
+    _mm512_storeu_ps(out + (12 + j) * ldo, _mm512_shuffle_f32x4(v1, v3, 0xDD));
+  }
+}
+#endif
+
 // out[c, r] = a[r, c] for a [rows, cols] block (row strides: lda for a, ldo for out) on the
-// calling thread: 8 x 8 tiles transposed in registers (AVX), scalar edges.
+// calling thread: 16 x 16 tiles (AVX-512), then 8 x 8 tiles (AVX), scalar edges.
 inline void transpose_serial(const float* a, int64_t rows, int64_t cols, int64_t lda, float* out,
                              int64_t ldo) {
   int64_t r = 0;
+#ifdef __AVX512F__
+  for (; r + 16 <= rows; r += 16) {
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) transpose16x16(a + r * lda + c, lda, out + c * ldo + r, ldo);
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + 16; ++i) out[c * ldo + i] = a[i * lda + c];
+  }
+#endif
 #ifdef __AVX__
   for (; r + 8 <= rows; r += 8) {
     int64_t c = 0;
