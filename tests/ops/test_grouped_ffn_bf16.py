@@ -14,16 +14,10 @@ by ~2e-3 to 6e-3, so the 3e-4 tolerance checks which operands are rounded, not o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from paddle_semoe.engine.amp import cpu_has_native_bf16
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests._helpers import run_child_on_threads
 
 CHILD = r"""
 import math
@@ -116,7 +110,4 @@ print("ok", len(CASES))
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no AVX512-BF16 / AMX-BF16")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bf16_operands_are_rounded_once_each_as_the_model_says(threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), GLOG_minloglevel="2")
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok 5"), proc.stdout[-2000:]
+    run_child_on_threads(CHILD, threads, "ok 5")

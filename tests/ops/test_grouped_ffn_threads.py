@@ -14,14 +14,9 @@ with the failing case named.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._helpers import run_child_on_threads
 
 CHILD = r"""
 import numpy as np
@@ -74,7 +69,4 @@ print("ok", len(CASES))
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_work_split_matches_reference(threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), GLOG_minloglevel="2")
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("ok 6"), proc.stdout[-2000:]
+    run_child_on_threads(CHILD, threads, "ok 6")
