@@ -115,9 +115,12 @@ def test_the_amp_switch_runs_the_model_in_bf16_close_to_float32(tmp_path, cpu_ge
 def test_configure_cpu_gemms_per_config():
     assert configure_cpu_gemms(AmpConfig(enabled=False)) == "float32"
     if cpu_has_native_bf16():
-        assert configure_cpu_gemms(AmpConfig(enabled=True, dtype="bfloat16")) == "bfloat16_ffn"
-        assert configure_cpu_gemms(AmpConfig(enabled=True, dtype="bfloat16", cpu_gemms="all")) == "bfloat16"
-        assert configure_cpu_gemms(AmpConfig(enabled=False)) == "float32"  # AMP off resets float32
+        try:
+            assert configure_cpu_gemms(AmpConfig(enabled=True, dtype="bfloat16")) == "bfloat16_ffn"
+            assert configure_cpu_gemms(AmpConfig(enabled=True, dtype="bfloat16", cpu_gemms="all")) == "bfloat16"
+            assert configure_cpu_gemms(AmpConfig(enabled=False)) == "float32"  # AMP off resets float32
+        finally:
+            configure_cpu_gemms(AmpConfig(enabled=False))
     with pytest.raises(ValueError, match="float16 is GPU only"):
         configure_cpu_gemms(AmpConfig(enabled=True, dtype="float16"))
     with pytest.raises(ValueError, match="cpu_gemms must be one of"):

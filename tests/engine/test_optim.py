@@ -115,15 +115,3 @@ def test_adamw_step_rejects_mismatched_lists():
         ops.adamw_step([p], [p], [], [p], [p], [p], lr=0.1, beta1=0.9, beta2=0.99, epsilon=1e-8,
                        weight_decay=0.0, decay_mask=[True])
 
-
-def test_configure_cpu_gemms_follows_the_amp_config():
-    from paddle_semoe.engine.amp import configure_cpu_gemms
-    from paddle_semoe.engine.config import AmpConfig
-
-    try:
-        assert configure_cpu_gemms(AmpConfig(enabled=True, dtype="bfloat16")) == "bfloat16_ffn"
-        assert configure_cpu_gemms(AmpConfig(enabled=False)) == "float32"
-        with pytest.raises(ValueError, match="float16 is GPU only"):
-            configure_cpu_gemms(AmpConfig(enabled=True, dtype="float16"))
-    finally:
-        ops.set_cpu_gemm_precision("float32")
