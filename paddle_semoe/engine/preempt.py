@@ -61,9 +61,11 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        # Only set the flag. Python may run this handler at any bytecode boundary, including from
-        # inside Paddle's C++ backward pass, where anything that allocates (logging) can start a
-        # garbage collection that frees tensors the backward still uses. :meth:`announce` logs.
+        # Only set the flag; :meth:`announce` logs at the step boundary. Python may run this
+        # handler at any bytecode boundary, so it does nothing that could fail or block there.
+        # (The preemption crashes once blamed on a logging handler came from oneDNN's GEMM
+        # kernels, which corrupt the heap when any signal lands in them: the compiled ops hold
+        # signals around their GEMMs, custom_ops/include/semoe/signal_guard.h.)
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, no checkpoint
         if not self.signum:

@@ -10,6 +10,9 @@
 // dnnl_gemm_bf16bf16f32 (AVX512-BF16 / AMX kernels), accumulating and writing float32. The
 // weights, their gradients and the optimizer states stay float32 (the caller's tensors).
 // Process-wide (one flag for every kernel of the module); float32 is the default.
+//
+// Every call into the external GEMM runs with asynchronous signals held (signal_guard.h): the
+// oneDNN in the Paddle wheel corrupts the heap when a signal lands inside its GEMM kernels.
 #pragma once
 
 #include <dlfcn.h>
@@ -21,6 +24,7 @@
 #include <vector>
 
 #include "semoe/bf16.h"
+#include "semoe/signal_guard.h"
 
 namespace semoe {
 
@@ -54,6 +58,7 @@ inline CblasSgemm& cblas_fn() { static CblasSgemm f = nullptr; return f; }
 inline void call_dnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                       float* c, int64_t ldc) {
+  const AsyncSignalsHeld held;
   if (precision_flag().load(std::memory_order_relaxed) == 1 && dnnl_bf16_fn() != nullptr &&
       m > 0 && n > 0 && k > 0) {
     // operands as stored: A is m x k (k x m when ta), B is k x n (n x k when tb)
@@ -71,6 +76,7 @@ inline void call_dnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
 inline void call_dnnl_fp32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                            const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                            float* c, int64_t ldc) {
+  const AsyncSignalsHeld held;
   dnnl_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 inline std::atomic<int>& linear_bf16_flag() { static std::atomic<int> p{0}; return p; }
@@ -79,9 +85,18 @@ inline void call_cblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float 
                        const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                        float* c, int64_t ldc) {
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  const AsyncSignalsHeld held;
   cblas_fn()(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(m),
              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b,
              static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+// oneDNN's bf16 GEMM on operands already in bf16 (what bf16_operand_gemm hands out).
+inline int call_dnnl_bf16(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                          float beta, float* c, int64_t ldc) {
+  const AsyncSignalsHeld held;
+  return dnnl_bf16_fn()(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void* find_symbol(const char* const* libs, const char* sym) {
@@ -163,9 +178,10 @@ inline bool set_gemm_precision(int precision) {
 // them (the grouped FFN) call it with bf16 operands directly; the result is the same as
 // `gemm` with the same float32 operands, which converts them inside every call.
 inline detail::DnnlGemmBf16 bf16_operand_gemm(SgemmFn gemm) {
-  if (gemm != &detail::call_dnnl || detail::precision_flag().load(std::memory_order_relaxed) != 1)
+  if (gemm != &detail::call_dnnl || detail::precision_flag().load(std::memory_order_relaxed) != 1 ||
+      detail::dnnl_bf16_fn() == nullptr)
     return nullptr;
-  return detail::dnnl_bf16_fn();
+  return &detail::call_dnnl_bf16;
 }
 
 inline int gemm_precision() {
