@@ -55,21 +55,12 @@ inline void block_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t 
 }
 inline CblasSgemm& cblas_fn() { static CblasSgemm f = nullptr; return f; }
 
-inline void call_dnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
-                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                      float* c, int64_t ldc) {
+// oneDNN's bf16 GEMM on operands already in bf16 (what bf16_operand_gemm hands out).
+inline int call_dnnl_bf16(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                          float beta, float* c, int64_t ldc) {
   const AsyncSignalsHeld held;
-  if (precision_flag().load(std::memory_order_relaxed) == 1 && dnnl_bf16_fn() != nullptr &&
-      m > 0 && n > 0 && k > 0) {
-    // operands as stored: A is m x k (k x m when ta), B is k x n (n x k when tb)
-    static thread_local std::vector<uint16_t> abuf, bbuf;
-    block_to_bf16(a, ta ? k : m, ta ? m : k, lda, abuf);
-    block_to_bf16(b, tb ? n : k, tb ? k : n, ldb, bbuf);
-    dnnl_bf16_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, abuf.data(), ta ? m : k,
-                   bbuf.data(), tb ? k : n, beta, c, ldc);
-    return;
-  }
-  dnnl_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  return dnnl_bf16_fn()(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // float32 always, whatever the precision flag (the FFN-only bf16 mode keeps these in fp32)
@@ -78,6 +69,22 @@ inline void call_dnnl_fp32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, fl
                            float* c, int64_t ldc) {
   const AsyncSignalsHeld held;
   dnnl_fn()(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void call_dnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
+  if (precision_flag().load(std::memory_order_relaxed) == 1 && dnnl_bf16_fn() != nullptr &&
+      m > 0 && n > 0 && k > 0) {
+    // operands as stored: A is m x k (k x m when ta), B is k x n (n x k when tb)
+    static thread_local std::vector<uint16_t> abuf, bbuf;
+    block_to_bf16(a, ta ? k : m, ta ? m : k, lda, abuf);
+    block_to_bf16(b, tb ? n : k, tb ? k : n, ldb, bbuf);
+    call_dnnl_bf16(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, abuf.data(), ta ? m : k,
+                   bbuf.data(), tb ? k : n, beta, c, ldc);
+    return;
+  }
+  call_dnnl_fp32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 inline std::atomic<int>& linear_bf16_flag() { static std::atomic<int> p{0}; return p; }
 
@@ -89,14 +96,6 @@ inline void call_cblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float 
   cblas_fn()(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(m),
              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b,
              static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
-}
-
-// oneDNN's bf16 GEMM on operands already in bf16 (what bf16_operand_gemm hands out).
-inline int call_dnnl_bf16(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
-                          const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
-                          float beta, float* c, int64_t ldc) {
-  const AsyncSignalsHeld held;
-  return dnnl_bf16_fn()(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void* find_symbol(const char* const* libs, const char* sym) {
@@ -178,9 +177,8 @@ inline bool set_gemm_precision(int precision) {
 // them (the grouped FFN) call it with bf16 operands directly; the result is the same as
 // `gemm` with the same float32 operands, which converts them inside every call.
 inline detail::DnnlGemmBf16 bf16_operand_gemm(SgemmFn gemm) {
-  if (gemm != &detail::call_dnnl || detail::precision_flag().load(std::memory_order_relaxed) != 1 ||
-      detail::dnnl_bf16_fn() == nullptr)
-    return nullptr;
+  if (gemm != &detail::call_dnnl || detail::precision_flag().load(std::memory_order_relaxed) != 1)
+    return nullptr;  // precision 1 is only ever set with the bf16 GEMM resolved
   return &detail::call_dnnl_bf16;
 }
 
